@@ -1,0 +1,78 @@
+"""Builtin adapter ``lora``: LoRA through peft, adapters kept in fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import attrs
+
+from qlora_plugins import Adapter, AdapterContext, hookimpl
+from qlora_plugins.errors import ConfigError
+from qlora_plugins.options import in_range
+
+_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
+
+
+@attrs.define
+class LoraOptions:
+    """LoRA hyper-parameters (peft's ``LoraConfig``)."""
+
+    r: int = attrs.field(default=16, validator=in_range(1, 4096))
+    alpha: float = attrs.field(default=32, validator=in_range(0, None))
+    dropout: float = attrs.field(default=0.05, validator=in_range(0.0, 0.99))
+    target_modules: Union[Literal["all-linear"], list[str]] = attrs.field(default="all-linear")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] = attrs.field(factory=list)
+
+    @target_modules.validator
+    def _check_targets(self, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module (or be 'all-linear')", attribute)
+
+
+class Lora(Adapter):
+    """LoRA (peft): low-rank adapters on the attention and MLP projections, fp32 weights."""
+
+    name = "lora"
+    Options = LoraOptions
+
+    def attach(self, model: Any, context: AdapterContext) -> Any:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        opts = self.options
+        config = LoraConfig(
+            r=opts.r,
+            lora_alpha=opts.alpha,
+            lora_dropout=opts.dropout,
+            target_modules=opts.target_modules,
+            bias=opts.bias,
+            use_rslora=opts.use_rslora,
+            modules_to_save=opts.modules_to_save or None,
+            task_type=_TASK_TYPES[context.task],
+        )
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as exc:
+            if "not found in the base model" in str(exc) or "target_modules" in str(exc):
+                raise ConfigError("adapter.target_modules", f"{opts.target_modules!r} matches no module of the model") from None
+            raise
+        for param in peft_model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        return peft_model
+
+    def save(self, model: Any, directory: Path) -> None:
+        model.save_pretrained(str(directory), safe_serialization=True)
+
+    def load(self, model: Any, directory: Path, context: AdapterContext) -> Any:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+
+
+@hookimpl(trylast=True)
+def register_adapters(register):
+    register(Lora)

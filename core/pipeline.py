@@ -1,0 +1,294 @@
+"""The pipeline: load -> quantize -> prepare -> attach adapter -> data -> train -> export -> report.
+
+Everything that can fail because of user input (config, plugin names and options, model and data
+files, the output directory) is checked before the run directory is created, so bad input never
+leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from qlora_plugins.core import modeling
+from qlora_plugins.core.config import Config, ResolvedPlugins, resolve_plugins, resolved_dict
+from qlora_plugins.core.errors import ConfigError, ExportError, ModelError, QloraError, TrainingError
+from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportContext, ModelRequest
+from qlora_plugins.core.options import options_to_dict
+from qlora_plugins.core.report import peak_rss_bytes, plot_loss
+from qlora_plugins.core.rundir import RUN_MARKER, MetricsWriter, atomic_directory, atomic_write_json, atomic_write_yaml, prepare_run_dir
+from qlora_plugins.core.sources import materialize_source
+from qlora_plugins.core.training import TrainLoop, prepare_for_kbit_training, total_steps, trainable_parameters
+
+Log = Callable[[str], None]
+
+
+@attrs.define
+class Checked:
+    """A config whose plugins are resolved and whose files exist (what ``qlora validate`` proves)."""
+
+    config: Config
+    plugins: ResolvedPlugins
+    model_dir: Path | None
+
+
+def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
+    """Resolve plugins, check task compatibility and that the model and data files exist.
+
+    Loads no model. With ``materialize`` a ``model.source`` is created in the cache if needed.
+    """
+    plugins = resolve_plugins(config, registry)
+    task = config.model.task
+    if plugins.data is not None:
+        if task not in plugins.data.tasks:
+            raise ConfigError("data.name", f"data format '{plugins.data.name}' supports task(s) {', '.join(plugins.data.tasks)}, not model.task={task}")
+        plugins.data.check(config.base_dir, "data")
+    model_dir = None
+    if config.model.path is not None:
+        model_dir = config.resolve_path(config.model.path)
+        modeling.check_model_dir(model_dir)
+    else:
+        source = registry.get("model_source", config.model.source, "model.source")
+        if source.task != task:
+            raise ConfigError("model.task", f"model source '{source.name}' is a {source.task} model, but model.task is {task}")
+        if materialize:
+            model_dir = materialize_source(registry, config.model.source)
+    return Checked(config, plugins, model_dir)
+
+
+def model_request(config: Config, model_dir: Path, device: str, num_labels: int | None) -> ModelRequest:
+    """How the quantizer should load the base model."""
+    kwargs = {}
+    if config.model.task == "seq_cls":
+        kwargs["num_labels"] = config.model.num_labels or num_labels or 2
+    return ModelRequest(
+        path=model_dir,
+        task=config.model.task,
+        auto_class=modeling.auto_class(config.model.task),
+        dtype=modeling.torch_dtype(config.model.dtype),
+        device=device,
+        trust_remote_code=config.model.trust_remote_code,
+        model_kwargs=kwargs,
+        skip_modules=list(modeling.DEFAULT_SKIP_MODULES),
+    )
+
+
+def load_base(plugins: ResolvedPlugins, request: ModelRequest, tokenizer: Any) -> Any:
+    """Load the base model through the quantizer; errors name the model directory."""
+    try:
+        model = plugins.quantizer.load_model(request)
+    except QloraError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.path: cannot load {request.path}: {first}") from exc
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def parameter_report(model: Any, footprint: Any) -> dict:
+    """Logical parameter counts: integer-typed parameters are packed quantized storage, whose
+    logical count comes from the quantizer's footprint."""
+    total = trainable = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+        if p.dtype.is_floating_point:
+            total += p.numel()
+    total += footprint.quantized_params
+    return {
+        "total": total,
+        "trainable": trainable,
+        "quantized": footprint.quantized_params,
+        "trainable_percent": 100.0 * trainable / total if total else 0.0,
+    }
+
+
+def plugin_report(registry: Any, plugins: ResolvedPlugins) -> dict:
+    """Name, distribution, version and options of each plugin used."""
+
+    def one(kind: str, plugin: Any) -> dict:
+        reg = registry.registration(kind, plugin.name)
+        return {"name": plugin.name, "distribution": reg.source.distribution, "version": reg.source.version, "options": options_to_dict(plugin.options)}
+
+    out = {
+        "quantizer": one("quantizer", plugins.quantizer),
+        "adapter": one("adapter", plugins.adapter),
+        "optimizer": one("optimizer", plugins.optimizer),
+    }
+    if plugins.data is not None:
+        out["data"] = one("data_format", plugins.data)
+    out["exporters"] = [one("exporter", e) for e in plugins.exporters]
+    return out
+
+
+def versions() -> dict:
+    """Versions of the libraries the run used."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "qlora-plugins"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def run_exports(context: ExportContext, exporters: list, exports_dir: Path, registry: Any, force: bool, log: Log) -> dict:
+    """Run each exporter into ``exports_dir/<name>`` via a temporary directory; return their info."""
+    results = {}
+    for exporter in exporters:
+        final = exports_dir / exporter.name
+        log(f"Exporting with '{exporter.name}' to {final}")
+        started = time.perf_counter()
+        with atomic_directory(final, force=force) as tmp:
+            try:
+                info = exporter.export(context, tmp) or {}
+            except QloraError:
+                raise
+            except Exception as exc:
+                reg = registry.registration("exporter", exporter.name)
+                raise ExportError(f"exporter '{exporter.name}' ({reg.source.describe()}) failed: {type(exc).__name__}: {exc}") from exc
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            if not files:
+                raise ExportError(f"exporter '{exporter.name}' wrote no files")
+        results[exporter.name] = {"path": str(final), "files": files, "seconds": round(time.perf_counter() - started, 3), **info}
+    return results
+
+
+def _scheduler(name: str, optimizer: Any, warmup: int, total: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def run(config: Config, registry: Any, output_dir: Path, force: bool = False, log: Log = lambda m: None, progress: bool = True) -> dict:
+    """Run the whole pipeline into ``output_dir``; return the report."""
+    import torch
+
+    started = time.perf_counter()
+    checked = check(config, registry, materialize=True)
+    plugins, model_dir = checked.plugins, checked.model_dir
+    train_cfg = config.train
+    device = modeling.choose_device(train_cfg.device)
+    out = output_dir.resolve()
+    if model_dir is not None and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
+        raise ConfigError("--output", f"{out} is inside the model directory {model_dir}; choose another output")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise QloraError(f"--output: {out} exists and is not empty; pass --force to replace it")
+
+    torch.manual_seed(train_cfg.seed)
+    tokenizer = modeling.load_tokenizer(model_dir, config.model.trust_remote_code)
+    splits = None
+    if train_cfg.enabled:
+        log(f"Loading data with '{plugins.data.name}'")
+        splits = plugins.data.load(DataContext(tokenizer, config.model.task, train_cfg.seed, config.base_dir, "data"))
+        if len(splits.train) == 0:
+            raise QloraError("data: the training split is empty")
+
+    prepare_run_dir(out, force)
+    resolved = resolved_dict(config, plugins)
+    if config.model.source:
+        resolved["model"]["path"] = str(model_dir)
+    atomic_write_yaml(out / "config.yaml", resolved)
+    atomic_write_json(out / RUN_MARKER, {"tool": "qlora-plugins", "config": str(config.source) if config.source else None, "status": "running"})
+
+    report: dict[str, Any] = {"status": "running", "run_dir": str(out), "config": str(config.source) if config.source else None}
+    notes: list[str] = []
+    report["model"] = {"path": str(model_dir), "source": config.model.source, "task": config.model.task, "dtype": config.model.dtype}
+    report["plugins"] = plugin_report(registry, plugins)
+    report["versions"] = versions()
+    report["device"] = device
+    timings: dict[str, float] = {}
+
+    log(f"Loading {model_dir} with quantizer '{plugins.quantizer.name}' on {device}")
+    t0 = time.perf_counter()
+    request = model_request(config, model_dir, device, splits.num_labels if splits else None)
+    model = load_base(plugins, request, tokenizer)
+    footprint = plugins.quantizer.footprint(model)
+    timings["load_s"] = round(time.perf_counter() - t0, 3)
+    report["quantization"] = {
+        "quantized_params": footprint.quantized_params,
+        "quantized_bytes": footprint.quantized_bytes,
+        "bits_per_param": footprint.bits_per_param,
+        **plugins.quantizer.metadata(),
+    }
+
+    prepare_for_kbit_training(model, train_cfg.gradient_checkpointing and train_cfg.enabled)
+    adapter_context = AdapterContext(task=config.model.task, quantized=footprint.quantized_params > 0)
+    model = plugins.adapter.attach(model, adapter_context)
+    params = trainable_parameters(model)
+    report["parameters"] = parameter_report(model, footprint)
+    if not params:
+        raise TrainingError("adapter: the configuration leaves nothing trainable (check adapter.target_modules)")
+
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    try:
+        if train_cfg.enabled:
+            steps = total_steps(train_cfg, len(splits.train))
+            optimizer = plugins.optimizer.create(params, torch.device(device))
+            note = plugins.optimizer.runtime_note(torch.device(device))
+            if note:
+                notes.append(note)
+                log(note)
+            scheduler = _scheduler(train_cfg.lr_scheduler, optimizer, train_cfg.warmup_steps, steps)
+            log(f"Training {report['parameters']['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples")
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+            t0 = time.perf_counter()
+            try:
+                result = TrainLoop(
+                    model, optimizer, scheduler, train_cfg, splits.train, splits.eval, tokenizer.pad_token_id,
+                    config.model.task, device, steps, on_record=metrics.write, progress=bar,
+                ).run()
+            finally:
+                if bar is not None:
+                    bar.close()
+            timings["train_s"] = round(time.perf_counter() - t0, 3)
+            times = result.step_times
+            report["training"] = {
+                "steps": result.steps,
+                "first_loss": result.first_loss,
+                "last_loss": result.last_loss,
+                "eval_loss": result.eval.get("eval_loss"),
+                "eval_accuracy": result.eval.get("eval_accuracy"),
+                "median_step_time_s": statistics.median(times) if times else None,
+                "mean_step_time_s": statistics.fmean(times) if times else None,
+                "train_examples": len(splits.train),
+                "eval_examples": len(splits.eval),
+            }
+    finally:
+        metrics.close()
+
+    model.eval()
+    with atomic_directory(out / "adapter", force=True) as tmp:
+        plugins.adapter.save(model, tmp)
+    context = ExportContext(model, tokenizer, model_dir, config.model.task, plugins.quantizer, plugins.adapter, resolved, request)
+    t0 = time.perf_counter()
+    report["exports"] = run_exports(context, plugins.exporters, out / "exports", registry, force, log)
+    timings["export_s"] = round(time.perf_counter() - t0, 3)
+
+    memory = {"peak_rss_bytes": peak_rss_bytes()}
+    if device == "cuda":
+        memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    report["memory"] = memory
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    report["timings"] = timings
+    report["notes"] = notes
+    if plot_loss(out / "metrics.jsonl", out / "loss.png", f"{model_dir.name}: {plugins.quantizer.name} + {plugins.adapter.name}"):
+        report["loss_plot"] = str(out / "loss.png")
+    report["status"] = "completed"
+    atomic_write_json(out / "report.json", report)
+    atomic_write_json(out / RUN_MARKER, {"tool": "qlora-plugins", "config": report["config"], "status": "completed"})
+    return report

@@ -1,0 +1,351 @@
+"""The plugin registry: a fresh pluggy manager per run, builtins and entry points, one table per kind.
+
+Rules (documented in docs/plugins.md):
+
+- Builtin plugin modules (``DEFAULT_PLUGINS``) register first, then the ``qlora_plugins``
+  entry-point group in distribution-name order, then plugins passed in by the caller (tests).
+- A name is taken by the first class that registers it. A later class with the same name is
+  rejected and reported as a conflict, unless it sets ``replaces = True``, in which case it takes
+  the name over (the replaced one is recorded). Nothing is ever silently shadowed.
+- A plugin that fails to import, raises in a hook, implements a misspelt hook or registers an
+  invalid class is recorded as broken with the distribution and entry point; the rest still load.
+- ``QLORA_PLUGINS_DISABLE_AUTOLOAD=1`` skips entry points; ``QLORA_PLUGINS_BLOCK=a,b`` (or
+  ``qlora --block NAME``) blocks plugins by entry-point or builtin module name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import re
+import traceback
+from typing import Any, Iterable, Sequence
+
+import attrs
+import pluggy
+
+from qlora_plugins.core import hookspecs
+from qlora_plugins.core.errors import PluginError
+from qlora_plugins.core.interfaces import KINDS, Plugin
+from qlora_plugins.core.options import build_options, did_you_mean
+
+ENTRY_POINT_GROUP = "qlora_plugins"
+ENV_DISABLE_AUTOLOAD = "QLORA_PLUGINS_DISABLE_AUTOLOAD"
+ENV_BLOCK = "QLORA_PLUGINS_BLOCK"
+DISTRIBUTION = "qlora-plugins"
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "qlora_plugins.builtin_plugins.quantizer_bnb",
+    "qlora_plugins.builtin_plugins.quantizer_none",
+    "qlora_plugins.builtin_plugins.adapter_lora",
+    "qlora_plugins.builtin_plugins.optimizers",
+    "qlora_plugins.builtin_plugins.exporter_adapter",
+    "qlora_plugins.builtin_plugins.data_formats",
+    "qlora_plugins.builtin_plugins.model_sources",
+)
+
+HOOKS: dict[str, str] = {
+    "quantizer": "register_quantizers",
+    "adapter": "register_adapters",
+    "optimizer": "register_optimizers",
+    "exporter": "register_exporters",
+    "data_format": "register_data_formats",
+    "model_source": "register_model_sources",
+}
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
+
+
+@attrs.define(frozen=True)
+class PluginSource:
+    """Where a plugin module came from: builtin module or entry point, with its distribution."""
+
+    name: str
+    distribution: str
+    version: str
+    builtin: bool
+    entry_point: str | None = None
+
+    def describe(self) -> str:
+        where = f"entry point '{self.entry_point}'" if self.entry_point else f"module '{self.name}'"
+        return f"{where} of distribution '{self.distribution}' {self.version}"
+
+
+@attrs.define
+class Registration:
+    """One registered plugin class."""
+
+    kind: str
+    name: str
+    cls: type
+    source: PluginSource
+    replaced: list["Registration"] = attrs.field(factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "class": f"{self.cls.__module__}.{self.cls.__qualname__}",
+            "distribution": self.source.distribution,
+            "version": self.source.version,
+            "plugin": self.source.name,
+            "builtin": self.source.builtin,
+            "description": self.cls.summary(),
+            "replaces": [f"{r.source.distribution}:{r.name}" for r in self.replaced],
+        }
+
+
+@attrs.define
+class BrokenPlugin:
+    """A plugin (or one of its registrations) that could not be used, and why."""
+
+    source: PluginSource
+    stage: str  # import | hook | conflict | invalid
+    error: str
+    kind: str | None = None
+    name: str | None = None
+
+    def message(self) -> str:
+        what = f"{self.kind} '{self.name}' from " if self.name else ""
+        return f"{what}{self.source.describe()}: {self.error}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "plugin": self.source.name,
+            "distribution": self.source.distribution,
+            "version": self.source.version,
+            "entry_point": self.source.entry_point,
+            "stage": self.stage,
+            "kind": self.kind,
+            "name": self.name,
+            "error": self.error,
+        }
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        import qlora_plugins
+
+        return qlora_plugins.__version__
+
+
+def _short_error(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" ({os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class Registry:
+    """Tables of registered plugin classes by kind, plus what was broken or blocked."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self.tables: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        self.broken: list[BrokenPlugin] = []
+        self.blocked: list[str] = []
+        self.sources: dict[str, PluginSource] = {}
+
+    # lookups ------------------------------------------------------------------------------
+
+    def names(self, kind: str) -> list[str]:
+        """Registered names of ``kind``, sorted."""
+        return sorted(self.tables[kind])
+
+    def registrations(self, kind: str | None = None) -> list[Registration]:
+        """All registrations (of one kind, if given), sorted by kind then name."""
+        kinds = [kind] if kind else list(self.tables)
+        return [self.tables[k][n] for k in kinds for n in sorted(self.tables[k])]
+
+    def get(self, kind: str, name: str, config_path: str | None = None) -> type[Plugin]:
+        """The class registered as ``name`` for ``kind``.
+
+        :raises PluginError: naming the available plugins and the closest match.
+        """
+        if kind not in self.tables:
+            raise PluginError(f"unknown plugin kind '{kind}'{did_you_mean(kind, self.tables)}")
+        table = self.tables[kind]
+        if name in table:
+            return table[name].cls
+        label = kind.replace("_", " ")
+        where = f"{config_path}: " if config_path else ""
+        broken = [b for b in self.broken if b.kind == kind and b.name == name]
+        if broken:
+            raise PluginError(f"{where}{label} '{name}' is broken: {broken[0].message()}")
+        available = ", ".join(sorted(table)) or "none"
+        raise PluginError(
+            f"{where}unknown {label} '{name}'{did_you_mean(str(name), table)}; available: {available}"
+        )
+
+    def registration(self, kind: str, name: str) -> Registration:
+        self.get(kind, name)
+        return self.tables[kind][name]
+
+    def create(self, kind: str, name: str, options: dict | None = None, config_path: str = "") -> Plugin:
+        """Instantiate plugin ``name`` of ``kind`` with ``options`` validated by its Options class.
+
+        :raises PluginError: unknown name. :raises ConfigError: bad options (path-qualified).
+        """
+        cls = self.get(kind, name, f"{config_path}.name" if config_path else None)
+        built = build_options(cls.Options, options or {}, config_path)
+        return cls(built)
+
+    def add_commands(self, cli: Any) -> None:
+        """Let every plugin add CLI subcommands (``register_commands``); faults are contained."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            source = self.sources.get(impl.plugin_name)
+            try:
+                impl.function(cli=cli)
+            except Exception as exc:  # a broken plugin must not take the CLI down
+                if source is not None:
+                    self.broken.append(BrokenPlugin(source, "hook", _short_error(exc)))
+
+    # registration -------------------------------------------------------------------------
+
+    def _register_module(self, plugin: object, source: PluginSource) -> None:
+        if self.pm.is_blocked(source.name):
+            self.blocked.append(source.name)
+            return
+        try:
+            self.pm.register(plugin, name=source.name)
+        except Exception as exc:  # e.g. a hookimpl with wrong arguments
+            self.broken.append(BrokenPlugin(source, "invalid", _short_error(exc)))
+            return
+        self.sources[source.name] = source
+        known = set(HOOKS.values()) | {"register_commands"}
+        for attr in dir(plugin):
+            marker = getattr(getattr(plugin, attr, None), "qlora_plugins_impl", None)
+            if marker is not None and attr not in known:
+                hint = did_you_mean(attr, sorted(known))
+                self.broken.append(BrokenPlugin(source, "invalid", f"implements unknown hook '{attr}'{hint}"))
+                self.pm.unregister(name=source.name)
+                del self.sources[source.name]
+                return
+
+    def _collect(self) -> None:
+        order = {name: i for i, name in enumerate(self.sources)}
+        for kind, hook_name in HOOKS.items():
+            impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+            for impl in sorted(impls, key=lambda i: order.get(i.plugin_name, len(order))):
+                source = self.sources[impl.plugin_name]
+                try:
+                    impl.function(register=lambda cls, _k=kind, _s=source: self._add(_k, cls, _s))
+                except Exception as exc:
+                    self.broken.append(BrokenPlugin(source, "hook", f"{hook_name} raised {_short_error(exc)}"))
+
+    def _add(self, kind: str, cls: Any, source: PluginSource) -> None:
+        base = KINDS[kind]
+        name = getattr(cls, "name", None)
+        label = getattr(cls, "__name__", repr(cls))
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            problem = f"registered {label}, which is not a subclass of {base.__name__}"
+        elif not isinstance(name, str) or not _NAME_RE.match(name):
+            problem = f"{label}.name must be a lowercase name like 'my_quant', got {name!r}"
+        elif not attrs.has(cls.Options):
+            problem = f"{label}.Options must be an attrs class"
+        else:
+            problem = None
+        if problem:
+            self.broken.append(BrokenPlugin(source, "invalid", problem, kind, name if isinstance(name, str) else None))
+            return
+        table = self.tables[kind]
+        existing = table.get(name)
+        if existing is None:
+            table[name] = Registration(kind, name, cls, source)
+        elif existing.cls is cls:
+            return  # the same class registered twice: the host deduplicates
+        elif getattr(cls, "replaces", False):
+            table[name] = Registration(kind, name, cls, source, replaced=[existing, *existing.replaced])
+        else:
+            self.broken.append(
+                BrokenPlugin(
+                    source,
+                    "conflict",
+                    f"name already registered by {existing.source.describe()}; "
+                    f"set `replaces = True` on the class to take it over",
+                    kind,
+                    name,
+                )
+            )
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return sorted(eps, key=lambda ep: ((ep.dist.name if ep.dist else "").lower(), ep.name))
+
+
+def autoload_enabled() -> bool:
+    """Whether entry points load (``QLORA_PLUGINS_DISABLE_AUTOLOAD`` unset or false)."""
+    return os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def blocked_from_env() -> list[str]:
+    """Plugin names listed in ``QLORA_PLUGINS_BLOCK`` (comma separated)."""
+    return [n.strip() for n in os.environ.get(ENV_BLOCK, "").split(",") if n.strip()]
+
+
+def create_registry(
+    *,
+    load_entrypoints: bool | None = None,
+    blocked: Iterable[str] = (),
+    plugins: Sequence[object] = (),
+) -> Registry:
+    """Build a fresh plugin manager and registry.
+
+    :param load_entrypoints: load the ``qlora_plugins`` entry-point group (default: unless
+        ``QLORA_PLUGINS_DISABLE_AUTOLOAD`` is set).
+    :param blocked: plugin names (builtin module or entry-point names) not to load, in addition to
+        ``QLORA_PLUGINS_BLOCK``.
+    :param plugins: extra plugin objects (modules or instances) registered last, e.g. in tests.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    for name in [*blocked_from_env(), *blocked]:
+        pm.set_blocked(name)
+    registry = Registry(pm)
+    version = _own_version()
+
+    for module_name in DEFAULT_PLUGINS:
+        source = PluginSource(module_name, DISTRIBUTION, version, builtin=True)
+        if pm.is_blocked(module_name):
+            registry.blocked.append(module_name)
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # an optional dependency of a builtin may be missing
+            registry.broken.append(BrokenPlugin(source, "import", _short_error(exc)))
+            continue
+        registry._register_module(module, source)
+
+    if load_entrypoints if load_entrypoints is not None else autoload_enabled():
+        for ep in _entry_points():
+            dist = ep.dist
+            source = PluginSource(
+                ep.name,
+                dist.name if dist else "unknown",
+                dist.version if dist else "unknown",
+                builtin=False,
+                entry_point=f"{ep.name} = {ep.value}",
+            )
+            if pm.is_blocked(ep.name):
+                registry.blocked.append(ep.name)
+                continue
+            if ep.name in registry.sources:
+                registry.broken.append(BrokenPlugin(source, "conflict", f"plugin name '{ep.name}' is already in use"))
+                continue
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                registry.broken.append(BrokenPlugin(source, "import", _short_error(exc)))
+                continue
+            registry._register_module(obj, source)
+
+    for i, obj in enumerate(plugins):
+        name = getattr(obj, "__name__", None) or f"{type(obj).__name__}-{i}"
+        source = PluginSource(name, getattr(obj, "__distribution__", "local"), "0", builtin=False)
+        registry._register_module(obj, source)
+
+    registry._collect()
+    return registry

@@ -1,0 +1,94 @@
+"""The run report: report.json, the loss-curve PNG and the summary table printed at the end."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from qlora_plugins.core.rundir import read_metrics
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def plot_loss(metrics_path: Path, png_path: Path, title: str) -> bool:
+    """Draw train (and eval) loss against step into ``png_path``; False if there is nothing to plot."""
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png_path)
+    return True
+
+
+def human_bytes(n: float | None) -> str:
+    """``1.2 MB`` style (decimal units)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"
+
+
+def format_table(rows: list[tuple[str, Any]], title: str = "") -> str:
+    """A two-column text table."""
+    width = max(len(k) for k, _ in rows) if rows else 0
+    lines = [title, "-" * max(len(title), 40)] if title else []
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def summary_rows(report: dict) -> list[tuple[str, Any]]:
+    """The rows of the end-of-run summary."""
+    p, t, q = report.get("parameters", {}), report.get("training", {}), report.get("quantization", {})
+    plugins = report.get("plugins", {})
+
+    def fmt(x: Any, spec: str = ".4f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    rows = [
+        ("model", report.get("model", {}).get("path", "-")),
+        ("plugins", ", ".join(f"{k}={v['name']}" for k, v in plugins.items() if isinstance(v, dict))),
+        ("parameters", f"{p.get('total', 0):,} total, {p.get('trainable', 0):,} trainable ({fmt(p.get('trainable_percent'), '.2f')}%)"),
+        ("quantized", f"{q.get('quantized_params', 0):,} params in {human_bytes(q.get('quantized_bytes'))} ({fmt(q.get('bits_per_param'), '.3f')} bits/param)"),
+    ]
+    if t:
+        rows += [
+            ("steps", t.get("steps")),
+            ("loss", f"{fmt(t.get('first_loss'))} -> {fmt(t.get('last_loss'))}"),
+            ("eval loss", fmt(t.get("eval_loss"))),
+            ("time per step", f"{fmt(t.get('median_step_time_s'), '.3f')} s (median)"),
+        ]
+    rows.append(("peak memory", human_bytes(report.get("memory", {}).get("peak_rss_bytes"))))
+    for note in report.get("notes", []):
+        rows.append(("note", note))
+    for name, info in report.get("exports", {}).items():
+        rows.append((f"export {name}", info.get("path", "-")))
+    rows.append(("run directory", report.get("run_dir", "-")))
+    return rows

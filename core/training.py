@@ -1,0 +1,228 @@
+"""The training loop: plain PyTorch with transformers' schedulers.
+
+Deterministic given the seed: batches come from a per-epoch seeded permutation, so the position in
+the data is just (epoch, batch index) and a run can be resumed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import attrs
+
+from qlora_plugins.core.errors import TrainingError
+
+IGNORE_INDEX = -100
+
+
+@attrs.define
+class TrainState:
+    """Where training stands: optimizer steps done and the data position."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def collate(examples: Sequence[dict], pad_id: int, task: str) -> dict:
+    """Right-pad a list of examples into tensors (labels -100 where padded)."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if task == "seq_cls":
+        batch["labels"] = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
+    else:
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"], dtype=torch.long)
+        batch["labels"] = labels
+    return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch (a seeded permutation)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Batches in one epoch (the last partial batch is kept)."""
+    return math.ceil(n / batch_size)
+
+
+def iterate_batches(data: Sequence[dict], batch_size: int, seed: int, state: TrainState) -> Iterator[list[dict]]:
+    """Endless batches starting at ``state``'s data position, advancing it as they are taken."""
+    per_epoch = batches_per_epoch(len(data), batch_size)
+    while True:
+        order = epoch_order(len(data), seed, state.epoch)
+        while state.batch_in_epoch < per_epoch:
+            start = state.batch_in_epoch * batch_size
+            idx = order[start : start + batch_size]
+            state.batch_in_epoch += 1
+            yield [data[i] for i in idx]
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def total_steps(train_cfg: Any, n_train: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or ``epochs`` worth of batches."""
+    if train_cfg.max_steps is not None:
+        return train_cfg.max_steps
+    micro = batches_per_epoch(n_train, train_cfg.batch_size) * train_cfg.epochs
+    return max(1, math.ceil(micro / train_cfg.gradient_accumulation_steps))
+
+
+def trainable_parameters(model: Any) -> list:
+    """Parameters that require grad."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def prepare_for_kbit_training(model: Any, gradient_checkpointing: bool) -> None:
+    """Freeze the base, turn on gradient checkpointing (non-reentrant, so inputs need no grad)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+
+
+def move_batch(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def evaluate(model: Any, data: Sequence[dict], batch_size: int, pad_id: int, task: str, device: str, max_batches: int | None = None) -> dict:
+    """Mean loss (and accuracy for classification) over ``data``."""
+    import torch
+
+    if not data:
+        return {}
+    was_training = model.training
+    model.eval()
+    total_loss, total_weight, correct, seen = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for b, start in enumerate(range(0, len(data), batch_size)):
+            if max_batches is not None and b >= max_batches:
+                break
+            batch = move_batch(collate(data[start : start + batch_size], pad_id, task), device)
+            out = model(**batch)
+            if task == "seq_cls":
+                weight = batch["labels"].numel()
+                correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+                seen += weight
+            else:
+                weight = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
+            total_loss += out.loss.item() * weight
+            total_weight += weight
+    model.train(was_training)
+    result = {"eval_loss": total_loss / max(total_weight, 1)}
+    if task == "seq_cls":
+        result["eval_accuracy"] = correct / max(seen, 1)
+    return result
+
+
+@attrs.define
+class TrainResult:
+    """Figures of a finished training loop."""
+
+    steps: int
+    step_times: list
+    first_loss: float | None
+    last_loss: float | None
+    eval: dict
+
+
+class TrainLoop:
+    """Runs optimizer steps over a prepared model; callbacks get each metrics record.
+
+    :param on_record: called with every metrics record (train steps and evals).
+    :param on_step_end: called with the state after each optimizer step (checkpointing).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        train_cfg: Any,
+        train_data: Sequence[dict],
+        eval_data: Sequence[dict],
+        pad_id: int,
+        task: str,
+        device: str,
+        total: int,
+        state: TrainState | None = None,
+        on_record: Callable[[dict], None] = lambda r: None,
+        on_step_end: Callable[[TrainState], None] = lambda s: None,
+        progress: Any = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, train_cfg
+        self.train_data, self.eval_data = train_data, eval_data
+        self.pad_id, self.task, self.device, self.total = pad_id, task, device, total
+        self.state = state or TrainState()
+        self.on_record, self.on_step_end, self.progress = on_record, on_step_end, progress
+
+    def _eval(self) -> dict:
+        figures = evaluate(self.model, self.eval_data, self.cfg.batch_size, self.pad_id, self.task, self.device, self.cfg.eval_max_batches)
+        if figures:
+            self.on_record({"step": self.state.step, **figures})
+        return figures
+
+    def run(self) -> TrainResult:
+        import torch
+
+        cfg = self.cfg
+        params = trainable_parameters(self.model)
+        batches = iterate_batches(self.train_data, cfg.batch_size, cfg.seed, self.state)
+        self.model.train()
+        step_times, first_loss, last_loss, figures = [], None, None, {}
+        while self.state.step < self.total:
+            started = time.perf_counter()
+            loss_total, tokens = 0.0, 0
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch = move_batch(collate(next(batches), self.pad_id, self.task), self.device)
+                loss = self.model(**batch).loss / cfg.gradient_accumulation_steps
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item() * cfg.gradient_accumulation_steps} at step {self.state.step + 1}; "
+                        "stopping (lower optimizer.lr, check the data); the last checkpoint is kept"
+                    )
+                loss.backward()
+                loss_total += loss.item()
+                tokens += int(batch["attention_mask"].sum().item())
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            elapsed = time.perf_counter() - started
+            step_times.append(elapsed)
+            first_loss = loss_total if first_loss is None else first_loss
+            last_loss = loss_total
+            if self.state.step % cfg.log_every == 0 or self.state.step == self.total:
+                record = {"step": self.state.step, "loss": loss_total, "lr": self.scheduler.get_last_lr()[0],
+                          "step_time_s": round(elapsed, 5), "tokens": tokens, "epoch": self.state.epoch}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                self.on_record(record)
+            if self.progress is not None:
+                self.progress.update(1)
+                self.progress.set_postfix(loss=f"{loss_total:.4f}")
+            if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < self.total:
+                figures = self._eval()
+            self.on_step_end(self.state)
+        figures = self._eval()
+        return TrainResult(self.state.step, step_times, first_loss, last_loss, figures)

@@ -1,0 +1,172 @@
+"""The ``qlora`` command line.
+
+Heavy libraries are imported inside commands, so ``qlora --help`` and ``qlora plugins`` stay fast.
+Errors caused by input print one line on stderr and exit with code 2 (``--debug`` shows the
+traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qlora_plugins.core.errors import QloraError
+from qlora_plugins.core.interfaces import KINDS
+
+
+def _quiet_libraries() -> None:
+    """Silence third-party progress bars and chatter; our own progress and summary remain."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _registry(ctx: click.Context) -> Any:
+    obj = ctx.find_root().obj
+    if obj.get("registry") is None:
+        from qlora_plugins.core.registry import create_registry
+
+        obj["registry"] = create_registry()
+    return obj["registry"]
+
+
+def _warn_broken(registry: Any) -> None:
+    for broken in registry.broken:
+        click.echo(f"Warning: plugin problem: {broken.message()}", err=True)
+
+
+class QloraGroup(click.Group):
+    """Root group: turns :class:`QloraError` into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QloraError as exc:
+            if (ctx.obj or {}).get("debug") or os.environ.get("QLORA_DEBUG") == "1":
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=QloraGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qlora-plugins", prog_name="qlora")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("--block", "blocked", multiple=True, metavar="NAME", help="Do not load the plugin NAME (entry point or builtin module); repeatable.")
+@click.option("--no-autoload", is_flag=True, help="Do not load plugins from installed packages (also QLORA_PLUGINS_DISABLE_AUTOLOAD=1).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, blocked: tuple[str, ...], no_autoload: bool) -> None:
+    """QLoRA fine-tuning as swappable plugins.
+
+    Compose a pipeline in a YAML config (model, quantizer, adapter, optimizer, data, train,
+    export) and run it with `qlora run CONFIG`. `qlora plugins` lists what is installed.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if blocked or no_autoload:
+        from qlora_plugins.core.registry import create_registry
+
+        ctx.obj["registry"] = create_registry(blocked=blocked, load_entrypoints=False if no_autoload else None)
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value, e.g. --set train.max_steps=20 (repeatable; values are YAML).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Run directory (default: runs/<config name>-<timestamp>).")
+@click.option("--force", is_flag=True, help="Replace an existing run directory.")
+@click.option("--no-progress", is_flag=True, help="Do not show progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the summary table.")
+@click.pass_context
+def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], output: Path | None, force: bool, no_progress: bool, as_json: bool) -> None:
+    """Run the pipeline described by CONFIG: load, quantize, attach the adapter, train, export.
+
+    Writes a run directory with the resolved config (config.yaml), metrics.jsonl, report.json,
+    loss.png, the trained adapter and the exports, then prints a summary table.
+    """
+    from qlora_plugins.core.config import load_config
+
+    config = load_config(config_path, list(overrides))
+    registry = _registry(ctx)
+    _warn_broken(registry)
+    _quiet_libraries()
+    from qlora_plugins.core import pipeline
+    from qlora_plugins.core.report import format_table, summary_rows
+
+    if output is None:
+        output = Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
+    report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        click.echo(format_table(summary_rows(report), "qlora run: completed"))
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value before validating (repeatable).")
+@click.pass_context
+def validate(ctx: click.Context, config_path: Path, overrides: tuple[str, ...]) -> None:
+    """Check CONFIG without loading a model: sections, plugin names and options, files."""
+    from qlora_plugins.core.config import load_config
+    from qlora_plugins.core.pipeline import check
+
+    config = load_config(config_path, list(overrides))
+    registry = _registry(ctx)
+    checked = check(config, registry)
+    p = checked.plugins
+    names = f"quantizer={p.quantizer.name} adapter={p.adapter.name} optimizer={p.optimizer.name}"
+    if p.data is not None:
+        names += f" data={p.data.name}"
+    if p.exporters:
+        names += " export=" + ",".join(e.name for e in p.exporters)
+    click.echo(f"{config_path}: valid ({names})")
+
+
+@cli.command()
+@click.option("--kind", type=click.Choice(sorted(KINDS)), help="Only plugins of this kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def plugins(ctx: click.Context, kind: str | None, as_json: bool) -> None:
+    """List registered plugins: kind, name, distribution, version, description; and broken ones."""
+    registry = _registry(ctx)
+    rows = [r.as_dict() for r in registry.registrations(kind)]
+    broken = [b.as_dict() for b in registry.broken if kind is None or b.kind in (None, kind)]
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "broken": broken, "blocked": registry.blocked}, indent=2))
+        return
+    headers = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION")
+    table = [(r["kind"], r["name"], r["distribution"], r["version"], r["description"]) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *table)]
+    for line in [headers, *table]:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(line[:-1], widths)) + "  " + str(line[-1]))
+    for b in broken:
+        click.echo(f"BROKEN  {b['distribution']} {b['version']} ({b['entry_point'] or b['plugin']}): {b['stage']}: {b['error']}")
+    for name in registry.blocked:
+        click.echo(f"BLOCKED {name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: loads the plugins (which may add commands) and runs the CLI."""
+    from qlora_plugins.core.registry import create_registry
+
+    registry = create_registry()
+    registry.add_commands(cli)
+    cli.main(args=argv, prog_name="qlora", obj={"registry": registry})

@@ -1,0 +1,27 @@
+"""Typed exceptions of qlora-plugins (re-exported from the core)."""
+
+from qlora_plugins.core.errors import (
+    ConfigError,
+    DataError,
+    ExportError,
+    ModelError,
+    OutputExistsError,
+    PluginConflictError,
+    PluginError,
+    QloraError,
+    QuantizationError,
+    TrainingError,
+)
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "ExportError",
+    "ModelError",
+    "OutputExistsError",
+    "PluginConflictError",
+    "PluginError",
+    "QloraError",
+    "QuantizationError",
+    "TrainingError",
+]
