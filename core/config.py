@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping, Optional
 import attrs
 import yaml
 
-from qlora_plugins.core.errors import ConfigError
+from qlora_plugins.core.errors import ConfigError, PluginError
 from qlora_plugins.core.interfaces import Plugin
 from qlora_plugins.core.options import build_options, did_you_mean, in_range, options_to_dict, positive
 
@@ -262,6 +262,8 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
             if src and exc.source is None:
                 raise ConfigError(exc.path, exc.message, source=src) from None
             raise
+        except PluginError as exc:
+            raise PluginError(f"{src}: {exc}" if src else str(exc)) from None
 
     return ResolvedPlugins(
         quantizer=make("quantizer", config.quantizer),
