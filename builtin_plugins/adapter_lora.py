@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -9,6 +10,7 @@ import attrs
 
 from qlora_plugins import Adapter, AdapterContext, hookimpl
 from qlora_plugins.errors import ConfigError
+from qlora_plugins.modeling import DEFAULT_SKIP_MODULES, is_skipped
 from qlora_plugins.options import in_range
 
 _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
@@ -32,6 +34,30 @@ class LoraOptions:
             raise ValueError("must name at least one module (or be 'all-linear')", attribute)
 
 
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of every linear layer (plain, bitsandbytes 4-bit or QuantLinear) except output
+    heads: what ``all-linear`` means, for any quantizer's layer type."""
+    import torch
+
+    from qlora_plugins.quant_linear import QuantLinear
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, QuantLinear)) and not is_skipped(name, DEFAULT_SKIP_MODULES):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def _register_quant_layers(model: Any, config: Any) -> None:
+    """Tell peft how to wrap QuantLinear layers (peft's custom-module route)."""
+    from qlora_plugins.quant_linear import QuantLinear
+
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        from qlora_plugins.builtin_plugins.lora_quant_layer import QuantLoraLinear
+
+        config._register_custom_module({QuantLinear: QuantLoraLinear})
+
+
 class Lora(Adapter):
     """LoRA (peft): low-rank adapters on the attention and MLP projections, fp32 weights."""
 
@@ -43,18 +69,24 @@ class Lora(Adapter):
         from peft import LoraConfig, get_peft_model
 
         opts = self.options
+        targets = opts.target_modules
+        if targets == "all-linear":
+            targets = linear_module_names(model)
         config = LoraConfig(
             r=opts.r,
             lora_alpha=opts.alpha,
             lora_dropout=opts.dropout,
-            target_modules=opts.target_modules,
+            target_modules=targets,
             bias=opts.bias,
             use_rslora=opts.use_rslora,
             modules_to_save=opts.modules_to_save or None,
             task_type=_TASK_TYPES[context.task],
         )
+        _register_quant_layers(model, config)
         try:
-            peft_model = get_peft_model(model, config)
+            with warnings.catch_warnings():  # peft warns on custom layer types it dispatches fine
+                warnings.filterwarnings("ignore", message="Unsupported layer type")
+                peft_model = get_peft_model(model, config)
         except ValueError as exc:
             if "not found in the base model" in str(exc) or "target_modules" in str(exc):
                 raise ConfigError("adapter.target_modules", f"{opts.target_modules!r} matches no module of the model") from None
@@ -68,9 +100,11 @@ class Lora(Adapter):
         model.save_pretrained(str(directory), safe_serialization=True)
 
     def load(self, model: Any, directory: Path, context: AdapterContext) -> Any:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
-        return PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+        config = PeftConfig.from_pretrained(str(directory))
+        _register_quant_layers(model, config)
+        return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=False)
 
 
 @hookimpl(trylast=True)

@@ -36,7 +36,7 @@ ENV_BLOCK = "QLORA_PLUGINS_BLOCK"
 DISTRIBUTION = "qlora-plugins"
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "qlora_plugins.builtin_plugins.quantizer_bnb",
+    "qlora_plugins.builtin_plugins.quantizer_formats",
     "qlora_plugins.builtin_plugins.quantizer_none",
     "qlora_plugins.builtin_plugins.adapter_lora",
     "qlora_plugins.builtin_plugins.optimizers",

@@ -163,6 +163,44 @@ def plugins(ctx: click.Context, kind: str | None, as_json: bool) -> None:
         click.echo(f"BLOCKED {name}")
 
 
+@cli.command("quant-report")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--quantizers", default="nf4,fp4,int4_sym,int4_asym", show_default=True, help="Comma-separated quantizer names.")
+@click.option("--double-quant/--no-double-quant", default=False, show_default=True, help="Double-quantize the per-block constants.")
+@click.option("--blocksize", default=64, show_default=True, type=int, help="Block size of every scheme.")
+@click.option("--text", "text_file", type=click.Path(path_type=Path), help="Probe text file (UTF-8); default: a short built-in paragraph.")
+@click.option("--seq-len", default=256, show_default=True, type=int, help="Window length for perplexity.")
+@click.option("--max-tokens", default=4096, show_default=True, type=int, help="Probe tokens used at most.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.pass_context
+def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_quant: bool, blocksize: int, text_file: Path | None,
+                 seq_len: int, max_tokens: int, trust_remote_code: bool, as_json: bool) -> None:
+    """Quantize MODEL_DIR with each scheme and compare: bits/param, weight error, output fidelity.
+
+    Causal LMs are compared by perplexity on the probe text against the full-precision model;
+    other models by the relative error and cosine similarity of their last hidden states.
+    """
+    from qlora_plugins.core.errors import ConfigError
+
+    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ConfigError("--blocksize", f"must be a power of two in [32, 4096], got {blocksize}")
+    text = None
+    if text_file is not None:
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QloraError(f"--text: cannot read {text_file}: {exc}") from None
+    _quiet_libraries()
+    from qlora_plugins.core.quant_report import DEFAULT_PROBE, format_report, run_report
+
+    names = [n.strip() for n in quantizers.split(",") if n.strip()]
+    log = (lambda name: None) if as_json else (lambda name: click.echo(f"measured {name}", err=True))
+    report = run_report(model_dir, names, _registry(ctx), double_quant, blocksize, text or DEFAULT_PROBE, seq_len, max_tokens,
+                        trust_remote_code=trust_remote_code, progress=log)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: loads the plugins (which may add commands) and runs the CLI."""
     from qlora_plugins.core.registry import create_registry

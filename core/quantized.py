@@ -1,0 +1,170 @@
+"""The quantized-weight contract shared by every blockwise format, and the layer that uses it.
+
+- :class:`BlockwiseQuantizer` is the base class of the builtin formats (nf4, fp4, int4_sym,
+  int4_asym) and of third-party ones: a format implements ``encode_blocks`` / ``decode_blocks``
+  (weight <-> a dict of tensors) and inherits model quantization, double quantization of the
+  per-block constants, footprints, dequantization and checkpoint save/load.
+- :class:`ScaleQuantizer` compresses the fp32 per-block constants (double quantization); the
+  builtin :class:`DynamicScaleQuantizer` is bitsandbytes' 8-bit dynamic map over blocks of 256.
+- :class:`~qlora_plugins.core.quant_linear.QuantLinear` (in its own module, which imports torch)
+  stores the packed state as buffers and dequantizes on the fly.
+
+torch is imported inside methods so that registering these plugins (``qlora plugins``) stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
+
+import attrs
+
+from qlora_plugins.core.errors import QuantizationError
+from qlora_plugins.core.interfaces import Footprint, Quantizer
+from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, iter_linear_layers, set_submodule, torch_dtype
+from qlora_plugins.core.options import power_of_two
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@attrs.define
+class BlockwiseOptions:
+    """Options of every blockwise 4-bit format."""
+
+    blocksize: int = attrs.field(default=64, validator=power_of_two(32, 4096))
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    skip_modules: list[str] = attrs.field(factory=list)
+
+
+class ScaleQuantizer:
+    """Compresses a 1-D fp32 tensor of per-block constants (double quantization)."""
+
+    name: ClassVar[str] = ""
+
+    def encode(self, values: "torch.Tensor") -> dict:
+        """Return tensors (keys without prefix) that :meth:`decode` turns back into ``values``."""
+        raise NotImplementedError
+
+    def decode(self, state: dict) -> "torch.Tensor":
+        """Reconstruct the fp32 constants from :meth:`encode`'s tensors."""
+        raise NotImplementedError
+
+
+class DynamicScaleQuantizer(ScaleQuantizer):
+    """bitsandbytes-compatible double quantization: subtract the mean, then 8-bit blockwise
+    (blocks of 256) with the signed dynamic map. 32 bits per block become 8 (+32 per 256 blocks)."""
+
+    name = "dynamic8"
+    blocksize = 256
+
+    def encode(self, values):
+        import torch
+
+        from qlora_plugins.core import kernels
+
+        codes, absmax2, offset, _code = kernels.double_quantize(values)
+        return {"q": codes, "absmax": absmax2, "offset": torch.tensor([float(offset)], dtype=torch.float32, device=values.device)}
+
+    def decode(self, state):
+        from qlora_plugins.core import kernels
+
+        return kernels.double_dequantize(state["q"], state["absmax"], float(state["offset"].item()))
+
+
+class BlockwiseQuantizer(Quantizer):
+    """Base class of blockwise 4-bit formats.
+
+    A subclass sets ``name`` and implements :meth:`encode_blocks` and :meth:`decode_blocks`. Keys of
+    the state listed in ``scale_keys`` are fp32 per-block constants that double quantization
+    compresses. Everything else (replacing ``nn.Linear`` layers, LoRA support through peft, merge,
+    footprints, save/load) comes from this class.
+    """
+
+    Options: ClassVar[type] = BlockwiseOptions
+    scale_keys: ClassVar[tuple[str, ...]] = ("absmax",)
+    scale_quantizer: ClassVar[ScaleQuantizer] = DynamicScaleQuantizer()
+
+    # --- the format -------------------------------------------------------------------------
+
+    def encode_blocks(self, weight: "torch.Tensor", blocksize: int) -> dict:
+        """Quantize a flattened weight (fp32/bf16/fp16) into named tensors."""
+        raise NotImplementedError
+
+    def decode_blocks(self, state: dict, numel: int, blocksize: int, dtype: "torch.dtype") -> "torch.Tensor":
+        """Dequantize named tensors back into a flat tensor of ``numel`` elements in ``dtype``."""
+        raise NotImplementedError
+
+    # --- provided ---------------------------------------------------------------------------
+
+    def encode(self, weight: "torch.Tensor", layer_name: str = "weight") -> dict:
+        """Quantize ``weight`` (any shape) into a state dict, double-quantizing scales if enabled.
+
+        :raises QuantizationError: naming ``layer_name`` for empty, non-finite or unsupported input.
+        """
+        import torch
+
+        if weight.numel() == 0:
+            raise QuantizationError(f"layer {layer_name}: cannot quantize an empty weight")
+        if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise QuantizationError(f"layer {layer_name}: unsupported dtype {weight.dtype} (expected float32, bfloat16 or float16)")
+        if not torch.isfinite(weight).all():
+            raise QuantizationError(f"layer {layer_name}: weight contains NaN or Inf")
+        state = dict(self.encode_blocks(weight.reshape(-1), self.options.blocksize))
+        if self.options.double_quant:
+            for key in self.scale_keys:
+                if key in state:
+                    values = state.pop(key)
+                    for sub, tensor in self.scale_quantizer.encode(values.float()).items():
+                        state[f"{key}_dq_{sub}"] = tensor
+        return state
+
+    def decode(self, state: dict, shape: Sequence[int], dtype: "torch.dtype") -> "torch.Tensor":
+        """Dequantize a state from :meth:`encode` into a tensor of ``shape`` and ``dtype``."""
+        flat = dict(state)
+        for key in self.scale_keys:
+            prefix = f"{key}_dq_"
+            sub = {k[len(prefix):]: flat.pop(k) for k in list(flat) if k.startswith(prefix)}
+            if sub:
+                flat[key] = self.scale_quantizer.decode(sub)
+        numel = 1
+        for d in shape:
+            numel *= d
+        return self.decode_blocks(flat, numel, self.options.blocksize, dtype).reshape(tuple(shape))
+
+    def compute_dtype_for(self, weight_dtype: "torch.dtype") -> "torch.dtype":
+        return weight_dtype if self.options.compute_dtype == "auto" else torch_dtype(self.options.compute_dtype)
+
+    def quantize_model(self, model: Any, skip_modules: Sequence[str]) -> None:
+        from qlora_plugins.core.quant_linear import QuantLinear
+
+        skip = [*skip_modules, *DEFAULT_SKIP_MODULES, *self.options.skip_modules]
+        for name, linear in iter_linear_layers(model, skip):
+            set_submodule(model, name, QuantLinear.from_linear(linear, self, name))
+            del linear  # the full-precision weight is released before the next layer
+
+    def dequantize_model(self, model: Any) -> None:
+        """Replace every QuantLinear by an ``nn.Linear`` with the dequantized weight."""
+        from qlora_plugins.core.quant_linear import QuantLinear
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantLinear):
+                set_submodule(model, name, module.to_linear())
+
+    def footprint(self, model: Any) -> Footprint:
+        from qlora_plugins.core.quant_linear import QuantLinear
+
+        params = nbytes = 0
+        for module in model.modules():
+            if isinstance(module, QuantLinear) and module.quantizer is self:
+                params += module.in_features * module.out_features
+                nbytes += sum(t.numel() * t.element_size() for t in module.state().values())
+        return Footprint(params, nbytes)
+
+    def metadata(self) -> dict:
+        return {
+            "format": self.name,
+            "backend": "qlora_plugins",
+            "blocksize": self.options.blocksize,
+            "double_quant": self.options.double_quant,
+        }
