@@ -218,6 +218,7 @@ class ExportContext:
     :param adapter: the adapter plugin instance that was trained.
     :param config: the resolved run config (plain mapping).
     :param model_request: how the base model was loaded (to load it again).
+    :param probe_examples: tokenized held-out examples (``input_ids``, ``labels``) for fidelity checks.
     """
 
     model: Any
@@ -228,6 +229,7 @@ class ExportContext:
     adapter: Adapter
     config: dict
     model_request: ModelRequest
+    probe_examples: Sequence[dict] = ()
 
 
 class Exporter(Plugin):

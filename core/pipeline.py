@@ -18,7 +18,8 @@ import attrs
 
 from qlora_plugins.core import modeling
 from qlora_plugins.core.config import Config, ResolvedPlugins, resolve_plugins, resolved_dict
-from qlora_plugins.core.errors import ConfigError, ExportError, ModelError, QloraError, TrainingError
+from qlora_plugins.core.errors import ConfigError, ModelError, QloraError, TrainingError
+from qlora_plugins.core.exporting import run_exports
 from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportContext, ModelRequest
 from qlora_plugins.core.options import options_to_dict
 from qlora_plugins.core.report import peak_rss_bytes, plot_loss
@@ -142,28 +143,6 @@ def versions() -> dict:
     return out
 
 
-def run_exports(context: ExportContext, exporters: list, exports_dir: Path, registry: Any, force: bool, log: Log) -> dict:
-    """Run each exporter into ``exports_dir/<name>`` via a temporary directory; return their info."""
-    results = {}
-    for exporter in exporters:
-        final = exports_dir / exporter.name
-        log(f"Exporting with '{exporter.name}' to {final}")
-        started = time.perf_counter()
-        with atomic_directory(final, force=force) as tmp:
-            try:
-                info = exporter.export(context, tmp) or {}
-            except QloraError:
-                raise
-            except Exception as exc:
-                reg = registry.registration("exporter", exporter.name)
-                raise ExportError(f"exporter '{exporter.name}' ({reg.source.describe()}) failed: {type(exc).__name__}: {exc}") from exc
-            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-            if not files:
-                raise ExportError(f"exporter '{exporter.name}' wrote no files")
-        results[exporter.name] = {"path": str(final), "files": files, "seconds": round(time.perf_counter() - started, 3), **info}
-    return results
-
-
 def _scheduler(name: str, optimizer: Any, warmup: int, total: int) -> Any:
     from transformers import get_scheduler
 
@@ -274,7 +253,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     model.eval()
     with atomic_directory(out / "adapter", force=True) as tmp:
         plugins.adapter.save(model, tmp)
-    context = ExportContext(model, tokenizer, model_dir, config.model.task, plugins.quantizer, plugins.adapter, resolved, request)
+    probe = list(splits.eval[:8] or splits.train[:8]) if splits else []
+    context = ExportContext(model, tokenizer, model_dir, config.model.task, plugins.quantizer, plugins.adapter, resolved, request, probe)
     t0 = time.perf_counter()
     report["exports"] = run_exports(context, plugins.exporters, out / "exports", registry, force, log)
     timings["export_s"] = round(time.perf_counter() - t0, 3)
