@@ -35,15 +35,16 @@ class LoraOptions:
 
 
 def linear_module_names(model: Any) -> list[str]:
-    """Leaf names of every linear layer (plain, bitsandbytes 4-bit or QuantLinear) except output
-    heads: what ``all-linear`` means, for any quantizer's layer type."""
+    """Leaf names of every linear layer (plain, transformers Conv1D, bitsandbytes 4-bit or
+    QuantLinear) except output heads: what ``all-linear`` means, for any quantizer's layer type."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     from qlora_plugins.quant_linear import QuantLinear
 
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, QuantLinear)) and not is_skipped(name, DEFAULT_SKIP_MODULES):
+        if isinstance(module, (torch.nn.Linear, Conv1D, QuantLinear)) and not is_skipped(name, DEFAULT_SKIP_MODULES):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 

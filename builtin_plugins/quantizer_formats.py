@@ -43,6 +43,13 @@ class _LutFormat(BlockwiseQuantizer):
         return _kernels().dequantize_4bit_lut(state["qweight"], state["absmax"], self.code(), blocksize, (numel,), dtype)
 
     # backend: bitsandbytes keeps the anchor stack's Linear4bit layers
+    def load_model(self, request: Any) -> Any:
+        if self.options.backend == "bitsandbytes":
+            model = request.load_full_precision()
+            self.quantize_model(model, request.skip_modules)
+            return model
+        return super().load_model(request)
+
     def quantize_model(self, model: Any, skip_modules: Sequence[str]) -> None:
         if self.options.backend == "bitsandbytes":
             from qlora_plugins.builtin_plugins import bnb_backend

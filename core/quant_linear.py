@@ -59,13 +59,6 @@ class QuantLinear(nn.Module):
         if bias is not None:
             self.bias = nn.Parameter(bias, requires_grad=False)
 
-    @classmethod
-    def from_linear(cls, linear: "nn.Linear", quantizer: BlockwiseQuantizer, layer_name: str = "") -> "QuantLinear":
-        weight = linear.weight.data
-        state = quantizer.encode(weight, layer_name)
-        bias = linear.bias.data if linear.bias is not None else None
-        return cls(linear.in_features, linear.out_features, quantizer, state, bias, quantizer.compute_dtype_for(weight.dtype), layer_name)
-
     @property
     def weight_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)

@@ -20,7 +20,7 @@ import attrs
 
 from qlora_plugins.core.errors import QuantizationError
 from qlora_plugins.core.interfaces import Footprint, Quantizer
-from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, iter_linear_layers, set_submodule, torch_dtype
+from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, set_submodule, torch_dtype
 from qlora_plugins.core.options import power_of_two
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -135,13 +135,39 @@ class BlockwiseQuantizer(Quantizer):
     def compute_dtype_for(self, weight_dtype: "torch.dtype") -> "torch.dtype":
         return weight_dtype if self.options.compute_dtype == "auto" else torch_dtype(self.options.compute_dtype)
 
-    def quantize_model(self, model: Any, skip_modules: Sequence[str]) -> None:
+    def load_model(self, request: Any) -> Any:
+        """Quantize while loading (:mod:`qlora_plugins.core.streaming`): the full-precision model is
+        never materialized. Falls back to loading first when the checkpoint cannot be streamed."""
         from qlora_plugins.core.quant_linear import QuantLinear
+        from qlora_plugins.core.streaming import StreamingUnsupported, stream_load
+
+        def make(name: str, module: Any, weight: Any) -> Any:
+            bias = module.bias.data if module.bias is not None else None
+            state = self.encode(weight, name)
+            return QuantLinear(weight.shape[1], weight.shape[0], self, state, bias, self.compute_dtype_for(weight.dtype), name)
+
+        try:
+            model = stream_load(request, make, [*request.skip_modules, *self.options.skip_modules])
+            self.load_path = "streamed"
+        except StreamingUnsupported as exc:
+            self.load_path = f"from_pretrained ({exc})"
+            model = request.load_full_precision()
+            self.quantize_model(model, request.skip_modules)
+        return model
+
+    def quantize_model(self, model: Any, skip_modules: Sequence[str]) -> None:
+        import torch
+
+        from qlora_plugins.core.quant_linear import QuantLinear
+        from qlora_plugins.core.streaming import linear_like_layers
 
         skip = [*skip_modules, *DEFAULT_SKIP_MODULES, *self.options.skip_modules]
-        for name, linear in iter_linear_layers(model, skip):
-            set_submodule(model, name, QuantLinear.from_linear(linear, self, name))
-            del linear  # the full-precision weight is released before the next layer
+        for name, module in linear_like_layers(model, skip).items():
+            weight = module.weight.data if isinstance(module, torch.nn.Linear) else module.weight.data.t().contiguous()
+            bias = module.bias.data if module.bias is not None else None
+            state = self.encode(weight, name)
+            set_submodule(model, name, QuantLinear(weight.shape[1], weight.shape[0], self, state, bias, self.compute_dtype_for(weight.dtype), name))
+            del module, weight  # the full-precision weight is released before the next layer
 
     def dequantize_model(self, model: Any) -> None:
         """Replace every QuantLinear by an ``nn.Linear`` with the dequantized weight."""
@@ -165,6 +191,7 @@ class BlockwiseQuantizer(Quantizer):
         return {
             "format": self.name,
             "backend": "qlora_plugins",
+            "load": getattr(self, "load_path", None),
             "blocksize": self.options.blocksize,
             "double_quant": self.options.double_quant,
         }

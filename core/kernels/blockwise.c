@@ -20,6 +20,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -129,6 +132,27 @@ static inline uint32_t absmax_bits(const float* xs, int len) {
 /* order-preserving int key of a float (-0.0 < +0.0) */
 static inline int32_t fkey(uint32_t u) { return (int32_t)(u ^ ((uint32_t)((int32_t)u >> 31) & 0x7fffffffu)); }
 static inline float unkey(int32_t k) { uint32_t u = (uint32_t)k; return u2f(u ^ ((uint32_t)((int32_t)u >> 31) & 0x7fffffffu)); }
+
+/*
+ * Outputs are freshly allocated by torch (for big tensors: fresh mmap'd pages), so
+ * first-touch page faults cost as much as the kernel itself. Asking for transparent
+ * huge pages on the 2 MiB-aligned interior cuts the number of faults 512x. It is a
+ * hint only (no effect where THP is disabled) and does not change any value.
+ */
+static void qp_hint_hugepages(void* p, i64 nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (nbytes < ((i64)4 << 20)) return;
+    const uintptr_t H = (uintptr_t)2 << 20;
+    uintptr_t a = ((uintptr_t)p + H - 1) & ~(H - 1);
+    uintptr_t e = ((uintptr_t)p + (uintptr_t)nbytes) & ~(H - 1);
+    if (e > a) (void)madvise((void*)a, (size_t)(e - a), MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)nbytes;
+#endif
+}
+
+static inline i64 out_size(int odt) { return odt == DT_F32 ? 4 : 2; }
 
 static inline int qp_threads(int nthreads, i64 n) {
     if (nthreads < 1) nthreads = 1;
@@ -367,6 +391,7 @@ void qp_dequantize_4bit_lut(const uint8_t* packed, const float* absmax, const fl
     const i64 nb = (n + bs - 1) / bs;
     const int nt = qp_threads(nthreads, n);
     const int has_off = offset != NULL;
+    qp_hint_hugepages(out, n * out_size(odt));
 
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 b = 0; b < nb; b++) {
@@ -432,6 +457,7 @@ void qp_dequantize_8bit(const uint8_t* q, const float* absmax, const float* code
                         int odt, int nthreads) {
     const i64 nb = (n + bs - 1) / bs;
     const int nt = qp_threads(nthreads, n);
+    qp_hint_hugepages(out, n * out_size(odt));
 
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (i64 b = 0; b < nb; b++) {
