@@ -157,13 +157,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         parts = key.split(".")
         node: Any = data
         for i, part in enumerate(parts[:-1]):
-            nxt = parts[i + 1]
-            if isinstance(node, list):
-                node = _list_item(node, part, ".".join(parts[: i + 1]))
-                continue
-            if not isinstance(node.get(part), (dict, list)):
-                node[part] = [] if nxt.isdigit() else {}
-            node = node[part]
+            node = _child_container(node, part, parts[i + 1], ".".join(parts[: i + 1]))
         last = parts[-1]
         if isinstance(node, list):
             index = _list_index(node, last, key, allow_append=True)
@@ -176,17 +170,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _child_container(node: Any, part: str, nxt: str, path: str) -> Any:
+    """The mapping or list at ``node[part]`` that an override descends into, created if missing.
+
+    A string there is a plugin shorthand (``quantizer: fp4``, ``export: [adapter]``) and becomes
+    ``{name: ...}`` so that overriding one option keeps the plugin; other scalars are replaced.
+    """
+    if isinstance(node, list):
+        key: Any = _list_index(node, part, path, allow_append=True)
+        if key == len(node):
+            node.append(None)
+    else:
+        key = part
+    child = node[key] if isinstance(node, list) else node.get(key)
+    if not isinstance(child, (dict, list)):
+        if isinstance(child, str) and not nxt.isdigit():
+            child = {"name": child}
+        else:
+            child = [] if nxt.isdigit() else {}
+        node[key] = child
+    return child
+
+
 def _list_index(node: list, part: str, path: str, allow_append: bool = False) -> int:
     if not part.isdigit() or int(part) > len(node) or (int(part) == len(node) and not allow_append):
         raise ConfigError(path, f"list index {part!r} is out of range (the list has {len(node)} items)")
     return int(part)
-
-
-def _list_item(node: list, part: str, path: str) -> Any:
-    index = _list_index(node, part, path, allow_append=True)
-    if index == len(node):
-        node.append({})
-    return node[index]
 
 
 def _plugin_spec(section: str, value: Any, default: str | None) -> PluginSpec | None:
@@ -216,7 +225,10 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         if "model" not in data:
             raise ConfigError("model", "is required (set model.path or model.source)")
         model = _section(ModelSection, data.get("model"), "model")
-        train = _section(TrainSection, data.get("train"), "train")
+        train_raw = data.get("train")
+        if isinstance(train_raw, Mapping) and train_raw.get("epochs") is not None and "max_steps" not in train_raw:
+            train_raw = {**train_raw, "max_steps": None}  # epochs alone: do not let the max_steps default win
+        train = _section(TrainSection, train_raw, "train")
         specs = {s: _plugin_spec(s, data.get(s), DEFAULT_PLUGINS.get(s)) for s in ("quantizer", "adapter", "optimizer", "data")}
         export_raw = data.get("export", [{"name": "adapter"}])
         if export_raw is None:
@@ -226,6 +238,9 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         if not isinstance(export_raw, list):
             raise ConfigError("export", f"must be a list of exporters, got {export_raw!r}")
         exports = [_plugin_spec(f"export[{i}]", item, None) for i, item in enumerate(export_raw)]
+        for i, spec in enumerate(exports):
+            if spec is None:
+                raise ConfigError(f"export[{i}]", "must name an exporter (e.g. `- name: adapter`), got null")
         if train.enabled and specs["data"] is None:
             raise ConfigError("data", "is required when train.enabled is true")
     except ConfigError as exc:
