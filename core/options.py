@@ -10,6 +10,7 @@ the validators, turning every failure into a :class:`~qlora_plugins.errors.Confi
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, Union
@@ -36,7 +37,7 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+    origin = typing.get_origin(tp) or (tp if tp in (list, tuple, dict) else None)
     if tp is type(None):
         return "null"
     if origin is Literal:
@@ -59,7 +60,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Return ``value`` checked (and mildly coerced, e.g. int -> float) against annotation ``tp``."""
     if tp is Any:
         return value
-    origin = typing.get_origin(tp)
+    origin = typing.get_origin(tp) or (tp if tp in (list, tuple, dict) else None)  # bare `list`, `dict`
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value in allowed:
@@ -102,14 +103,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return int(value)
         raise ConfigError(path, f"must be an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(path, f"must be a number, got {value!r}")
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # YAML reads "1e-4" as a string
+                number = float(value)
+            except (ValueError, OverflowError):
+                number = float("inf") if isinstance(value, int) else None
+        if number is None:
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        if not math.isfinite(number):  # NaN passes every range check, so refuse it here
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
