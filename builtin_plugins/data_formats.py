@@ -42,8 +42,26 @@ class InstructionOptions(DataOptions):
     instruction_column: str = "instruction"
     input_column: str = "input"
     output_column: str = "output"
-    template: str = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
-    input_template: str = "### Input:\n{input}\n\n"
+    template: str = attrs.field(default="### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+    input_template: str = attrs.field(default="### Input:\n{input}\n\n")
+
+    @template.validator
+    def _check_template(self, attribute: attrs.Attribute, value: str) -> None:
+        _check_placeholders(attribute, value, {"instruction": "", "input_block": ""})
+
+    @input_template.validator
+    def _check_input_template(self, attribute: attrs.Attribute, value: str) -> None:
+        _check_placeholders(attribute, value, {"input": ""})
+
+
+def _check_placeholders(attribute: attrs.Attribute, template: str, fields: dict) -> None:
+    """Fail at config time (not mid-run) on a template with unknown or malformed placeholders."""
+    try:
+        template.format(**fields)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        allowed = ", ".join("{" + name + "}" for name in fields)
+        problem = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else f"invalid format string ({exc})"
+        raise ValueError(f"{problem}; it may use {allowed} (double braces for literal ones)", attribute) from None
 
 
 class Instruction(_FileFormat):
