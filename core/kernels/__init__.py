@@ -189,7 +189,9 @@ def _check_packed(packed: torch.Tensor, n: int) -> torch.Tensor:
     return packed.contiguous().reshape(-1)
 
 
-def _check_stats(t: torch.Tensor, nb: int, name: str, device: torch.device) -> torch.Tensor:
+def _check_stats(t: torch.Tensor, nb: int, name: str, device: torch.device, finite: bool) -> torch.Tensor:
+    """Per-block statistics as contiguous fp32; ``finite``: also check for NaN/Inf here
+    (the C kernels check inside their pass, avoiding an extra torch reduction)."""
     if not isinstance(t, torch.Tensor) or t.numel() != nb:
         raise ValueError(f"{name} must have {nb} elements (one per block)")
     if t.device != device:
@@ -197,7 +199,8 @@ def _check_stats(t: torch.Tensor, nb: int, name: str, device: torch.device) -> t
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor")
     t = t.detach().reshape(-1).to(torch.float32).contiguous()
-    _check_finite(t)
+    if finite:
+        _check_finite(t)
     return t
 
 
@@ -256,6 +259,7 @@ def dequantize_4bit_lut(
     shape: ShapeLike,
     out_dtype: torch.dtype = torch.float32,
     offset: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Inverse of the 4-bit formats: ``out = code[q] * absmax[b] (+ offset[b])``.
 
@@ -270,6 +274,9 @@ def dequantize_4bit_lut(
         shape: output shape (``n = prod(shape)``).
         out_dtype: float32, bfloat16 or float16.
         offset: optional per-block additive offset (affine formats).
+        out: optional preallocated contiguous tensor (``n`` elements of ``out_dtype`` on
+            ``packed``'s device) to write into, e.g. a buffer reused at every forward pass;
+            it is returned reshaped to ``shape``.
 
     Returns:
         Tensor of ``shape`` and ``out_dtype`` on ``packed``'s device.
@@ -280,18 +287,30 @@ def dequantize_4bit_lut(
     packed = _check_packed(packed, n)
     dev = packed.device
     nb = _nblocks(n, blocksize)
-    absmax = _check_stats(absmax, nb, "absmax", dev)
-    if offset is not None:
-        offset = _check_stats(offset, nb, "offset", dev)
-    code = _code16(code, dev)
     lib = _native_for(packed)
+    absmax = _check_stats(absmax, nb, "absmax", dev, lib is None)
+    if offset is not None:
+        offset = _check_stats(offset, nb, "offset", dev, lib is None)
+    code = _code16(code, dev)
+    if out is not None:
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.dtype != out_dtype
+            or out.numel() != n
+            or out.device != dev
+            or not out.is_contiguous()
+        ):
+            raise ValueError(f"out must be a contiguous {out_dtype} tensor of {n} elements on {dev}")
     if lib is None:
-        return reference.dequantize_4bit_lut(packed, absmax, code, blocksize, n, out_dtype, offset).view(shp)
-    out = torch.empty(shp, dtype=out_dtype)
-    lib.qp_dequantize_4bit_lut(
+        res = reference.dequantize_4bit_lut(packed, absmax, code, blocksize, n, out_dtype, offset).view(shp)
+        return res if out is None else out.view(shp).copy_(res)
+    out = torch.empty(shp, dtype=out_dtype) if out is None else out.view(shp)
+    rc = lib.qp_dequantize_4bit_lut(
         packed.data_ptr(), absmax.data_ptr(), offset.data_ptr() if offset is not None else None,
         code.data_ptr(), n, blocksize, out.data_ptr(), _DT_CODE[out_dtype], _threads(),
     )  # fmt: skip
+    if rc:
+        raise ValueError(_NONFINITE_MSG)
     return out
 
 
@@ -415,15 +434,17 @@ def dequantize_blockwise_8bit(
     shape = codes.shape
     c = codes.contiguous().reshape(-1)
     n = c.numel()
-    absmax = _check_stats(absmax, _nblocks(n, blocksize), "absmax", c.device)
-    code256 = _code256(code256, c.device)
     lib = _native_for(c)
+    absmax = _check_stats(absmax, _nblocks(n, blocksize), "absmax", c.device, lib is None)
+    code256 = _code256(code256, c.device)
     if lib is None:
         return reference.dequantize_blockwise_8bit(c, absmax, code256, blocksize, out_dtype).view(shape)
     out = torch.empty(shape, dtype=out_dtype)
-    lib.qp_dequantize_8bit(
+    rc = lib.qp_dequantize_8bit(
         c.data_ptr(), absmax.data_ptr(), code256.data_ptr(), n, blocksize, out.data_ptr(), _DT_CODE[out_dtype], _threads()
     )
+    if rc:
+        raise ValueError(_NONFINITE_MSG)
     return out
 
 
@@ -442,8 +463,7 @@ def double_quantize(
     """
     _check_blocksize(blocksize)
     absmax = _check_input(absmax, "absmax").reshape(-1).float()
-    _check_finite(absmax)
-    offset_t = absmax.mean()
+    offset_t = absmax.mean()  # NaN/Inf in absmax propagate into absmax - offset and are caught there
     code256 = dynamic_map_8bit(absmax.device)
     codes, absmax2 = quantize_blockwise_8bit(absmax - offset_t, code256, blocksize)
     return codes, absmax2, float(offset_t), code256

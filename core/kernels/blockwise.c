@@ -38,7 +38,8 @@
 typedef int64_t i64;
 
 #define QP_MAX_BS 4096
-#define QP_PAR_MIN 32768 /* below this many elements run single-threaded */
+#define QP_PAR_MIN (1 << 18)        /* below this many elements run single-threaded */
+#define QP_STREAM_MIN ((i64)8 << 20) /* outputs of at least this many bytes use streaming stores */
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
@@ -154,6 +155,10 @@ static void qp_hint_hugepages(void* p, i64 nbytes) {
 
 static inline i64 out_size(int odt) { return odt == DT_F32 ? 4 : 2; }
 
+/* blocks per dynamically scheduled chunk (~64K elements): a descheduled thread on a
+ * busy machine then delays at most one chunk instead of half of the work */
+static inline i64 qp_chunk(i64 bs) { return bs >= 65536 ? 1 : 65536 / bs; }
+
 static inline int qp_threads(int nthreads, i64 n) {
     if (nthreads < 1) nthreads = 1;
     return n < QP_PAR_MIN ? 1 : nthreads;
@@ -201,7 +206,7 @@ int qp_quantize_4bit_lut(const void* x, int dt, i64 n, i64 bs, const float* boun
     int bad = 0;
     const int nt = qp_threads(nthreads, n);
 
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, qp_chunk(bs)) num_threads(nt)
     for (i64 b = 0; b < nb; b++) {
         float buf[QP_MAX_BS + 32] __attribute__((aligned(64)));
         const i64 start = b * bs;
@@ -269,7 +274,7 @@ int qp_quantize_4bit_int(const void* x, int dt, i64 n, i64 bs, int symmetric, ui
     int bad = 0;
     const int nt = qp_threads(nthreads, n);
 
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, qp_chunk(bs)) num_threads(nt)
     for (i64 b = 0; b < nb; b++) {
         float buf[QP_MAX_BS + 32] __attribute__((aligned(64)));
         const i64 start = b * bs;
@@ -350,9 +355,9 @@ static inline __m256i bf16_rne(__m256 v) {
     return _mm256_srli_epi32(u, 16);
 }
 
-/* 16 packed bytes -> 32 outputs */
+/* 16 packed bytes -> 32 outputs; stream: non-temporal stores (32-byte aligned destination) */
 static inline void deq32(const uint8_t* p, __m256 tlo, __m256 thi, __m256 s, __m256 o, int has_off, void* out,
-                         int odt, i64 i) {
+                         int odt, i64 i, int stream) {
     const __m128i m4 = _mm_set1_epi8(0x0f);
     __m128i raw = _mm_loadu_si128((const __m128i*)p);
     __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
@@ -370,49 +375,79 @@ static inline void deq32(const uint8_t* p, __m256 tlo, __m256 thi, __m256 s, __m
     }
     if (odt == DT_F32) {
         float* d = (float*)out + i;
-        for (int k = 0; k < 4; k++) _mm256_storeu_ps(d + 8 * k, v[k]);
+        if (stream)
+            for (int k = 0; k < 4; k++) _mm256_stream_ps(d + 8 * k, v[k]);
+        else
+            for (int k = 0; k < 4; k++) _mm256_storeu_ps(d + 8 * k, v[k]);
     } else if (odt == DT_BF16) {
         uint16_t* d = (uint16_t*)out + i;
         for (int k = 0; k < 4; k += 2) {
             __m256i pk = _mm256_packus_epi32(bf16_rne(v[k]), bf16_rne(v[k + 1]));
             pk = _mm256_permute4x64_epi64(pk, 0xD8);
-            _mm256_storeu_si256((__m256i*)(d + 8 * k), pk);
+            if (stream)
+                _mm256_stream_si256((__m256i*)(d + 8 * k), pk);
+            else
+                _mm256_storeu_si256((__m256i*)(d + 8 * k), pk);
         }
     } else {
         uint16_t* d = (uint16_t*)out + i;
-        for (int k = 0; k < 4; k++)
-            _mm_storeu_si128((__m128i*)(d + 8 * k), _mm256_cvtps_ph(v[k], _MM_FROUND_TO_NEAREST_INT));
+        for (int k = 0; k < 4; k++) {
+            __m128i h = _mm256_cvtps_ph(v[k], _MM_FROUND_TO_NEAREST_INT);
+            if (stream)
+                _mm_stream_si128((__m128i*)(d + 8 * k), h);
+            else
+                _mm_storeu_si128((__m128i*)(d + 8 * k), h);
+        }
     }
 }
 #endif
 
-void qp_dequantize_4bit_lut(const uint8_t* packed, const float* absmax, const float* offset, const float* code16,
-                            i64 n, i64 bs, void* out, int odt, int nthreads) {
+static inline int is_finite_f(float v) { return (f2u(v) & 0x7f800000u) != 0x7f800000u; }
+
+/* returns 1 (and leaves `out` partly unwritten) if absmax/offset contain NaN/Inf */
+int qp_dequantize_4bit_lut(const uint8_t* packed, const float* absmax, const float* offset, const float* code16,
+                           i64 n, i64 bs, void* out, int odt, int nthreads) {
     const i64 nb = (n + bs - 1) / bs;
     const int nt = qp_threads(nthreads, n);
     const int has_off = offset != NULL;
-    qp_hint_hugepages(out, n * out_size(odt));
+    const i64 nbytes = n * out_size(odt);
+    /* large outputs: bypass the cache (no read-for-ownership of the destination) */
+    const int stream = nbytes >= QP_STREAM_MIN && ((uintptr_t)out & 31u) == 0;
+    int bad = 0;
+    qp_hint_hugepages(out, nbytes);
 
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (i64 b = 0; b < nb; b++) {
-        const i64 start = b * bs;
-        const int len = (int)(n - start < bs ? n - start : bs);
-        const float s = absmax[b];
-        const float o = has_off ? offset[b] : 0.0f;
-        const uint8_t* p = packed + start / 2;
-        int i = 0;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(dynamic, qp_chunk(bs))
+        for (i64 b = 0; b < nb; b++) {
+            const i64 start = b * bs;
+            const int len = (int)(n - start < bs ? n - start : bs);
+            const float s = absmax[b];
+            const float o = has_off ? offset[b] : 0.0f;
+            if (!is_finite_f(s) || !is_finite_f(o)) {
+#pragma omp atomic write
+                bad = 1;
+                continue;
+            }
+            const uint8_t* p = packed + start / 2;
+            int i = 0;
 #if QP_SIMD
-        const __m256 tlo = _mm256_loadu_ps(code16), thi = _mm256_loadu_ps(code16 + 8);
-        const __m256 vs = _mm256_set1_ps(s), vo = _mm256_set1_ps(o);
-        for (; i + 32 <= len; i += 32) deq32(p + i / 2, tlo, thi, vs, vo, has_off, out, odt, start + i);
+            const __m256 tlo = _mm256_loadu_ps(code16), thi = _mm256_loadu_ps(code16 + 8);
+            const __m256 vs = _mm256_set1_ps(s), vo = _mm256_set1_ps(o);
+            for (; i + 32 <= len; i += 32) deq32(p + i / 2, tlo, thi, vs, vo, has_off, out, odt, start + i, stream);
 #endif
-        for (; i < len; i++) {
-            uint8_t byte = p[i >> 1];
-            float v = code16[(i & 1) ? (byte & 15) : (byte >> 4)] * s;
-            if (has_off) v = v + o;
-            store_one(out, odt, start + i, v);
+            for (; i < len; i++) {
+                uint8_t byte = p[i >> 1];
+                float v = code16[(i & 1) ? (byte & 15) : (byte >> 4)] * s;
+                if (has_off) v = v + o;
+                store_one(out, odt, start + i, v);
+            }
         }
+#if QP_SIMD
+        if (stream) _mm_sfence(); /* make this thread's streaming stores globally visible */
+#endif
     }
+    return bad;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -425,7 +460,7 @@ int qp_quantize_8bit(const float* x, i64 n, i64 bs, const float* B, uint8_t* out
     int bad = 0;
     const int nt = qp_threads(nthreads, n);
 
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, qp_chunk(bs)) num_threads(nt)
     for (i64 b = 0; b < nb; b++) {
         const i64 start = b * bs;
         const int len = (int)(n - start < bs ? n - start : bs);
@@ -453,21 +488,28 @@ int qp_quantize_8bit(const float* x, i64 n, i64 bs, const float* B, uint8_t* out
     return bad;
 }
 
-void qp_dequantize_8bit(const uint8_t* q, const float* absmax, const float* code256, i64 n, i64 bs, void* out,
-                        int odt, int nthreads) {
+int qp_dequantize_8bit(const uint8_t* q, const float* absmax, const float* code256, i64 n, i64 bs, void* out,
+                       int odt, int nthreads) {
     const i64 nb = (n + bs - 1) / bs;
     const int nt = qp_threads(nthreads, n);
+    int bad = 0;
     qp_hint_hugepages(out, n * out_size(odt));
 
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, qp_chunk(bs)) num_threads(nt)
     for (i64 b = 0; b < nb; b++) {
         const i64 start = b * bs;
         const int len = (int)(n - start < bs ? n - start : bs);
         const float s = absmax[b];
+        if (!is_finite_f(s)) {
+#pragma omp atomic write
+            bad = 1;
+            continue;
+        }
         for (int i = 0; i < len; i++) store_one(out, odt, start + i, code256[q[start + i]] * s);
     }
+    return bad;
 }
 
-int qp_abi_version(void) { return 1; }
+int qp_abi_version(void) { return 2; }
 
 int qp_has_simd(void) { return QP_SIMD; }

@@ -27,7 +27,7 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("blockwise.c")
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _BASE_FLAGS = ["-O3", "-std=gnu11", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing"]
 
 _lock = threading.Lock()
@@ -113,11 +113,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qp_quantize_4bit_lut.argtypes = [c_vp, c_int, c_i64, c_i64, c_vp, c_vp, c_vp, c_vp, c_int]
     lib.qp_quantize_4bit_int.restype = c_int
     lib.qp_quantize_4bit_int.argtypes = [c_vp, c_int, c_i64, c_i64, c_int, c_vp, c_vp, c_vp, c_int]
-    lib.qp_dequantize_4bit_lut.restype = None
+    lib.qp_dequantize_4bit_lut.restype = c_int
     lib.qp_dequantize_4bit_lut.argtypes = [c_vp, c_vp, c_vp, c_vp, c_i64, c_i64, c_vp, c_int, c_int]
     lib.qp_quantize_8bit.restype = c_int
     lib.qp_quantize_8bit.argtypes = [c_vp, c_i64, c_i64, c_vp, c_vp, c_vp, c_int]
-    lib.qp_dequantize_8bit.restype = None
+    lib.qp_dequantize_8bit.restype = c_int
     lib.qp_dequantize_8bit.argtypes = [c_vp, c_vp, c_vp, c_i64, c_i64, c_vp, c_int, c_int]
 
 

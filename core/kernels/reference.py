@@ -89,8 +89,14 @@ def dynamic_map_8bit(device: torch.device | str | None = None) -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map, ``create_dynamic_map(signed=True)``.
 
     Recomputed here with the same torch fp32 operations so bitsandbytes is not
-    needed at runtime (equality with bnb is checked by the tests).
+    needed at runtime (equality with bnb is checked by the tests). Returns a new tensor.
     """
+    out = _dynamic_map_cpu().clone()
+    return out.to(device) if device is not None else out
+
+
+@lru_cache(maxsize=1)
+def _dynamic_map_cpu() -> torch.Tensor:
     max_exponent_bits, total_bits = 7, 8
     non_sign_bits = total_bits - 1
     data: list[float] = []
@@ -103,8 +109,7 @@ def dynamic_map_8bit(device: torch.device | str | None = None) -> torch.Tensor:
     data.append(0)
     data.append(1.0)
     data.sort()
-    out = torch.tensor(data, dtype=torch.float32)
-    return out.to(device) if device is not None else out
+    return torch.tensor(data, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- #
