@@ -36,16 +36,31 @@ def read_rows(path: Path, config_path: str = "data.path") -> Any:
             raise DataError(f"{config_path}: {path} is not UTF-8 text (byte {exc.start})") from None
     import datasets
 
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    no_rows = DataError(f"{config_path}: {path} has no rows")
+    if builder == "parquet" and _parquet_rows(path) == 0:
+        raise no_rows  # datasets fails on it with "BatchSize must be greater than 0"
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its errors become our DataError
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, cache_dir=None)
     except Exception as exc:  # datasets wraps parser errors in several exception types
+        if "corresponds to no data" in str(exc):  # a header-only csv, blank jsonl, `[]`
+            raise no_rows from None
         cause = exc.__cause__ or exc.__context__ or exc
         raise DataError(f"{config_path}: cannot parse {path}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
     if len(ds) == 0:
-        raise DataError(f"{config_path}: {path} has no rows")
+        raise no_rows
     return ds
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """Row count from the parquet footer, or None if it cannot be read (datasets will say why)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(str(path)).metadata.num_rows
+    except Exception:
+        return None
 
 
 def require_columns(ds: Any, columns: Sequence[str], path: Path, config_path: str = "data.path") -> None:
