@@ -244,6 +244,23 @@ def test_quantize_blockwise_8bit_thresholds(backend, bnb):
     assert_bits_equal(q, q_ref)
 
 
+def test_quantize_blockwise_8bit_native_equals_reference(monkeypatch):
+    """The C kernel evaluates bnb's LUT rule directly, the torch path via thresholds: same codes."""
+    for code in (K.dynamic_map_8bit(), torch.linspace(-1, 1, 256), torch.sort(torch.randn(256, generator=gen(9)).tanh())[0]):
+        bnd = reference.bnb8_boundaries(code)
+        b = bnd[torch.isfinite(bnd)]
+        near = torch.cat([b, torch.nextafter(b, torch.full_like(b, -2)), torch.nextafter(b, torch.full_like(b, 2))])
+        v = torch.cat([near, torch.rand(200_000, generator=gen(1)) * 2 - 1])
+        x = torch.cat([torch.ones(1), v])  # one block of 2^18: absmax 1, v unchanged
+        x = torch.cat([x, torch.zeros(-x.numel() % 4096)]) * 3.5  # scaled: v = x * (1/3.5)
+
+        def run():
+            return list(K.quantize_blockwise_8bit(x, code, 4096))
+
+        for u, w in zip(*_both_backends(monkeypatch, run)):
+            assert_bits_equal(u, w)
+
+
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])
 def test_double_quant_matches_bnb_nested_state(backend, bnb, qt):
     for seed, (bs, n) in enumerate([(64, 64 * 300 + 11), (32, 4096)]):

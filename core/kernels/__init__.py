@@ -58,9 +58,10 @@ so that the minimum is reconstructed exactly. The padding nibble is 0.
 ---------------------------------------------------------------------------------------
 bnb 0.50's CPU kernel normalizes ``v = x * (1/absmax)`` and maps it through a
 65536-entry table ``lut[uint16(fma((clamp(v)+1)*0.5, 65535, 0.5))]`` built from the
-midpoints of the 256-entry code; an all-zero block gives code 0. That map is
-monotone, so it is reproduced exactly as ``q = #{j : B[j] <= v}`` with 255 fp32
-thresholds ``B`` derived from the code table (:func:`reference.bnb8_boundaries`).
+midpoints of the 256-entry code (:func:`reference.bnb8_lut`); an all-zero block gives
+code 0. The C kernel evaluates exactly that; the torch path uses the equivalent
+``q = #{j : B[j] <= v}`` with 255 fp32 thresholds ``B`` derived exactly from the table
+(the map is monotone; :func:`reference.bnb8_boundaries`).
 Dequant ``code256[q] * absmax[b]``. ``double_quantize`` follows
 ``quantize_4bit(..., compress_statistics=True)``: ``offset = absmax.mean()``,
 then 8-bit blockwise quantization (blocksize 256, dynamic map) of ``absmax - offset``.
@@ -407,10 +408,10 @@ def quantize_blockwise_8bit(
         _check_finite(xf)
         q, absmax = reference.quantize_blockwise_8bit(xf, code256, blocksize)
         return q.view(shape), absmax
-    bnd = reference.bnb8_boundaries(code256).contiguous()
+    lut = reference.bnb8_lut(code256)
     q = torch.empty(n, dtype=torch.uint8)
     absmax = torch.empty(_nblocks(n, blocksize), dtype=torch.float32)
-    rc = lib.qp_quantize_8bit(xf.data_ptr(), n, blocksize, bnd.data_ptr(), q.data_ptr(), absmax.data_ptr(), _threads())
+    rc = lib.qp_quantize_8bit(xf.data_ptr(), n, blocksize, lut.data_ptr(), q.data_ptr(), absmax.data_ptr(), _threads())
     if rc:
         raise ValueError(_NONFINITE_MSG)
     return q.view(shape), absmax

@@ -454,8 +454,21 @@ int qp_dequantize_4bit_lut(const uint8_t* packed, const float* absmax, const flo
 /* 8-bit blockwise (bnb's CPU quantize_blockwise rule via exact thresholds)   */
 /* ------------------------------------------------------------------------- */
 
-/* B[0] = -inf, B[1..255] non-decreasing; q(v) = #{j>=1 : B[j] <= v} */
-int qp_quantize_8bit(const float* x, i64 n, i64 bs, const float* B, uint8_t* out, float* absmax, int nthreads) {
+/*
+ * bnb 0.50's CPU rule: v = x * (1/absmax); q = lut[(uint16)(int)fmaf((clamp(v,-1,1)+1)*0.5f, 65535, 0.5f)]
+ * with bnb's 65536-entry table (reference.bnb8_lut). The fused multiply-add is bnb's
+ * (its compiler contracts that expression); fmaf() is exact with or without FMA hardware.
+ * An all-zero block gives codes 0.
+ */
+static inline uint8_t q8_one(float v, const uint8_t* lut) {
+    v = v < -1.0f ? -1.0f : v;
+    v = v > 1.0f ? 1.0f : v;
+    const float t = (v + 1.0f) * 0.5f;
+    const int k = (int)fmaf(t, 65535.0f, 0.5f);
+    return lut[(uint16_t)k];
+}
+
+int qp_quantize_8bit(const float* x, i64 n, i64 bs, const uint8_t* lut, uint8_t* out, float* absmax, int nthreads) {
     const i64 nb = (n + bs - 1) / bs;
     int bad = 0;
     const int nt = qp_threads(nthreads, n);
@@ -478,12 +491,7 @@ int qp_quantize_8bit(const float* x, i64 n, i64 bs, const float* B, uint8_t* out
             continue;
         }
         const float inv = 1.0f / am;
-        for (int i = 0; i < len; i++) {
-            const float v = xs[i] * inv;
-            int idx = 0;
-            for (int step = 128; step; step >>= 1) idx += (B[idx + step] <= v) ? step : 0;
-            out[start + i] = (uint8_t)idx;
-        }
+        for (int i = 0; i < len; i++) out[start + i] = q8_one(xs[i] * inv, lut);
     }
     return bad;
 }
@@ -510,6 +518,6 @@ int qp_dequantize_8bit(const uint8_t* q, const float* absmax, const float* code2
     return bad;
 }
 
-int qp_abi_version(void) { return 2; }
+int qp_abi_version(void) { return 3; }
 
 int qp_has_simd(void) { return QP_SIMD; }

@@ -27,7 +27,7 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("blockwise.c")
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _BASE_FLAGS = ["-O3", "-std=gnu11", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing"]
 
 _lock = threading.Lock()

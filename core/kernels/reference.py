@@ -29,6 +29,7 @@ __all__ = [
     "dynamic_map_8bit",
     "lut_bounds",
     "bnb8_boundaries",
+    "bnb8_lut",
     "quantize_4bit_lut",
     "dequantize_4bit_lut",
     "quantize_4bit_int",
@@ -288,12 +289,30 @@ def _bnb8_lut_index(v: float) -> int:
 
 
 @lru_cache(maxsize=16)
-def _bnb8_boundaries_cached(code_bytes: bytes) -> tuple[float, ...]:
+def _bnb8_lut_cached(code_bytes: bytes) -> torch.Tensor:
     code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
-    # bnb's build_quantize_lut: fp32 midpoints and fp32 grid values
+    # bnb's build_quantize_lut: fp32 midpoints, fp32 grid values, lut[i] = #{midpoints < grid[i]}
     mids = (code[:-1] + code[1:]) * 0.5
     grid = (torch.arange(_LUT_SIZE, dtype=torch.float32) * 2) / float(_LUT_SIZE - 1) - 1.0
-    lut = torch.searchsorted(mids, grid, right=False).clamp(max=code.numel() - 1).tolist()
+    return torch.searchsorted(mids, grid, right=False).clamp(max=code.numel() - 1).to(torch.uint8)
+
+
+def _code_bytes(code256: torch.Tensor) -> bytes:
+    return code256.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
+def bnb8_lut(code256: torch.Tensor) -> torch.Tensor:
+    """bnb's 65536-entry quantization table for a sorted 256-entry code (uint8, CPU, cached).
+
+    ``q(v) = lut[uint16(fmaf((clamp(v, -1, 1) + 1) * 0.5, 65535, 0.5))]`` is bnb's CPU rule;
+    the C kernel evaluates it directly, the torch path through :func:`bnb8_boundaries`.
+    """
+    return _bnb8_lut_cached(_code_bytes(code256))
+
+
+@lru_cache(maxsize=16)
+def _bnb8_boundaries_cached(code_bytes: bytes) -> tuple[float, ...]:
+    lut = _bnb8_lut_cached(code_bytes).tolist()
     # first LUT slot reaching each code index
     first_k = [None] * 256
     j = 0
@@ -338,8 +357,7 @@ def bnb8_boundaries(code256: torch.Tensor) -> torch.Tensor:
     ``q(v) = #{j >= 1 : B[j] <= v}`` for the thresholds computed here (exactly, by
     bisection over fp32 values). Cached per code table.
     """
-    c = code256.detach().to("cpu", torch.float32).contiguous()
-    return torch.tensor(_bnb8_boundaries_cached(c.numpy().tobytes()), dtype=torch.float32)
+    return torch.tensor(_bnb8_boundaries_cached(_code_bytes(code256)), dtype=torch.float32)
 
 
 def quantize_blockwise_8bit(
