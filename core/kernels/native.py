@@ -84,9 +84,8 @@ def find_compiler() -> Optional[str]:
     return None
 
 
-def _build(cc: str, flags: list[str], src: bytes) -> Path:
+def _build(cc: str, flags: list[str], src: bytes, out_dir: Path) -> Path:
     key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), str(_ABI_VERSION).encode()]))
-    out_dir = cache_dir()
     out = out_dir / f"blockwise-{key.hexdigest()[:20]}.so"
     if out.exists():
         return out
@@ -125,19 +124,37 @@ def _load() -> Optional[ctypes.CDLL]:
     if native_disabled():
         logger.debug("qlora_plugins kernels: QLORA_PLUGINS_NO_NATIVE set, using the torch reference")
         return None
-    try:
-        cc = find_compiler()
-        if cc is None:
-            raise RuntimeError("no C compiler (cc/gcc/clang) found")
-        path = _build(cc, _BASE_FLAGS + simd_flags(), _SRC.read_bytes())
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
-        if lib.qp_abi_version() != _ABI_VERSION:
-            raise RuntimeError("stale kernel library (ABI mismatch)")
-        return lib
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
-        logger.debug("qlora_plugins kernels: native build unavailable (%s), using the torch reference", exc)
-        return None
+    errors: list[str] = []
+    cc = find_compiler()
+    if cc is None:
+        errors.append("no C compiler (cc/gcc/clang) found")
+    else:
+        src = _SRC.read_bytes()
+        simd = simd_flags()
+        no_omp = [f for f in _BASE_FLAGS if f != "-fopenmp"]
+        # fallbacks: a compiler without OpenMP runs single-threaded; an unwritable cache
+        # directory is replaced by a per-user temporary one
+        variants = [_BASE_FLAGS + simd, no_omp + simd] + ([_BASE_FLAGS, no_omp] if simd else [])
+        dirs = [cache_dir(), Path(tempfile.gettempdir()) / f"qlora-plugins-{getattr(os, 'getuid', lambda: 'user')()}" / "kernels"]
+        for out_dir in dirs:
+            for flags in variants:
+                try:
+                    path = _build(cc, flags, src, out_dir)
+                    lib = ctypes.CDLL(str(path))
+                    _declare(lib)
+                    if lib.qp_abi_version() != _ABI_VERSION:
+                        raise RuntimeError("stale kernel library (ABI mismatch)")
+                    return lib
+                except OSError as exc:  # includes an unwritable cache directory
+                    errors.append(f"{out_dir}: {exc}")
+                    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
+                        break
+                except Exception as exc:  # noqa: BLE001 - any failure means: try the next variant
+                    errors.append(str(exc))
+    logger.debug(
+        "qlora_plugins kernels: native build unavailable (%s), using the torch reference", "; ".join(errors)[-4000:]
+    )
+    return None
 
 
 def get_lib() -> Optional[ctypes.CDLL]:
