@@ -66,6 +66,17 @@ Dequant ``code256[q] * absmax[b]``. ``double_quantize`` follows
 ``quantize_4bit(..., compress_statistics=True)``: ``offset = absmax.mean()``,
 then 8-bit blockwise quantization (blocksize 256, dynamic map) of ``absmax - offset``.
 
+Performance notes
+-----------------
+The C kernels use OpenMP over blocks (``torch.get_num_threads()`` threads, one thread
+below 2^18 elements; dynamic chunks so a descheduled thread on a busy machine does
+not stall the others), AVX2/F16C when the CPU has them, and check for NaN/Inf inside
+their single pass. Dequantization of large outputs (>= 8 MiB) asks for transparent
+huge pages on the fresh output (first-touch page faults otherwise cost as much as
+the kernel) and uses streaming stores; reuse a buffer with ``out=`` to avoid the
+page faults altogether. As with torch's own OpenMP kernels, do not call them in a
+``fork()``-ed child after the parent used them (libgomp is not fork-safe).
+
 Known divergence: bnb's AVX512-BF16 dequant path flushes bf16 results that are
 fp32-denormal (|value| < 1.2e-38) to zero; we round them like ``torch``. bnb's
 CPU dequant also indexes absmax per row when the last dim is not a multiple of the
