@@ -126,7 +126,7 @@ def lut_bounds(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mapped to ``order[#{j : bounds[j] < s}]`` (ties at a midpoint go to the lower
     entry, as ``torch.bucketize(..., right=False)``).
     """
-    code = code.to(torch.float32)
+    code = code.detach().to("cpu", torch.float32)  # on the CPU: fixes argsort's order of tied entries
     order = torch.argsort(code)
     srt = code[order]
     bounds = (srt[:-1] + srt[1:]) / 2
@@ -160,8 +160,8 @@ def _block_index(n: int, blocksize: int, device: torch.device) -> torch.Tensor:
 
 def quantize_4bit_lut(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """bnb's ``quantize_4bit`` (CPU/default backend) rule, reproduced op for op."""
-    code = code.to(device=x.device, dtype=torch.float32)
     bounds, order = lut_bounds(code)
+    bounds, order = bounds.to(x.device), order.to(x.device)
     a = x.reshape(-1).float()
     n = a.numel()
     rem = n % blocksize
