@@ -228,6 +228,15 @@ def test_quantize_blockwise_8bit_matches_bnb(backend, bnb):
             assert_bits_equal(K.dequantize_blockwise_8bit(q, absmax, code, bs, od), bnb.dequantize_blockwise(q_ref, st2))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_blockwise_8bit_half_inputs_match_bnb(backend, bnb, dtype):
+    x = (torch.randn(256 * 30 + 7, generator=gen(2)) * 3).to(dtype)
+    q_ref, st = bnb.quantize_blockwise(x, blocksize=256)
+    q, absmax = K.quantize_blockwise_8bit(x, None, 256)
+    assert_bits_equal(q, q_ref)
+    assert_bits_equal(absmax, st.absmax)
+
+
 def test_quantize_blockwise_8bit_thresholds(backend, bnb):
     """Every threshold of bnb's 65536-entry LUT rule, exactly and one ulp on each side."""
     bnd = reference.bnb8_boundaries(K.dynamic_map_8bit())
