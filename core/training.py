@@ -165,13 +165,14 @@ class TrainLoop:
         state: TrainState | None = None,
         on_record: Callable[[dict], None] = lambda r: None,
         on_step_end: Callable[[TrainState], None] = lambda s: None,
+        on_interrupt: Callable[[TrainState], None] = lambda s: None,
         progress: Any = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, train_cfg
         self.train_data, self.eval_data = train_data, eval_data
         self.pad_id, self.task, self.device, self.total = pad_id, task, device, total
         self.state = state or TrainState()
-        self.on_record, self.on_step_end, self.progress = on_record, on_step_end, progress
+        self.on_record, self.on_step_end, self.on_interrupt, self.progress = on_record, on_step_end, on_interrupt, progress
 
     def _eval(self) -> dict:
         figures = evaluate(self.model, self.eval_data, self.cfg.batch_size, self.pad_id, self.task, self.device, self.cfg.eval_max_batches)
@@ -189,25 +190,16 @@ class TrainLoop:
         step_times, first_loss, last_loss, figures = [], None, None, {}
         while self.state.step < self.total:
             started = time.perf_counter()
-            loss_total, tokens = 0.0, 0
-            for _ in range(cfg.gradient_accumulation_steps):
-                batch = move_batch(collate(next(batches), self.pad_id, self.task), self.device)
-                loss = self.model(**batch).loss / cfg.gradient_accumulation_steps
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item() * cfg.gradient_accumulation_steps} at step {self.state.step + 1}; "
-                        "stopping (lower optimizer.lr, check the data); the last checkpoint is kept"
-                    )
-                loss.backward()
-                loss_total += loss.item()
-                tokens += int(batch["attention_mask"].sum().item())
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.step += 1
+            # where this step starts: restored if Ctrl-C lands mid-step, so the saved state is exact
+            snapshot = (self.state.epoch, self.state.batch_in_epoch, torch.get_rng_state())
+            try:
+                loss_total, tokens, grad_norm = self._step(batches, params)
+            except KeyboardInterrupt:
+                self.state.epoch, self.state.batch_in_epoch = snapshot[0], snapshot[1]
+                torch.set_rng_state(snapshot[2])
+                self.optimizer.zero_grad(set_to_none=True)
+                self.on_interrupt(self.state)
+                raise
             elapsed = time.perf_counter() - started
             step_times.append(elapsed)
             first_loss = loss_total if first_loss is None else first_loss
@@ -226,3 +218,30 @@ class TrainLoop:
             self.on_step_end(self.state)
         figures = self._eval()
         return TrainResult(self.state.step, step_times, first_loss, last_loss, figures)
+
+    def _step(self, batches: Iterator[list[dict]], params: list) -> tuple[float, int, float | None]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        import torch
+
+        cfg = self.cfg
+        loss_total, tokens = 0.0, 0
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = move_batch(collate(next(batches), self.pad_id, self.task), self.device)
+            loss = self.model(**batch).loss / cfg.gradient_accumulation_steps
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item() * cfg.gradient_accumulation_steps} at step {self.state.step + 1}; "
+                    "stopping (lower optimizer.lr, check the data); the last checkpoint is kept"
+                )
+            loss.backward()
+            loss_total += loss.item()
+            tokens += int(batch["attention_mask"].sum().item())
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return loss_total, tokens, grad_norm
+

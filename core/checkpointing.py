@@ -1,0 +1,196 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint directory ``checkpoints/step-NNNNNNNN`` holds the trainable weights, the optimizer's
+tensors (safetensors) and its non-tensor state, the scheduler state, RNG states, the data position
+and step counter, the resolved config and plugin versions. It is written into a temporary sibling
+and renamed into place, so a crash (or a full disk) during a save leaves the previous checkpoint
+intact; only complete checkpoints have the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qlora_plugins.core.errors import QloraError, TrainingError
+from qlora_plugins.core.training import TrainState
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+
+
+def _encode(value: Any, name: str, tensors: dict) -> Any:
+    """JSON-able description of ``value``; tensors (also nested in dicts/lists) go to ``tensors``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        tensors[name] = value.detach().contiguous().cpu()
+        return {"tensor": name, "device": str(value.device)}
+    if isinstance(value, dict):
+        return {"dict": {str(k): _encode(v, f"{name}.{k}", tensors) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return {"list": [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]}
+    return {"value": value}
+
+
+def _decode(spec: dict, tensors: dict) -> Any:
+    if "tensor" in spec:
+        return tensors[spec["tensor"]].to(spec["device"])
+    if "dict" in spec:
+        return {k: _decode(v, tensors) for k, v in spec["dict"].items()}
+    if "list" in spec:
+        return [_decode(v, tensors) for v in spec["list"]]
+    return spec["value"]
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able structure."""
+    tensors: dict = {}
+    state = {str(index): _encode(values, str(index), tensors) for index, values in state_dict["state"].items()}
+    return tensors, {"param_groups": state_dict["param_groups"], "state": state}
+
+
+def _unflatten_optimizer(tensors: dict, structure: dict) -> dict:
+    state = {int(index): _decode(spec, tensors) for index, spec in structure["state"].items()}
+    return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def trainable_state(model: Any) -> dict:
+    """Trainable parameters by name (detached CPU copies)."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, meta: dict, keep: int) -> Path:
+    """Write a complete checkpoint for ``state.step`` and prune all but the newest ``keep``."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{state.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_structure = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda.{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        trainer = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "optimizer": opt_structure,
+            "scheduler": scheduler.state_dict(),
+            **meta,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=1, default=str), encoding="utf-8")
+        for file in tmp.iterdir():  # make the data durable before the rename publishes it
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QloraError(f"cannot write checkpoint {final}: {exc.strerror or exc}; earlier checkpoints are kept") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete half-written checkpoint directories left by a process that was killed mid-save."""
+    root = run_dir / CHECKPOINTS
+    if root.is_dir():
+        for path in root.glob(f".{PREFIX}*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """The JSON part of a checkpoint."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"checkpoint {checkpoint} is unreadable: {exc}") from None
+
+
+def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG from ``checkpoint``; return the data position."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    trainer = read_trainer_state(checkpoint)
+    try:
+        weights = load_file(str(checkpoint / "trainable.safetensors"))
+        opt_tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+        rng = load_file(str(checkpoint / "rng.safetensors"))
+    except (OSError, SafetensorError) as exc:
+        raise TrainingError(f"checkpoint {checkpoint} is corrupt: {exc}") from None
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        raise TrainingError(f"checkpoint {checkpoint} does not match the model's trainable parameters")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if params[name].shape != tensor.shape:
+                raise TrainingError(f"checkpoint {checkpoint}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, trainer["optimizer"]))
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda.{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda.{i}"], i)
+    return TrainState(step=trainer["step"], epoch=trainer["epoch"], batch_in_epoch=trainer["batch_in_epoch"])
+
+
+#: Config keys that may differ between a run and its resumption (they do not change the weights
+#: computed for the steps already done).
+RESUMABLE_CHANGES = {
+    ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "eval_max_batches"),
+    ("train", "log_every"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "device"),
+    ("export",),
+}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted paths where ``new`` differs from ``old`` in a way that would change the result."""
+    changes = []
+    for section in sorted(set(old) | set(new)):
+        if (section,) in RESUMABLE_CHANGES:
+            continue
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if (section, key) not in RESUMABLE_CHANGES and a.get(key) != b.get(key):
+                    changes.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+        elif a != b:
+            changes.append(f"{section}: changed")
+    return changes
