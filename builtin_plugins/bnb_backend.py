@@ -90,7 +90,7 @@ def to_bitsandbytes(layer: Any) -> Any:
         quant_state = QuantState(absmax=state["absmax"], shape=torch.Size(layer.weight_shape), code=code,
                                  blocksize=quantizer.options.blocksize, quant_type=quant_type, dtype=dtype)
     else:
-        from qlora_plugins.core import kernels
+        from qlora_plugins import kernels
 
         nested = QuantState(absmax=state["absmax_dq_absmax"], code=kernels.dynamic_map_8bit().to(code.device),
                             blocksize=256, dtype=torch.float32)

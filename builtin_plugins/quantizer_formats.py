@@ -16,7 +16,7 @@ from qlora_plugins.quantized import BlockwiseOptions, BlockwiseQuantizer
 
 
 def _kernels():
-    from qlora_plugins.core import kernels
+    from qlora_plugins import kernels
 
     return kernels
 

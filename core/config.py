@@ -121,7 +121,10 @@ def read_config_file(path: Path) -> dict:
     except OSError as exc:
         raise ConfigError("", f"cannot read: {exc.strerror}", source=str(path)) from None
     if path.suffix.lower() == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise ConfigError("", "TOML configs need Python 3.11 or newer; use YAML", source=str(path)) from None
 
         try:
             data = tomllib.loads(text)
@@ -280,6 +283,10 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
         except PluginError as exc:
             raise PluginError(f"{src}: {exc}" if src else str(exc)) from None
 
+    names = [spec.name for spec in config.export]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"export[{i}].name", f"duplicate exporter '{name}' (each exporter writes exports/{name}/)", source=src)
     return ResolvedPlugins(
         quantizer=make("quantizer", config.quantizer),
         adapter=make("adapter", config.adapter),

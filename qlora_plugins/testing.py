@@ -131,30 +131,41 @@ def check_quant_linear(cls: type, options: dict | None = None) -> None:
         assert torch.allclose(moved(x.cuda()).cpu(), model.to("cpu")(x), atol=1e-3)
 
 
+def _tiny_llama() -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
 def check_lora_train_and_merge(cls: type, options: dict | None = None) -> None:
-    """The builtin LoRA adapter wraps the quantized layers, one step trains only the adapters,
-    the input gradient flows, and merging keeps outputs close to the unmerged model."""
+    """The registered ``lora`` adapter wraps the quantized layers of a tiny Llama, one step trains
+    only the adapters and the input gradient flows, and merging keeps outputs close to the
+    unmerged model."""
     import torch
 
-    from peft import LoraConfig, get_peft_model
-
-    from qlora_plugins.builtin_plugins.adapter_lora import _register_quant_layers
+    from qlora_plugins.core.interfaces import AdapterContext
+    from qlora_plugins.core.registry import create_registry
 
     q = _make(cls, options)
-    model = _tiny_model()
-    q.quantize_model(model, [])
+    model = _tiny_llama()
+    q.quantize_model(model, ["lm_head"])
     for p in model.parameters():
         p.requires_grad_(False)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["0", "2"])
-    _register_quant_layers(model, config)
-    peft_model = get_peft_model(model, config)
+    lora = create_registry(load_entrypoints=False).create("adapter", "lora", {"r": 4, "alpha": 8, "dropout": 0.0})
+    peft_model = lora.attach(model, AdapterContext(task="causal_lm", quantized=True))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable), f"unexpected trainable parameters: {trainable}"
+    assert all(p.dtype == torch.float32 for n, p in peft_model.named_parameters() if p.requires_grad), "adapters must be fp32"
     opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
-    x = torch.randn(8, 64, requires_grad=True)
-    loss = peft_model(x).pow(2).mean()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    embeds = peft_model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    loss = peft_model(inputs_embeds=embeds, labels=ids).loss
     loss.backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, "no input gradient"
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all() and embeds.grad.abs().sum() > 0, "no input gradient"
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     opt.step()
     changed = [n for n, p in peft_model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
@@ -163,10 +174,9 @@ def check_lora_train_and_merge(cls: type, options: dict | None = None) -> None:
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
                 p.add_(torch.randn_like(p) * 0.05)
-        x = torch.randn(8, 64)
-        unmerged = peft_model(x)
-        merged_model = peft_model.merge_and_unload()
-        merged = merged_model(x)
+        peft_model.eval()
+        unmerged = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()(input_ids=ids).logits
     cos = torch.nn.functional.cosine_similarity(merged.flatten(), unmerged.flatten(), dim=0)
     assert cos > 0.98, f"merged output cosine similarity {cos:.4f} < 0.98"
 
