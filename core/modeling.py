@@ -32,6 +32,70 @@ def check_model_dir(path: Path, config_path: str = "model.path") -> None:
         raise ModelError(f"{config_path}: {config_file} has no 'model_type'; is this a transformers checkpoint?")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise ModelError(f"{config_path}: {path} has no weights (model.safetensors or a sharded index)")
+    for weights in safetensors_files(path, config_path):
+        check_safetensors_header(weights, config_path)
+
+
+def safetensors_files(path: Path, config_path: str = "model.path") -> list[Path]:
+    """The safetensors files of checkpoint directory ``path`` (single file or the shards its
+    index names); a shard the index names but that is missing is a :class:`ModelError`."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{config_path}: {index} is not a valid safetensors index: {exc}") from None
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise ModelError(f"{config_path}: {index} names an invalid shard {name!r}")
+            if not (path / name).is_file():
+                raise ModelError(f"{config_path}: {index} names the shard {name}, which is missing")
+        return [path / name for name in names]
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors_header(path: Path, config_path: str = "model.path") -> None:
+    """Raise ModelError unless ``path`` is a complete safetensors file: its header parses, every
+    tensor's byte range matches its dtype and shape, and the data ends where the file does (a
+    truncated download or a file that is not safetensors at all is caught before loading)."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} does not fit in the file ({size} bytes)")
+            header = json.loads(handle.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = 0
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = meta["data_offsets"]
+            count = 1
+            for dim in meta["shape"]:
+                count *= int(dim)
+            itemsize = _DTYPE_BYTES.get(meta["dtype"])
+            if not 0 <= begin <= stop or (itemsize is not None and stop - begin != count * itemsize):
+                raise ValueError(f"tensor {name!r} has a byte range that does not match its dtype and shape")
+            end = max(end, stop)
+        if end != size - 8 - n:
+            raise ValueError(f"the tensors need {end} data bytes, the file has {size - 8 - n}")
+    except OSError as exc:
+        raise ModelError(f"{config_path}: cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_path}: {path} is corrupt or truncated (not a complete safetensors file: {exc})") from None
 
 
 def auto_class(task: str) -> Any:

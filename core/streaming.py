@@ -11,11 +11,10 @@ quantization.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, is_skipped
+from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, is_skipped, safetensors_files
 
 
 class StreamingUnsupported(Exception):
@@ -24,14 +23,10 @@ class StreamingUnsupported(Exception):
 
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise StreamingUnsupported("no safetensors weights")
+    files = safetensors_files(path)
+    if not files:
+        raise StreamingUnsupported("no safetensors weights")
+    return files
 
 
 def iter_tensors(files: list[Path], keys: set[str] | None = None) -> Iterator[tuple[str, Any]]:
