@@ -475,7 +475,7 @@ VALID_BASES = st.sampled_from([
 ])
 MUTATED = st.builds(_mutate, VALID_BASES, st.lists(EDITS, min_size=1, max_size=3))
 CONFIGS = st.one_of(CONFIGS, MUTATED, MUTATED)
-FUZZ = settings(max_examples=int(os.environ.get("QLORA_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=int(os.environ.get("QLORA_FUZZ_EXAMPLES", "150")), deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _resolve_or_user_error(data: dict) -> dict | None:

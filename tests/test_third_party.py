@@ -86,8 +86,9 @@ def test_installed_plugin_runs_in_a_pipeline(lion_site, tmp_path, tiny_llama_dir
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert resolved["optimizer"]["name"] == "lion"
 
+    # the plugin's own options class validates, and typos of its name get a suggestion
+    bad = qlora(lion_site, "validate", config, "--set", "optimizer.name=lion", "--set", "optimizer.lr=2")
+    assert bad.returncode == 2 and "optimizer.lr: must be in [0.0, 1.0], got 2.0" in bad.stderr
     typo = qlora(lion_site, "validate", config, "--set", "optimizer.name=lino")
     assert typo.returncode == 2
     assert typo.stderr.strip().startswith("Error:") and "did you mean 'lion'?" in typo.stderr
-    bad = qlora(lion_site, "validate", config, "--set", "optimizer.name=lion", "--set", "optimizer.lr=2")
-    assert bad.returncode == 2 and "optimizer.lr: must be in [0.0, 1.0], got 2.0" in bad.stderr
