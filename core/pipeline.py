@@ -7,6 +7,7 @@ leaves a half-written run behind.
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import sys
@@ -23,9 +24,26 @@ from qlora_plugins.core.exporting import run_exports
 from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportContext, ModelRequest
 from qlora_plugins.core.options import options_to_dict
 from qlora_plugins.core.report import peak_rss_bytes, plot_loss
-from qlora_plugins.core.rundir import RUN_MARKER, MetricsWriter, atomic_directory, atomic_write_json, atomic_write_yaml, prepare_run_dir
+from qlora_plugins.core.rundir import (
+    RUN_MARKER,
+    MetricsWriter,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_yaml,
+    prepare_run_dir,
+    read_metrics,
+)
 from qlora_plugins.core.sources import materialize_source
-from qlora_plugins.core.training import TrainLoop, prepare_for_kbit_training, total_steps, trainable_parameters
+from qlora_plugins.core.checkpointing import (
+    config_changes,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from qlora_plugins.core.training import TrainLoop, TrainState, prepare_for_kbit_training, total_steps, trainable_parameters
 
 Log = Callable[[str], None]
 
@@ -149,8 +167,28 @@ def _scheduler(name: str, optimizer: Any, warmup: int, total: int) -> Any:
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def run(config: Config, registry: Any, output_dir: Path, force: bool = False, log: Log = lambda m: None, progress: bool = True) -> dict:
-    """Run the whole pipeline into ``output_dir``; return the report."""
+def _check_resume(out: Path, resolved: dict) -> None:
+    """Refuse to resume into something that is not a run, or with a result-changing config."""
+    import yaml
+
+    if not (out / RUN_MARKER).is_file() or not (out / "config.yaml").is_file():
+        raise QloraError(f"--resume: {out} is not a qlora run directory (no {RUN_MARKER} / config.yaml)")
+    old = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+    changes = config_changes(old, resolved)
+    if changes:
+        raise ConfigError("--resume", "the config changed in ways that would change the result: " + "; ".join(changes))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records of steps already covered by the checkpoint (no gaps, no duplicates)."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def run(config: Config, registry: Any, output_dir: Path, force: bool = False, log: Log = lambda m: None, progress: bool = True,
+        resume: bool = False) -> dict:
+    """Run the whole pipeline into ``output_dir``; return the report. With ``resume``, continue the
+    run in ``output_dir`` from its latest complete checkpoint."""
     import torch
 
     started = time.perf_counter()
@@ -161,8 +199,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     out = output_dir.resolve()
     if model_dir is not None and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
         raise ConfigError("--output", f"{out} is inside the model directory {model_dir}; choose another output")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise QloraError(f"--output: {out} exists and is not empty; pass --force to replace it")
+    if not resume and out.exists() and any(out.iterdir()) and not force:
+        raise QloraError(f"--output: {out} exists and is not empty; pass --force to replace it (or --resume to continue it)")
 
     torch.manual_seed(train_cfg.seed)
     tokenizer = modeling.load_tokenizer(model_dir, config.model.trust_remote_code)
@@ -173,12 +211,12 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
         if len(splits.train) == 0:
             raise QloraError("data: the training split is empty")
 
-    prepare_run_dir(out, force)
     resolved = resolved_dict(config, plugins)
     if config.model.source:
         resolved["model"]["path"] = str(model_dir)
-    atomic_write_yaml(out / "config.yaml", resolved)
-    atomic_write_json(out / RUN_MARKER, {"tool": "qlora-plugins", "config": str(config.source) if config.source else None, "status": "running"})
+    checkpoint = None
+    if resume:
+        _check_resume(out, resolved)
 
     report: dict[str, Any] = {"status": "running", "run_dir": str(out), "config": str(config.source) if config.source else None}
     notes: list[str] = []
@@ -209,7 +247,18 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     if not params:
         raise TrainingError("adapter: the configuration leaves nothing trainable (check adapter.target_modules)")
 
+    # everything a user can get wrong has been checked: only now is the run directory written
+    if resume:
+        remove_stale_temporaries(out)
+        checkpoint = latest_checkpoint(out)
+    else:
+        prepare_run_dir(out, force)
+    atomic_write_yaml(out / "config.yaml", resolved)
+    atomic_write_json(out / RUN_MARKER, {"tool": "qlora-plugins", "config": str(config.source) if config.source else None, "status": "running"})
+    if resume:
+        _truncate_metrics(out / "metrics.jsonl", read_trainer_state(checkpoint)["step"] if checkpoint else 0)
     metrics = MetricsWriter(out / "metrics.jsonl")
+    meta = {"config": resolved, "plugins": report["plugins"], "versions": report["versions"]}
     try:
         if train_cfg.enabled:
             steps = total_steps(train_cfg, len(splits.train))
@@ -219,17 +268,35 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
                 notes.append(note)
                 log(note)
             scheduler = _scheduler(train_cfg.lr_scheduler, optimizer, train_cfg.warmup_steps, steps)
+            state = TrainState()
+            if checkpoint is not None:
+                state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+                log(f"Resuming from {checkpoint} (step {state.step})")
+
+            def save(at: TrainState) -> None:
+                save_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
+
+            def on_step_end(at: TrainState) -> None:
+                if train_cfg.checkpoint_every and at.step % train_cfg.checkpoint_every == 0:
+                    save(at)
+
+            def on_interrupt(at: TrainState) -> None:
+                if at.step > 0:
+                    save(at)
+                    log(f"Interrupted: checkpoint of step {at.step} saved; continue with --resume")
+
             log(f"Training {report['parameters']['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples")
             bar = None
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+                bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
             t0 = time.perf_counter()
             try:
                 result = TrainLoop(
                     model, optimizer, scheduler, train_cfg, splits.train, splits.eval, tokenizer.pad_token_id,
-                    config.model.task, device, steps, on_record=metrics.write, progress=bar,
+                    config.model.task, device, steps, state=state, on_record=metrics.write, on_step_end=on_step_end,
+                    on_interrupt=on_interrupt, progress=bar,
                 ).run()
             finally:
                 if bar is not None:
@@ -246,7 +313,12 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
                 "mean_step_time_s": statistics.fmean(times) if times else None,
                 "train_examples": len(splits.train),
                 "eval_examples": len(splits.eval),
+                "resumed_from_step": int(checkpoint.name[len("step-"):]) if checkpoint else None,
             }
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {exc}"
+        atomic_write_json(out / RUN_MARKER, {"tool": "qlora-plugins", "config": report["config"], "status": status})
+        raise
     finally:
         metrics.close()
 
@@ -256,7 +328,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     probe = list(splits.eval[:8] or splits.train[:8]) if splits else []
     context = ExportContext(model, tokenizer, model_dir, config.model.task, plugins.quantizer, plugins.adapter, resolved, request, probe)
     t0 = time.perf_counter()
-    report["exports"] = run_exports(context, plugins.exporters, out / "exports", registry, force, log)
+    report["exports"] = run_exports(context, plugins.exporters, out / "exports", registry, force or resume, log)
     timings["export_s"] = round(time.perf_counter() - t0, 3)
 
     memory = {"peak_rss_bytes": peak_rss_bytes()}

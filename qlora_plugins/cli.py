@@ -91,10 +91,13 @@ def cli(ctx: click.Context, debug: bool, blocked: tuple[str, ...], no_autoload: 
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value, e.g. --set train.max_steps=20 (repeatable; values are YAML).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Run directory (default: runs/<config name>-<timestamp>).")
 @click.option("--force", is_flag=True, help="Replace an existing run directory.")
+@click.option("--resume", "resume_dir", is_flag=False, flag_value="", default=None, metavar="[RUN_DIR]",
+              help="Continue an interrupted run from its latest checkpoint (RUN_DIR, or --output).")
 @click.option("--no-progress", is_flag=True, help="Do not show progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the summary table.")
 @click.pass_context
-def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], output: Path | None, force: bool, no_progress: bool, as_json: bool) -> None:
+def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], output: Path | None, force: bool, resume_dir: str | None,
+        no_progress: bool, as_json: bool) -> None:
     """Run the pipeline described by CONFIG: load, quantize, attach the adapter, train, export.
 
     Writes a run directory with the resolved config (config.yaml), metrics.jsonl, report.json,
@@ -109,10 +112,22 @@ def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], outpu
     from qlora_plugins.core import pipeline
     from qlora_plugins.core.report import format_table, summary_rows
 
+    resume = resume_dir is not None
+    if resume:
+        if resume_dir:
+            output = Path(resume_dir)
+        if output is None:
+            raise QloraError("--resume: name the run directory (--resume RUN_DIR or --output RUN_DIR)")
+        if force:
+            raise QloraError("--resume and --force cannot be combined")
     if output is None:
         output = Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
-    report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json)
+    try:
+        report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json, resume=resume)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted; continue with: qlora run {config_path} --resume {output}", err=True)
+        ctx.exit(130)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
@@ -201,10 +216,59 @@ def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_qu
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--exporter", "-e", "exporters", multiple=True, required=True, metavar="NAME",
+              help="Exporter to run (repeatable): adapter, merged, merged_4bit, or an installed plugin's.")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Export directory (default: RUN_DIR/exports/NAME; with several exporters, OUTPUT/NAME each).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Exporter option (values are YAML; repeatable): KEY=VALUE applies to every --exporter, NAME.KEY=VALUE "
+                   "to exporter NAME only; e.g. --option dtype=bfloat16, --option merged_4bit.correction_rank=16, "
+                   "--option tolerance.max_kl=0.01.")
+@click.option("--force", is_flag=True, help="Replace an existing export (it stays untouched if the new one fails).")
+@click.option("--json", "as_json", is_flag=True, help="Print the exports' facts and fidelity as JSON.")
+@click.pass_context
+def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output: Path | None, options: tuple[str, ...],
+           force: bool, as_json: bool) -> None:
+    """Export the finished run in RUN_DIR (its config.yaml and adapter/) with one or more exporters.
+
+    The trained model is loaded back through the run's own plugins. Each export is written to a
+    temporary directory, reloaded from disk and compared with the trained model on a probe batch
+    (max/mean absolute logit difference, KL divergence, top-1 agreement); it is renamed into
+    place with a manifest.json only if the figures are within the exporter's tolerance.
+    Options recorded for the exporter in the run's config apply unless --option overrides them.
+    """
+    registry = _registry(ctx)
+    _warn_broken(registry)
+    _quiet_libraries()
+    from qlora_plugins.core.exporting import export_run
+    from qlora_plugins.core.report import format_table, human_bytes
+
+    log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
+    results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str))
+        return
+    rows = []
+    for name, info in results.items():
+        fid = info.get("fidelity", {})
+        figures = ", ".join(f"{label} {fid[key]:.4g}" for key, label in (("kl", "KL"), ("top1", "top-1"), ("max_abs_diff", "max |dlogit|"))
+                            if isinstance(fid.get(key), (int, float)))
+        rows.append((name, f"{info['path']} ({len(info['files'])} files, {human_bytes(info.get('bytes'))})"))
+        rows.append(("  fidelity", f"{fid.get('status', '-')}" + (f": {figures}" if figures else "")))
+    click.echo(format_table(rows, "qlora export: completed"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: loads the plugins (which may add commands) and runs the CLI."""
+    import sys
+
     from qlora_plugins.core.registry import create_registry
 
-    registry = create_registry()
+    args = list(sys.argv[1:] if argv is None else argv)
+    # honour the root options before plugins add their subcommands (so --block hides them too)
+    blocked = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--block"] + [a.split("=", 1)[1] for a in args if a.startswith("--block=")]
+    registry = create_registry(blocked=blocked, load_entrypoints=False if "--no-autoload" in args else None)
     registry.add_commands(cli)
-    cli.main(args=argv, prog_name="qlora", obj={"registry": registry})
+    cli.main(args=args, prog_name="qlora", obj={"registry": registry})
