@@ -41,6 +41,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qlora_plugins.builtin_plugins.adapter_lora",
     "qlora_plugins.builtin_plugins.optimizers",
     "qlora_plugins.builtin_plugins.exporter_adapter",
+    "qlora_plugins.builtin_plugins.exporter_merged",
+    "qlora_plugins.builtin_plugins.exporter_merged_4bit",
     "qlora_plugins.builtin_plugins.data_formats",
     "qlora_plugins.builtin_plugins.model_sources",
 )
