@@ -260,50 +260,6 @@ def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output
     click.echo(format_table(rows, "qlora export: completed"))
 
 
-@cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--exporter", "-e", "exporters", multiple=True, required=True, metavar="NAME",
-              help="Exporter to run (repeatable): adapter, merged, merged_4bit, or an installed plugin's.")
-@click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Export directory (default: RUN_DIR/exports/NAME; with several exporters, OUTPUT/NAME each).")
-@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="Exporter option (values are YAML; repeatable): KEY=VALUE applies to every --exporter, NAME.KEY=VALUE "
-                   "to exporter NAME only; e.g. --option dtype=bfloat16, --option merged_4bit.correction_rank=16, "
-                   "--option tolerance.max_kl=0.01.")
-@click.option("--force", is_flag=True, help="Replace an existing export (it stays untouched if the new one fails).")
-@click.option("--json", "as_json", is_flag=True, help="Print the exports' facts and fidelity as JSON.")
-@click.pass_context
-def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output: Path | None, options: tuple[str, ...],
-           force: bool, as_json: bool) -> None:
-    """Export the finished run in RUN_DIR (its config.yaml and adapter/) with one or more exporters.
-
-    The trained model is loaded back through the run's own plugins. Each export is written to a
-    temporary directory, reloaded from disk and compared with the trained model on a probe batch
-    (max/mean absolute logit difference, KL divergence, top-1 agreement); it is renamed into
-    place with a manifest.json only if the figures are within the exporter's tolerance.
-    Options recorded for the exporter in the run's config apply unless --option overrides them.
-    """
-    registry = _registry(ctx)
-    _warn_broken(registry)
-    _quiet_libraries()
-    from qlora_plugins.core.exporting import export_run
-    from qlora_plugins.core.report import format_table, human_bytes
-
-    log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
-    results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
-    if as_json:
-        click.echo(json.dumps(results, indent=2, default=str))
-        return
-    rows = []
-    for name, info in results.items():
-        fid = info.get("fidelity", {})
-        figures = ", ".join(f"{label} {fid[key]:.4g}" for key, label in (("kl", "KL"), ("top1", "top-1"), ("max_abs_diff", "max |dlogit|"))
-                            if isinstance(fid.get(key), (int, float)))
-        rows.append((name, f"{info['path']} ({len(info['files'])} files, {human_bytes(info.get('bytes'))})"))
-        rows.append(("  fidelity", f"{fid.get('status', '-')}" + (f": {figures}" if figures else "")))
-    click.echo(format_table(rows, "qlora export: completed"))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: loads the plugins (which may add commands) and runs the CLI."""
     import sys
