@@ -3,6 +3,7 @@ text cut into blocks) and ``classification`` (a text column and a label column).
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,18 @@ class InstructionOptions(DataOptions):
 
 
 def _check_placeholders(attribute: attrs.Attribute, template: str, fields: dict) -> None:
-    """Fail at config time (not mid-run) on a template with unknown or malformed placeholders."""
+    """Fail at config time (not mid-run) on a template with unknown or malformed placeholders, or
+    with placeholders that reach into a value (``{instruction.__class__}``, ``{input[0]}``)."""
+    allowed = ", ".join("{" + name + "}" for name in fields)
     try:
         template.format(**fields)
+        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        allowed = ", ".join("{" + name + "}" for name in fields)
         problem = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else f"invalid format string ({exc})"
         raise ValueError(f"{problem}; it may use {allowed} (double braces for literal ones)", attribute) from None
+    for name in names:
+        if name not in fields:
+            raise ValueError(f"placeholder {{{name}}} may only name a field, not its attributes or items; it may use {allowed}", attribute)
 
 
 class Instruction(_FileFormat):
