@@ -199,6 +199,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     out = output_dir.resolve()
     if model_dir is not None and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
         raise ConfigError("--output", f"{out} is inside the model directory {model_dir}; choose another output")
+    if out.exists() and not out.is_dir():
+        raise QloraError(f"--output: {out} exists and is not a directory")
     if not resume and out.exists() and any(out.iterdir()) and not force:
         raise QloraError(f"--output: {out} exists and is not empty; pass --force to replace it (or --resume to continue it)")
 
@@ -212,8 +214,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
             raise QloraError("data: the training split is empty")
 
     resolved = resolved_dict(config, plugins)
-    if config.model.source:
-        resolved["model"]["path"] = str(model_dir)
+    if config.model.source:  # the resolved config names the materialized checkpoint (report.json keeps the source)
+        resolved["model"]["path"], resolved["model"]["source"] = str(model_dir), None
     checkpoint = None
     if resume:
         _check_resume(out, resolved)

@@ -193,6 +193,7 @@ class TrainLoop:
             # where this step starts: restored if Ctrl-C lands mid-step, so the saved state is exact
             snapshot = (self.state.epoch, self.state.batch_in_epoch, torch.get_rng_state())
             try:
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
                 loss_total, tokens, grad_norm = self._step(batches, params)
             except KeyboardInterrupt:
                 self.state.epoch, self.state.batch_in_epoch = snapshot[0], snapshot[1]
@@ -205,7 +206,7 @@ class TrainLoop:
             first_loss = loss_total if first_loss is None else first_loss
             last_loss = loss_total
             if self.state.step % cfg.log_every == 0 or self.state.step == self.total:
-                record = {"step": self.state.step, "loss": loss_total, "lr": self.scheduler.get_last_lr()[0],
+                record = {"step": self.state.step, "loss": loss_total, "lr": lr,
                           "step_time_s": round(elapsed, 5), "tokens": tokens, "epoch": self.state.epoch}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm

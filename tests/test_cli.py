@@ -154,8 +154,6 @@ def test_output_directory_that_is_not_empty(write_config, tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.xfail(strict=True, reason="core/pipeline.py calls out.iterdir() on an --output that is a file: "
-                   "NotADirectoryError traceback and exit code 1 instead of a one-line error")
 def test_output_that_is_a_file(write_config, tmp_path):
     target = tmp_path / "file.txt"
     target.write_text("x")

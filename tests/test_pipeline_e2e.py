@@ -90,7 +90,7 @@ def test_resolved_config_has_every_default(recipe_run, tiny_llama_dir):
     _, out, _ = recipe_run
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert list(resolved) == ["model", "quantizer", "adapter", "optimizer", "data", "train", "export"]
-    assert resolved["model"]["source"] == "tiny-llama" and resolved["model"]["path"] == str(tiny_llama_dir)
+    assert resolved["model"]["source"] is None and resolved["model"]["path"] == str(tiny_llama_dir)
     assert resolved["quantizer"]["name"] == "nf4" and resolved["quantizer"]["blocksize"] == 64
     assert resolved["quantizer"]["double_quant"] is True and "compute_dtype" in resolved["quantizer"]
     assert resolved["adapter"]["r"] == 8 and resolved["adapter"]["dropout"] == 0.05
@@ -100,8 +100,6 @@ def test_resolved_config_has_every_default(recipe_run, tiny_llama_dir):
     assert resolved["export"] == [{"name": "adapter"}]
 
 
-@pytest.mark.xfail(strict=True, reason="core/pipeline.py writes model.path next to model.source into the run's "
-                   "config.yaml, so the resolved config fails its own validation ('set exactly one of path or source')")
 def test_resolved_config_validates_again(recipe_run):
     _, out, _ = recipe_run
     result = invoke("validate", out / "config.yaml")
