@@ -823,9 +823,10 @@ def load_run(run_dir: Path, registry: Any, log: Log = lambda m: None) -> ExportC
     except QloraError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        detail = next((line for line in lines if "size mismatch" in line or "not found" in line), lines[0])
         raise ExportError(f"the adapter in {adapter_dir} does not match the base model {model_dir} "
-                          f"({_model_type(model_dir)}): {type(exc).__name__}: {first[:300]}") from None
+                          f"({_model_type(model_dir)}): {detail[:300]}") from None
     _check_adapter_loaded(trained, adapter_dir)
     trained.eval()
     return ExportContext(trained, tokenizer, model_dir, config.model.task, checked_quantizer, adapter, resolved, request, probe)
