@@ -67,6 +67,7 @@ def trainable_state(model: Any) -> dict:
 def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, meta: dict, keep: int) -> Path:
     """Write a complete checkpoint for ``state.step`` and prune all but the newest ``keep``."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = run_dir / CHECKPOINTS
@@ -97,9 +98,10 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise QloraError(f"cannot write checkpoint {final}: {exc.strerror or exc}; earlier checkpoints are kept") from None
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        raise QloraError(f"cannot write checkpoint {final}: {reason}; earlier checkpoints are kept") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ leaves a half-written run behind.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -19,7 +20,7 @@ import attrs
 
 from qlora_plugins.core import modeling
 from qlora_plugins.core.config import Config, ResolvedPlugins, resolve_plugins, resolved_dict
-from qlora_plugins.core.errors import ConfigError, ModelError, QloraError, TrainingError
+from qlora_plugins.core.errors import ConfigError, ModelError, PluginError, QloraError, TrainingError
 from qlora_plugins.core.exporting import run_exports
 from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportContext, ModelRequest
 from qlora_plugins.core.options import options_to_dict
@@ -98,15 +99,45 @@ def model_request(config: Config, model_dir: Path, device: str, num_labels: int 
     )
 
 
-def load_base(plugins: ResolvedPlugins, request: ModelRequest, tokenizer: Any) -> Any:
-    """Load the base model through the quantizer; errors name the model directory."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _raised_by_transformers(exc: BaseException) -> bool:
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and f"{os.sep}transformers{os.sep}" in frames[-1].filename
+
+
+def load_base(plugins: ResolvedPlugins, request: ModelRequest, tokenizer: Any, registry: Any = None) -> Any:
+    """Load the base model through the quantizer. Unreadable or mismatched checkpoints are a
+    ModelError naming the model directory; anything else the quantizer raises is a PluginError
+    naming the quantizer and its distribution."""
+    from safetensors import SafetensorError
+
+    quantizer = plugins.quantizer
     try:
-        model = plugins.quantizer.load_model(request)
+        model = quantizer.load_model(request)
     except QloraError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.path: cannot load {request.path}: {first}") from exc
+    except (OSError, SafetensorError) as exc:
+        raise ModelError(f"model.path: cannot load {request.path}: {_first_line(exc)}") from None
+    except Exception as exc:
+        if type(exc).__name__ == "UnpicklingError":  # torch's weights_only=True refused a pickle file
+            raise ModelError(f"model.path: {request.path}: pytorch_model.bin cannot be loaded safely (weights_only=True refused it): "
+                             f"{_first_line(exc)}; convert the checkpoint to safetensors") from None
+        streamed = str(getattr(quantizer, "load_path", "") or "")
+        if "shape" in streamed:
+            detail = streamed.partition("(")[2].rstrip(")")
+            raise ModelError(f"model.path: cannot load {request.path}: weight shapes do not match config.json ({detail})") from None
+        if _raised_by_transformers(exc):  # the checkpoint or its config, not the quantizer
+            raise ModelError(f"model.path: cannot load {request.path}: {_first_line(exc)}") from None
+        where = ""
+        if registry is not None:
+            where = f" ({registry.registration('quantizer', quantizer.name).source.describe()})"
+        raise PluginError(f"quantizer '{quantizer.name}'{where} failed while loading {request.path}: {type(exc).__name__}: {_first_line(exc)}") from exc
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -192,6 +223,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     import torch
 
     started = time.perf_counter()
+    from safetensors import SafetensorError
     checked = check(config, registry, materialize=True)
     plugins, model_dir = checked.plugins, checked.model_dir
     train_cfg = config.train
@@ -222,7 +254,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
 
     report: dict[str, Any] = {"status": "running", "run_dir": str(out), "config": str(config.source) if config.source else None}
     notes: list[str] = []
-    report["model"] = {"path": str(model_dir), "source": config.model.source, "task": config.model.task, "dtype": config.model.dtype}
+    report["model"] = {"path": str(model_dir), "source": config.model.source, "task": config.model.task, "dtype": config.model.dtype,
+                       "trust_remote_code": config.model.trust_remote_code}
     report["plugins"] = plugin_report(registry, plugins)
     report["versions"] = versions()
     report["device"] = device
@@ -231,7 +264,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     log(f"Loading {model_dir} with quantizer '{plugins.quantizer.name}' on {device}")
     t0 = time.perf_counter()
     request = model_request(config, model_dir, device, splits.num_labels if splits else None)
-    model = load_base(plugins, request, tokenizer)
+    model = load_base(plugins, request, tokenizer, registry)
     footprint = plugins.quantizer.footprint(model)
     timings["load_s"] = round(time.perf_counter() - t0, 3)
     report["quantization"] = {
@@ -317,21 +350,23 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
                 "eval_examples": len(splits.eval),
                 "resumed_from_step": int(checkpoint.name[len("step-"):]) if checkpoint else None,
             }
+        model.eval()
+        try:
+            with atomic_directory(out / "adapter", force=True) as tmp:
+                plugins.adapter.save(model, tmp)
+        except (OSError, SafetensorError) as exc:
+            raise QloraError(f"cannot save the adapter to {out / 'adapter'}: {_first_line(exc)}") from None
+        probe = list(splits.eval[:8] or splits.train[:8]) if splits else []
+        context = ExportContext(model, tokenizer, model_dir, config.model.task, plugins.quantizer, plugins.adapter, resolved, request, probe)
+        t0 = time.perf_counter()
+        report["exports"] = run_exports(context, plugins.exporters, out / "exports", registry, force or resume, log)
+        timings["export_s"] = round(time.perf_counter() - t0, 3)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {exc}"
         atomic_write_json(out / RUN_MARKER, {"tool": "qlora-plugins", "config": report["config"], "status": status})
         raise
     finally:
         metrics.close()
-
-    model.eval()
-    with atomic_directory(out / "adapter", force=True) as tmp:
-        plugins.adapter.save(model, tmp)
-    probe = list(splits.eval[:8] or splits.train[:8]) if splits else []
-    context = ExportContext(model, tokenizer, model_dir, config.model.task, plugins.quantizer, plugins.adapter, resolved, request, probe)
-    t0 = time.perf_counter()
-    report["exports"] = run_exports(context, plugins.exporters, out / "exports", registry, force or resume, log)
-    timings["export_s"] = round(time.perf_counter() - t0, 3)
 
     memory = {"peak_rss_bytes": peak_rss_bytes()}
     if device == "cuda":

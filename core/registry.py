@@ -177,8 +177,10 @@ class Registry:
         if broken:
             raise PluginError(f"{where}{label} '{name}' is broken: {broken[0].message()}")
         available = ", ".join(sorted(table)) or "none"
+        suspects = [b for b in self.broken if b.stage in ("import", "hook") and b.kind in (None, kind)]
+        hint = f"; it may come from a plugin that failed to load: {suspects[0].message()}" if suspects else ""
         raise PluginError(
-            f"{where}unknown {label} '{name}'{did_you_mean(str(name), table)}; available: {available}"
+            f"{where}unknown {label} '{name}'{did_you_mean(str(name), table)}; available: {available}{hint}"
         )
 
     def registration(self, kind: str, name: str) -> Registration:

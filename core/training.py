@@ -181,13 +181,26 @@ class TrainLoop:
         return figures
 
     def run(self) -> TrainResult:
+        """Train until ``total`` steps; a Ctrl-C anywhere calls ``on_interrupt`` with a consistent state."""
+        params = trainable_parameters(self.model)
+        batches = iterate_batches(self.train_data, self.cfg.batch_size, self.cfg.seed, self.state)
+        self.model.train()
+        step_times: list[float] = []
+        self._interrupt_handled = False
+        try:
+            figures = self._loop(batches, params, step_times)
+        except KeyboardInterrupt:  # outside a step (evaluation, logging, saving): the state is a completed step
+            if not self._interrupt_handled:
+                self.on_interrupt(self.state)
+            raise
+        return TrainResult(self.state.step, step_times, self._first_loss, self._last_loss, figures)
+
+    def _loop(self, batches: Iterator[list[dict]], params: list, step_times: list) -> dict:
         import torch
 
         cfg = self.cfg
-        params = trainable_parameters(self.model)
-        batches = iterate_batches(self.train_data, cfg.batch_size, cfg.seed, self.state)
-        self.model.train()
-        step_times, first_loss, last_loss, figures = [], None, None, {}
+        self._first_loss = self._last_loss = None
+        figures: dict = {}
         while self.state.step < self.total:
             started = time.perf_counter()
             # where this step starts: restored if Ctrl-C lands mid-step, so the saved state is exact
@@ -199,12 +212,13 @@ class TrainLoop:
                 self.state.epoch, self.state.batch_in_epoch = snapshot[0], snapshot[1]
                 torch.set_rng_state(snapshot[2])
                 self.optimizer.zero_grad(set_to_none=True)
+                self._interrupt_handled = True
                 self.on_interrupt(self.state)
                 raise
             elapsed = time.perf_counter() - started
             step_times.append(elapsed)
-            first_loss = loss_total if first_loss is None else first_loss
-            last_loss = loss_total
+            self._first_loss = loss_total if self._first_loss is None else self._first_loss
+            self._last_loss = loss_total
             if self.state.step % cfg.log_every == 0 or self.state.step == self.total:
                 record = {"step": self.state.step, "loss": loss_total, "lr": lr,
                           "step_time_s": round(elapsed, 5), "tokens": tokens, "epoch": self.state.epoch}
@@ -217,8 +231,7 @@ class TrainLoop:
             if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < self.total:
                 figures = self._eval()
             self.on_step_end(self.state)
-        figures = self._eval()
-        return TrainResult(self.state.step, step_times, first_loss, last_loss, figures)
+        return self._eval()
 
     def _step(self, batches: Iterator[list[dict]], params: list) -> tuple[float, int, float | None]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""

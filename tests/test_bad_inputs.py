@@ -220,12 +220,8 @@ CASES = [
     Case("ckpt-truncated-safetensors", on_model(), ("model.safetensors", "corrupt or truncated"), model=truncate_weights),
     Case("ckpt-garbage-safetensors", on_model(), ("model.safetensors", "corrupt or truncated"), model=garbage_weights),
     Case("ckpt-corrupt-header", on_model(), ("model.safetensors", "corrupt or truncated"), model=corrupt_header),
-    Case("ckpt-shapes-do-not-match-config", on_model(), ("model.path: cannot load ", "shape"), model=edit_config(hidden_size=96, head_dim=24),
-         xfail="core/pipeline.py load_base keeps only the first line of transformers' error, 'You set `ignore_mismatched_sizes` to "
-               "`False` ... look at the above report!', and the report (which names the shapes) is silenced"),
-    Case("ckpt-pickled-weights-with-globals", on_model(), ("model.path: ", "pytorch_model.bin"), model=pickled_weights,
-         xfail="core/pipeline.py load_base does not catch pickle.UnpicklingError: torch.load(weights_only=True) refuses the "
-               "file (good: nothing runs) but the refusal is a traceback with exit code 1"),
+    Case("ckpt-shapes-do-not-match-config", on_model(), ("model.path: cannot load ", "shape"), model=edit_config(hidden_size=96, head_dim=24)),
+    Case("ckpt-pickled-weights-with-globals", on_model(), ("model.path: ", "pytorch_model.bin"), model=pickled_weights),
     Case("ckpt-missing-config-json", on_model(), ("model.path: ", "is not a model directory (no config.json)"), model=remove("config.json")),
     Case("ckpt-config-json-not-json", on_model(), ("config.json is not valid JSON",), model=write("config.json", "{not json")),
     Case("ckpt-config-without-model-type", on_model(), ("has no 'model_type'",), model=edit_config(model_type=None)),

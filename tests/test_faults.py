@@ -160,9 +160,6 @@ def test_plugin_failing_at_import_or_in_its_hook(mode, fake_distribution, tmp_pa
 
 
 @pytest.mark.parametrize("mode", ["import", "hook"])
-@pytest.mark.xfail(strict=True, reason="core/registry.py Registry.get: a name that a plugin broken at import or in its hook may have "
-                   "provided is reported as plain 'unknown quantizer' (with a did-you-mean) on the Error line; only a separate "
-                   "Warning line mentions the broken plugin")
 def test_error_line_points_at_the_broken_plugin(mode, fake_distribution, tmp_path):
     install_faulty(fake_distribution, mode)
     config = write_yaml(tmp_path / "c.yaml", base_config(quantizer={"name": "faulty"}))
@@ -171,12 +168,8 @@ def test_error_line_points_at_the_broken_plugin(mode, fake_distribution, tmp_pat
 
 
 @pytest.mark.parametrize("mode", [
-    pytest.param("quantize-runtime", marks=pytest.mark.xfail(strict=True, reason=(
-        "core/pipeline.py load_base turns a RuntimeError raised by the quantizer into 'model.path: cannot load <model>: ...', "
-        "which blames the model and names neither the quantizer plugin nor its distribution"))),
-    pytest.param("quantize-other", marks=pytest.mark.xfail(strict=True, reason=(
-        "core/pipeline.py load_base catches only OSError/ValueError/KeyError/RuntimeError: a ZeroDivisionError raised "
-        "while quantizing escapes as a traceback with exit code 1"))),
+    "quantize-runtime",
+    "quantize-other",
 ])
 def test_quantizer_raising_while_quantizing(mode, fake_distribution, tmp_path):
     install_faulty(fake_distribution, mode)
@@ -214,8 +207,6 @@ def test_exporter_raising_names_it_and_leaves_the_run_consistent(failed_export):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()  # the trained adapter is kept
 
 
-@pytest.mark.xfail(strict=True, reason="core/pipeline.py records a failed status in run.json only for failures during training: "
-                   "after an export (or the adapter save) fails, run.json still says 'running', like a killed process")
 def test_failed_export_is_recorded_in_run_json(failed_export):
     _, out = failed_export
     assert run_status(out).startswith("failed")
@@ -340,9 +331,6 @@ def test_full_disk_during_a_checkpoint_loses_nothing(checkpoint_on_full_disk):
     assert facts["resumed_steps"] == [1, 2, 3, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="core/checkpointing.py save_checkpoint catches only OSError, but safetensors' save_file raises "
-                   "SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)'): "
-                   "a traceback with exit code 1 instead of one Error line")
 def test_full_disk_during_a_checkpoint_is_one_clear_line(checkpoint_on_full_disk):
     line = error_line(checkpoint_on_full_disk["result"])
     assert "cannot write checkpoint" in line and "No space left on device" in line
@@ -409,8 +397,6 @@ def test_full_disk_after_training_leaves_no_half_artifact(where, request):
     assert not exports.exists() or list(exports.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="core/pipeline.py saves the trained adapter (plugins.adapter.save into RUN/adapter) without "
-                   "catching its errors: on a full disk that is a SafetensorError traceback with exit code 1")
 def test_full_disk_while_saving_the_adapter_is_one_clear_line(adapter_save_on_full_disk):
     result, _ = adapter_save_on_full_disk
     line = error_line(result)
@@ -466,8 +452,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qlora_home, tmp_path):
     assert json.loads((out / "report.json").read_text())["training"]["resumed_from_step"] == step
 
 
-@pytest.mark.xfail(strict=True, reason="core/training.py TrainLoop.run calls on_interrupt only for a KeyboardInterrupt inside _step: "
-                   "Ctrl-C during an evaluation (or a metrics write, or on_step_end) exits 130 without saving the completed steps")
 def test_ctrl_c_during_evaluation_saves_the_completed_steps(tmp_path, monkeypatch):
     from qlora_plugins.core import training
     from qlora_plugins.core.checkpointing import latest_checkpoint

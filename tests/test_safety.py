@@ -210,8 +210,6 @@ def test_trust_remote_code_reaches_transformers_only_when_configured(recorded_ru
         assert all(value in (False, MISSING) for _, value in calls), [c for c in calls if c[1] not in (False, MISSING)]
 
 
-@pytest.mark.xfail(strict=True, reason="core/pipeline.py: report.json does not record model.trust_remote_code "
-                   "(its model section has path, source, task and dtype only)")
 def test_the_report_says_whether_remote_code_was_trusted(recorded_run):
     trust, _, _, report = recorded_run
     assert report["model"]["trust_remote_code"] is trust
