@@ -54,41 +54,13 @@ _BNB_TYPES = ("nf4", "fp4")
 
 
 def check_safetensors(path: Path) -> list[str]:
-    """Check that ``path`` is a complete safetensors file (header parses, every tensor's bytes lie
-    inside the file and the file ends where the last tensor does); return its tensor names.
+    """The tensor names of ``path`` after checking it is a complete safetensors file.
 
     :raises ModelError: naming the file, for a corrupt or truncated file.
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(handle.read(n).decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        end = 0
-        names = []
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            begin, stop = meta["data_offsets"]
-            if not 0 <= begin <= stop:
-                raise ValueError(f"tensor {name!r} has invalid offsets")
-            end = max(end, stop)
-            names.append(name)
-        data = size - 8 - n
-        if end > data:
-            raise ValueError(f"truncated: tensors need {end} data bytes, the file has {data}")
-        if end < data:
-            raise ValueError(f"{data - end} unexpected trailing bytes")
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:
-        raise ModelError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
-    return names
+    from qlora_plugins.core.modeling import check_safetensors_header
+
+    return check_safetensors_header(path, config_path=None)
 
 
 def file_sha256(path: Path) -> str:

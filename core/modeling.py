@@ -4,6 +4,7 @@ linear-layer traversal, parameter counts and device choice."""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -60,12 +61,11 @@ _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
-def check_safetensors_header(path: Path, config_path: str = "model.path") -> None:
+def check_safetensors_header(path: Path, config_path: str | None = "model.path") -> list[str]:
     """Raise ModelError unless ``path`` is a complete safetensors file: its header parses, every
     tensor's byte range matches its dtype and shape, and the data ends where the file does (a
-    truncated download or a file that is not safetensors at all is caught before loading)."""
-    import struct
-
+    truncated download or a file that is not safetensors at all is caught before loading).
+    Returns the tensor names; errors start with ``config_path`` when given."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
@@ -79,9 +79,11 @@ def check_safetensors_header(path: Path, config_path: str = "model.path") -> Non
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         end = 0
+        names = []
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
+            names.append(name)
             begin, stop = meta["data_offsets"]
             count = 1
             for dim in meta["shape"]:
@@ -90,12 +92,18 @@ def check_safetensors_header(path: Path, config_path: str = "model.path") -> Non
             if not 0 <= begin <= stop or (itemsize is not None and stop - begin != count * itemsize):
                 raise ValueError(f"tensor {name!r} has a byte range that does not match its dtype and shape")
             end = max(end, stop)
-        if end != size - 8 - n:
-            raise ValueError(f"the tensors need {end} data bytes, the file has {size - 8 - n}")
+        data = size - 8 - n
+        if end > data:
+            raise ValueError(f"truncated: tensors need {end} data bytes, the file has {data}")
+        if end < data:
+            raise ValueError(f"{data - end} unexpected trailing bytes")
     except OSError as exc:
-        raise ModelError(f"{config_path}: cannot read {path}: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_path}: {path} is corrupt or truncated (not a complete safetensors file: {exc})") from None
+        where = f"{config_path}: " if config_path else ""
+        raise ModelError(f"{where}cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:
+        where = f"{config_path}: " if config_path else ""
+        raise ModelError(f"{where}{path} is corrupt or truncated (not a complete safetensors file: {exc})") from None
+    return names
 
 
 def auto_class(task: str) -> Any:
