@@ -187,16 +187,16 @@ def _child_container(node: Any, part: str, nxt: str, path: str) -> Any:
         key = part
     child = node[key] if isinstance(node, list) else node.get(key)
     if not isinstance(child, (dict, list)):
-        if isinstance(child, str) and not nxt.isdigit():
+        if isinstance(child, str) and not nxt.isdecimal():
             child = {"name": child}
         else:
-            child = [] if nxt.isdigit() else {}
+            child = [] if nxt.isdecimal() else {}
         node[key] = child
     return child
 
 
 def _list_index(node: list, part: str, path: str, allow_append: bool = False) -> int:
-    if not part.isdigit() or int(part) > len(node) or (int(part) == len(node) and not allow_append):
+    if not part.isdecimal() or int(part) > len(node) or (int(part) == len(node) and not allow_append):
         raise ConfigError(path, f"list index {part!r} is out of range (the list has {len(node)} items)")
     return int(part)
 
