@@ -39,8 +39,8 @@ class _LutFormat(BlockwiseQuantizer):
         packed, absmax = _kernels().quantize_4bit_lut(weight, self.code(), blocksize)
         return {"qweight": packed, "absmax": absmax}
 
-    def decode_blocks(self, state, numel, blocksize, dtype):
-        return _kernels().dequantize_4bit_lut(state["qweight"], state["absmax"], self.code(), blocksize, (numel,), dtype)
+    def decode_blocks(self, state, numel, blocksize, dtype, out=None):
+        return _kernels().dequantize_4bit_lut(state["qweight"], state["absmax"], self.code(), blocksize, (numel,), dtype, out=out)
 
     # backend: bitsandbytes keeps the anchor stack's Linear4bit layers
     def load_model(self, request: Any) -> Any:
@@ -100,9 +100,9 @@ class Int4Symmetric(BlockwiseQuantizer):
         packed, scale, _ = _kernels().quantize_4bit_int(weight, blocksize, symmetric=True)
         return {"qweight": packed, "absmax": scale}
 
-    def decode_blocks(self, state, numel, blocksize, dtype):
+    def decode_blocks(self, state, numel, blocksize, dtype, out=None):
         k = _kernels()
-        return k.dequantize_4bit_lut(state["qweight"], state["absmax"], k.int4_code(True), blocksize, (numel,), dtype)
+        return k.dequantize_4bit_lut(state["qweight"], state["absmax"], k.int4_code(True), blocksize, (numel,), dtype, out=out)
 
 
 class Int4Asymmetric(BlockwiseQuantizer):
@@ -115,9 +115,10 @@ class Int4Asymmetric(BlockwiseQuantizer):
         packed, scale, offset = _kernels().quantize_4bit_int(weight, blocksize, symmetric=False)
         return {"qweight": packed, "absmax": scale, "offset": offset}
 
-    def decode_blocks(self, state, numel, blocksize, dtype):
+    def decode_blocks(self, state, numel, blocksize, dtype, out=None):
         k = _kernels()
-        return k.dequantize_4bit_lut(state["qweight"], state["absmax"], k.int4_code(False), blocksize, (numel,), dtype, offset=state["offset"])
+        return k.dequantize_4bit_lut(state["qweight"], state["absmax"], k.int4_code(False), blocksize, (numel,), dtype,
+                                     offset=state["offset"], out=out)
 
 
 @hookimpl(trylast=True)

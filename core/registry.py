@@ -45,6 +45,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qlora_plugins.builtin_plugins.exporter_merged_4bit",
     "qlora_plugins.builtin_plugins.data_formats",
     "qlora_plugins.builtin_plugins.model_sources",
+    "qlora_plugins.builtin_plugins.optimizer_offload",
+    "qlora_plugins.builtin_plugins.adapter_full",
+    "qlora_plugins.builtin_plugins.commands_plan",
+    "qlora_plugins.builtin_plugins.commands_bench",
 )
 
 HOOKS: dict[str, str] = {

@@ -12,7 +12,7 @@ quantization.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, is_skipped, safetensors_files
 
@@ -29,15 +29,60 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(files: list[Path], keys: set[str] | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield ``(name, tensor)`` one at a time (each tensor read when asked for)."""
+def _open_unmapped(file: Path) -> Any:
+    """``safe_open`` reading with ``pread`` (safetensors >= 0.8) instead of mapping the file:
+    pages of a mapped file that were read stay in the process's resident set until the file is
+    closed, so a mapped shard would add its whole size to the peak while it streams."""
     from safetensors import safe_open
 
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if keys is None or name in keys:
-                    yield name, handle.get_tensor(name)
+    try:
+        return safe_open(str(file), framework="pt", backend="pread")
+    except TypeError:  # older safetensors: mmap only
+        return safe_open(str(file), framework="pt")
+
+
+def release_free_memory() -> None:
+    """Give memory that the C allocator keeps after frees back to the operating system (glibc
+    ``malloc_trim``; a no-op elsewhere). Streaming frees one full-precision tensor after another
+    between the small allocations of the quantized codes, which leaves free holes that glibc does
+    not return on its own; trimming once after the load takes the resident set down to what the
+    model really holds."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+        pass
+
+
+#: Unquantized tensors larger than this are copied in row chunks of about this size, so that an
+#: embedding matrix never exists twice (checkpoint copy + model copy) in full.
+COPY_CHUNK_BYTES = 32 << 20
+
+
+def _copy_into(target: Any, handle: Any, key: str) -> None:
+    """Copy checkpoint tensor ``key`` into ``target`` (converting its dtype in place), in row
+    chunks when it is large."""
+    import torch
+
+    piece = handle.get_slice(key)
+    shape = tuple(piece.get_shape())
+    if shape != tuple(target.shape):
+        raise StreamingUnsupported(f"{key}: shape {shape} != {tuple(target.shape)}")
+    row_bytes = (target.numel() // shape[0]) * 4 if shape and shape[0] else 0
+    with torch.no_grad():
+        if not row_bytes or target.numel() * 4 <= COPY_CHUNK_BYTES:
+            target.copy_(handle.get_tensor(key))
+            return
+        rows = max(1, COPY_CHUNK_BYTES // row_bytes)
+        for start in range(0, shape[0], rows):
+            stop = min(start + rows, shape[0])
+            target[start:stop].copy_(piece[start:stop])
 
 
 def linear_like_layers(model: Any, skip_modules: list[str]) -> dict[str, Any]:
@@ -74,38 +119,39 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
     skip = [*skip_modules, *DEFAULT_SKIP_MODULES]
     layers = linear_like_layers(model, skip)
     weight_keys = {f"{name}.weight": name for name in layers}
-    params = dict(model.named_parameters())
+    # (not the skeleton's linear weights: holding them would keep them allocated until the end)
+    params = {key: p for key, p in model.named_parameters() if key not in weight_keys}
     buffers = dict(model.named_buffers())
     expected = set(model.state_dict().keys())
     seen: set[str] = set()
-    for key, tensor in iter_tensors(files):
-        if key in weight_keys:
-            name = weight_keys[key]
-            module = layers[name]
-            if tuple(tensor.shape) != tuple(module.weight.shape):
-                raise StreamingUnsupported(f"{key}: shape {tuple(tensor.shape)} != {tuple(module.weight.shape)}")
-            weight = tensor.to(request.dtype)
-            if not isinstance(module, torch.nn.Linear):  # Conv1D stores (in, out)
-                weight = weight.t().contiguous()
-            bias = module.bias
-            new = make_layer(name, module, weight)
-            set_submodule(model, name, new)
-            layers[name] = new
-            if bias is not None:
-                params[f"{name}.bias"] = new.bias
-            seen.add(key)
-            del weight, tensor
-            continue
-        target = params.get(key)
-        if target is None:
-            target = buffers.get(key)
-        if target is None:
-            raise StreamingUnsupported(f"checkpoint tensor {key} has no place in the model")
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise StreamingUnsupported(f"{key}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(tensor.to(target.dtype))
-        seen.add(key)
+    for file in files:
+        with _open_unmapped(file) as handle:
+            for key in handle.keys():
+                if key in weight_keys:
+                    name = weight_keys[key]
+                    module = layers[name]
+                    tensor = handle.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(module.weight.shape):
+                        raise StreamingUnsupported(f"{key}: shape {tuple(tensor.shape)} != {tuple(module.weight.shape)}")
+                    weight = tensor.to(request.dtype)
+                    if not isinstance(module, torch.nn.Linear):  # Conv1D stores (in, out)
+                        weight = weight.t().contiguous()
+                    bias = module.bias
+                    new = make_layer(name, module, weight)
+                    set_submodule(model, name, new)
+                    layers[name] = new
+                    if bias is not None:
+                        params[f"{name}.bias"] = new.bias
+                    seen.add(key)
+                    del weight, tensor
+                    continue
+                target = params.get(key)
+                if target is None:
+                    target = buffers.get(key)
+                if target is None:
+                    raise StreamingUnsupported(f"checkpoint tensor {key} has no place in the model")
+                _copy_into(target, handle, key)
+                seen.add(key)
     missing = {k for k in expected - seen if not k.endswith(".weight") or k not in weight_keys}
     tied = set()
     if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False):
@@ -116,4 +162,5 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
     missing -= tied
     if missing:
         raise StreamingUnsupported(f"tensors missing from the checkpoint: {', '.join(sorted(missing)[:5])}")
+    release_free_memory()
     return model.to(request.device).eval()

@@ -36,7 +36,7 @@ PREFLIGHT = [
     # (overrides, fragments of the error line)
     (["quantizer.name=nf5"], ["quantizer.name: unknown quantizer 'nf5' (did you mean 'nf4'?); available: ", "fp4", "none"]),
     (["optimizer.name=adamw8bit"], ["optimizer.name: unknown optimizer 'adamw8bit' (did you mean 'adamw_8bit'?)", "paged_adamw"]),
-    (["adapter.name=lora2"], ["unknown adapter 'lora2' (did you mean 'lora'?); available: lora"]),
+    (["adapter.name=lora2"], ["unknown adapter 'lora2' (did you mean 'lora'?); available: full, lora"]),
     (["export.0.name=adaptor"], ["export[0].name: unknown exporter 'adaptor' (did you mean 'adapter'?)"]),
     (["model.source=tiny-lama"], ["model.source: unknown model source 'tiny-lama' (did you mean 'tiny-llama'?)"]),
     (["train.max_steps=ten"], ["train.max_steps: must be an integer, got 'ten'"]),

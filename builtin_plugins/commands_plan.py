@@ -1,0 +1,88 @@
+"""Builtin command ``qlora plan``: predict memory before loading anything (added through the
+public ``register_commands(cli)`` hook, like a third party would)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from qlora_plugins import hookimpl
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    from qlora_plugins.core.planner import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command("plan")
+@click.argument("model")
+@click.option("--quantizer", default="nf4", show_default=True, help="nf4, fp4, int4_sym, int4_asym or none.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Double-quantize the per-block constants.")
+@click.option("--blocksize", default=64, show_default=True, type=int, help="Quantization block size.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="model.dtype: unquantized weights and compute.")
+@click.option("--adapter", default="lora", show_default=True, type=click.Choice(["lora", "full"]), help="LoRA, or full fine-tuning.")
+@click.option("--lora-r", default=16, show_default=True, type=int, help="LoRA rank.")
+@click.option("--lora-dropout", default=0.05, show_default=True, type=float, help="LoRA dropout (dropout stores more activations).")
+@click.option("--target-modules", default="all-linear", show_default=True, help="all-linear or comma-separated layer names (q_proj,v_proj).")
+@click.option("--optimizer", default="paged_adamw", show_default=True, help="adamw, paged_adamw, adamw_8bit or offload_adamw.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Micro-batch size.")
+@click.option("--seq", "--seq-len", "seq", default=512, show_default=True, type=int, help="Sequence length.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
+              help="Plan with gradient checkpointing (both are shown under activations).")
+@click.option("--device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu"]),
+              help="Where training runs (on cpu, device memory is host memory).")
+@click.option("--device-memory", callback=_size, metavar="SIZE", help="Device budget, e.g. 24GB (10^9) or 24GiB (2^30).")
+@click.option("--host-memory", callback=_size, metavar="SIZE", help="Host RAM budget, e.g. 64GB.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (bytes) instead of the tables.")
+def plan_command(model: str, quantizer: str, double_quant: bool, blocksize: int, dtype: str, adapter: str, lora_r: int,
+                 lora_dropout: float, target_modules: str, optimizer: str, batch: int, seq: int, gradient_checkpointing: bool,
+                 device: str, device_memory: float | None, host_memory: float | None, as_json: bool) -> None:
+    """Predict the memory of fine-tuning MODEL before anything is loaded.
+
+    MODEL is a checkpoint directory (its config.json and safetensors headers are read, no
+    weights), a config.json file, or a preset: llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b.
+
+    Prints base weights per quantizer (with and without double quantization), quantization
+    constants, adapters, their gradients, optimizer states (device, or host when paged or
+    offloaded), activations with and without gradient checkpointing, and device and host totals.
+    With --device-memory / --host-memory it says whether the plan fits and, if not, what would.
+    """
+    from qlora_plugins.core import planner
+
+    arch = planner.load_architecture(model)
+    targets = None if target_modules.strip() == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
+    settings = planner.Settings(
+        quantizer=quantizer, double_quant=double_quant, blocksize=blocksize, dtype=dtype, adapter=adapter, lora_r=lora_r,
+        lora_dropout=lora_dropout, targets=targets, optimizer=optimizer, batch=batch, seq=seq,
+        gradient_checkpointing=gradient_checkpointing, device=device,
+    )
+    if targets is not None:
+        known = {lin.name for lin in arch.linears}
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            from qlora_plugins.core.errors import ConfigError
+
+            raise ConfigError("--target-modules", f"{', '.join(unknown)} not in the model's linear layers ({', '.join(sorted(known))})")
+    plan = planner.make_plan(arch, settings)
+    budget = None
+    if device_memory is not None or host_memory is not None:
+        budget = planner.check_budget(arch, settings, device_memory, host_memory)
+    if as_json:
+        data = planner.plan_dict(plan, budget)
+        data["budgets"] = {"device_bytes": device_memory, "host_bytes": host_memory}
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(planner.format_plan(plan, budget, {"device": device_memory, "host": host_memory}))
+
+
+@hookimpl(trylast=True)
+def register_commands(cli):
+    cli.add_command(plan_command)
