@@ -178,6 +178,7 @@ def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any
 RESUMABLE_CHANGES = {
     ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "eval_max_batches"),
     ("train", "log_every"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "device"),
+    ("train", "threads"),
     ("export",),
 }
 

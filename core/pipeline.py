@@ -236,6 +236,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     if not resume and out.exists() and any(out.iterdir()) and not force:
         raise QloraError(f"--output: {out} exists and is not empty; pass --force to replace it (or --resume to continue it)")
 
+    if train_cfg.threads:  # tiny models: one thread avoids OpenMP spin-waits on a busy machine
+        torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
     tokenizer = modeling.load_tokenizer(model_dir, config.model.trust_remote_code)
     splits = None
