@@ -78,8 +78,6 @@ def run_limited(cmd: list[str], limit_bytes: int | None, log_path: Path) -> tupl
         if group:
             facts["cgroup_max_usage_bytes"] = int((group / "memory.max_usage_in_bytes").read_text())
             facts["cgroup_failcnt"] = int((group / "memory.failcnt").read_text())
-            stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
-            facts["cgroup_max_rss_bytes"] = int(stat.get("max_rss", stat.get("total_max_rss", 0)) or 0) or None
             oom = (group / "memory.oom_control").read_text()
             facts["oom_kills"] = int(next((l.split()[1] for l in oom.splitlines() if l.startswith("oom_kill ")), "0"))
     finally:
@@ -109,7 +107,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/qlora-bench/llama-13b-bf16"))
     parser.add_argument("--layers", type=int, default=42)
     parser.add_argument("--limit-gib", type=float, default=16.0, help="cgroup memory limit for the run (0: none)")
-    parser.add_argument("--seq", type=int, default=32, help="data.max_length")
+    parser.add_argument("--seq", type=int, default=96, help="data.max_length (the instruction prompts need > 32 byte tokens)")
     parser.add_argument("--r", type=int, default=4, help="LoRA rank")
     parser.add_argument("--output", type=Path, default=Path("/tmp/qlora-bench/run-13b"))
     parser.add_argument("--keep-checkpoint", action="store_true", help="do not delete the checkpoint afterwards")

@@ -15,7 +15,7 @@ settings (all-linear, r=16, alpha=32, dropout 0.05) and torch's AdamW:
 * ``baseline``: the same imports and nothing else (the import baseline).
 
 Gradient checkpointing is on for every configuration (as in the default pipeline) unless the
-name ends in ``_nogc``. Memory: a fresh-process worker reports the peak RSS (``ru_maxrss``) after
+name ends in ``_nogc``. Memory: a fresh-process worker reports the peak RSS (``VmHWM``) after
 the imports, after loading and at the end, and the load time (``--repeats`` rounds of all
 configurations, medians). Step time: because this machine is shared and its load swings by
 several times within minutes, all configurations are also loaded into ONE process and stepped
@@ -163,16 +163,23 @@ def checkpoint_for(cache: Path, arch_name: str, arch: dict | None = None, log=la
 # the worker (one configuration in a fresh process)
 
 
-def _rss_now() -> int:
+def _status(field: str) -> int:
     with open("/proc/self/status", encoding="ascii") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
+def _rss_now() -> int:
+    return _status("VmRSS")
+
+
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak RSS of this process: ``VmHWM``, the high-water mark of its own address space.
+    (``ru_maxrss`` is not usable here: Linux carries the parent's resident size at fork over
+    into the child's ``ru_maxrss`` across exec, so a child of a big parent reports at least that.)"""
+    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _imports() -> None:

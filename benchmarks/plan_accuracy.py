@@ -11,8 +11,9 @@ host peak over the baseline for the same settings on ``--device cpu``.
 
 Calibration (``--calibrate``): the two CPU constants of the planner that cannot be derived from
 first principles -- ``fixed`` (bytes a training process adds whatever the model) and
-``transient`` (multiplier on the backward pass's transient memory: logits and their gradients,
-one recomputed layer, the dequantization workspace) -- are fitted by least squares on the
+``transient`` (multiplier on the training pass's dynamic memory: stored activations plus the
+transients -- logits and their gradients, one recomputed layer, the dequantization workspace --
+covering the allocator's fragmentation and short-lived gradients) -- are fitted by least squares on the
 configurations with an even index and checked on the odd ones (held out). Everything else in the
 planner (weights, constants, adapters, optimizer states, stored activations) is computed, not
 fitted. The fitted values are printed; core/planner.py's ``CPU`` holds the ones last adopted.
@@ -79,17 +80,17 @@ def predict(path: Path, mode: str, batch: int, seq: int, constants: dict | None 
     settings = settings_for(mode, batch, seq)
     plan = planner.make_plan(arch, settings, constants)
     rows = {r.key: r.host for r in plan.rows}
-    static = sum(v for k, v in rows.items() if k not in ("transient", "runtime"))
-    # the transient row with the multiplier at 1, and with no fixed cost: the two fitted terms
-    raw = planner.make_plan(arch, settings, {**(constants or {}), "transient": 1.0, "fixed": 0.0})
-    raw_transient = {r.key: r.host for r in raw.rows}["transient"]
+    # the two fitted terms: the multiplier applies to activations + transients, fixed is added
+    dynamic = rows["activations"] + rows["transient"]
+    static = sum(v for k, v in rows.items() if k not in ("activations", "transient", "runtime"))
     return {"over_baseline": plan.totals["host_over_baseline_bytes"], "load": plan.totals["load_peak_over_baseline_bytes"],
-            "static": static, "raw_transient": raw_transient}
+            "static": static, "dynamic": dynamic}
 
 
 def fit(samples: list[dict]) -> tuple[float, float]:
-    """Least squares for ``measured - static = transient * raw_transient + fixed`` (both >= 0)."""
-    xs = [s["pred"]["raw_transient"] for s in samples]
+    """Least squares for ``measured - static = transient * dynamic + fixed`` (``transient`` >= 1,
+    ``fixed`` >= 0), ``dynamic`` being stored activations plus transient buffers."""
+    xs = [s["pred"]["dynamic"] for s in samples]
     ys = [s["measured_over_baseline"] - s["pred"]["static"] for s in samples]
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
