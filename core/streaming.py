@@ -41,6 +41,48 @@ def _open_unmapped(file: Path) -> Any:
         return safe_open(str(file), framework="pt")
 
 
+#: glibc's ``M_MMAP_THRESHOLD`` parameter number (``malloc.h``) and the value the loader fixes.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def limit_heap_fragmentation() -> None:
+    """Fix glibc's mmap threshold at 1 MiB for this process (``mallopt``), unless the user tuned
+    malloc through the environment.
+
+    glibc starts at 128 KiB but raises the threshold, up to 32 MiB, each time a mapped block is
+    freed; from then on every tensor of up to 32 MiB comes from the heap, and the interleaved
+    lifetimes of training (per-layer temporaries, LoRA intermediates, decoded block constants,
+    activations) leave it fragmented: a QLoRA step on a 42-layer 13.6B model grew the resident
+    set by 5 GB of freed-but-kept memory, 1 GB at batch 4x256 on a 184M model. With the threshold
+    fixed, blocks of 1 MiB and more are mapped and go back to the OS when freed.
+    """
+    import os
+
+    if any(name in os.environ for name in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    libc = _libc()
+    try:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except AttributeError:  # not glibc
+        pass
+
+
 def release_free_memory() -> None:
     """Give memory that the C allocator keeps after frees back to the operating system (glibc
     ``malloc_trim``; a no-op elsewhere). Streaming frees one full-precision tensor after another
@@ -48,15 +90,12 @@ def release_free_memory() -> None:
     not return on its own; trimming once after the load takes the resident set down to what the
     model really holds."""
     import ctypes
-    import ctypes.util
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(ctypes.c_size_t(0))
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+        if libc is not None:
+            libc.malloc_trim(ctypes.c_size_t(0))
+    except AttributeError:  # not glibc (e.g. musl): nothing to trim
         pass
 
 
@@ -113,6 +152,7 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
     from qlora_plugins.core.modeling import set_submodule
 
     files = checkpoint_files(Path(request.path))
+    limit_heap_fragmentation()
     config = AutoConfig.from_pretrained(str(request.path), trust_remote_code=request.trust_remote_code, **request.model_kwargs)
     with no_init_weights():
         model = request.auto_class.from_config(config, dtype=request.dtype, trust_remote_code=request.trust_remote_code)

@@ -76,3 +76,21 @@ def test_workspace_never_serves_a_stale_weight(tiny_llama_dir):
 
 def test_release_free_memory_is_harmless():
     streaming.release_free_memory()
+
+
+def test_heap_fragmentation_limit_respects_the_users_malloc_settings(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+
+    monkeypatch.setattr(streaming, "_libc", lambda: FakeLibc())
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for name in streaming._MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    streaming.limit_heap_fragmentation()
+    assert calls == [(streaming._M_MMAP_THRESHOLD, streaming.MMAP_THRESHOLD_BYTES)]
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    streaming.limit_heap_fragmentation()
+    assert len(calls) == 1
