@@ -171,6 +171,8 @@ def main() -> None:
         peak = r["memory"]["peak_rss_bytes"]
         report["run"] = {
             "peak_rss_bytes": peak, "peak_rss_gib": round(peak / 2**30, 2),
+            "load_peak_rss_gib": round((r["memory"].get("load_peak_rss_bytes") or 0) / 2**30, 2),
+            "fidelity": r.get("exports", {}).get("adapter", {}).get("fidelity", {}).get("status"),
             "load_s": r["timings"].get("load_s"), "train_s": r["timings"].get("train_s"), "total_s": r["timings"].get("total_s"),
             "step_times_s": [m.get("step_time_s") for m in map(json.loads, (args.output / "metrics.jsonl").read_text().splitlines())
                              if "step_time_s" in m],

@@ -217,7 +217,7 @@ def load_ours(path: Path, mode: str, gc: bool, lora: dict) -> tuple[Any, dict]:
     t0 = time.perf_counter()
     model = quantizer.load_model(request)
     load_s = time.perf_counter() - t0
-    facts = {"load_s": load_s, "load_peak": _peak(), "rss_after_load": _rss_now()}
+    facts = {"load_s": load_s, "load_peak": _peak(), "rss_after_load": _rss_now(), "model_bytes": model_bytes(model)}
     footprint = quantizer.footprint(model)
     facts["quantized_bytes"] = footprint.quantized_bytes
     facts["load_path"] = quantizer.metadata().get("load")
@@ -241,7 +241,7 @@ def load_anchor(path: Path, gc: bool, lora: dict) -> tuple[Any, dict]:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=bnb, dtype=torch.float32)
     load_s = time.perf_counter() - t0
-    facts = {"load_s": load_s, "load_peak": _peak(), "rss_after_load": _rss_now()}
+    facts = {"load_s": load_s, "load_peak": _peak(), "rss_after_load": _rss_now(), "model_bytes": model_bytes(model)}
     try:
         facts["quantized_bytes"] = int(model.get_memory_footprint())
     except Exception:  # pragma: no cover - informative only
@@ -252,6 +252,17 @@ def load_anchor(path: Path, gc: bool, lora: dict) -> tuple[Any, dict]:
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     return model, facts
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers (each storage once): the loaded model's size."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen and t.device.type != "meta":
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def worker(spec: dict) -> dict:
@@ -378,11 +389,25 @@ def summarize(runs: list[dict], warmup: int) -> dict:
         "step_s": round(statistics.median(steps), 3) if steps else None,
         "step_s_each_run": [round(s, 3) for s in steps],
         "quantized_mb": _mb(med("quantized_bytes")),
+        "model_mb": _mb(med("model_bytes")),
         "trainable_params": good[0].get("trainable_params"),
         "first_loss": good[0].get("losses", [None])[0],
         "load_path": good[0].get("load_path"),
     }
     return out
+
+
+def largest_tensor_bytes(path: Path) -> int:
+    """The largest single tensor of a safetensors checkpoint, in bytes (read from the headers)."""
+    largest = 0
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with open(shard, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                largest = max(largest, end - start)
+    return largest
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -413,6 +438,14 @@ def compare_model(path: Path, modes: list[str], args: argparse.Namespace, log) -
         if mode != "baseline" and row.get("peak_mb") is not None:
             row["peak_over_baseline_mb"] = round(row["peak_mb"] - base, 1)
             row["load_peak_over_baseline_mb"] = round(row["load_peak_mb"] - base, 1)
+    # the loading target: import baseline + quantized model + 3x the largest single tensor
+    largest_mb = _mb(largest_tensor_bytes(path))
+    for mode in modes:
+        row = table[mode]
+        if mode.startswith("qlora") and row.get("load_peak_mb") is not None and row.get("model_mb") is not None:
+            # model_mb: the loaded model (4-bit codes, constants, unquantized embeddings and norms)
+            bound = round(base + row["model_mb"] + 3 * largest_mb, 1)
+            row["load_target"] = {"largest_tensor_mb": largest_mb, "bound_mb": bound, "met": row["load_peak_mb"] <= bound}
     lora, ratios = table.get("lora", {}), {}
     for mode in modes:
         if mode == "lora":
@@ -530,7 +563,8 @@ def main(argv: list[str] | None = None) -> None:
         targets[name] = {"memory_ratio": r.get("peak"), "memory_target_0.5_met": r.get("peak") is not None and r["peak"] <= 0.5,
                          "step_time_ratio": r.get("step_time"),
                          "step_time_target_1.10_met": r.get("step_time") is not None and r["step_time"] <= 1.10,
-                         "step_time_ratio_bf16_compute": entry["ratios"].get("qlora_bf16/lora", {}).get("step_time")}
+                         "step_time_ratio_bf16_compute": entry["ratios"].get("qlora_bf16/lora", {}).get("step_time"),
+                         "load_peak_target_met": entry["configs"].get("qlora", {}).get("load_target", {}).get("met")}
     report["targets"] = targets
     print(json.dumps(report, indent=2))
 

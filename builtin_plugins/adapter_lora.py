@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Iterator, Literal, Union
 
 import attrs
 
@@ -106,6 +107,45 @@ class Lora(Adapter):
         config = PeftConfig.from_pretrained(str(directory))
         _register_quant_layers(model, config)
         return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=False)
+
+
+    @contextlib.contextmanager
+    def swap_in(self, model: Any, directory: Path) -> Iterator[Any]:
+        """Load the saved adapter next to the trained one on the same (in-memory) base, activate
+        it, and on exit reactivate the trained adapter and delete the loaded one. Refused (the
+        check reloads a fresh base instead) when a loaded adapter would write into shared base
+        weights: trained biases (``bias`` other than ``none``)."""
+        from peft import PeftConfig, PeftModel
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        config = PeftConfig.from_pretrained(str(directory))
+        if not isinstance(model, PeftModel) or getattr(config, "bias", "none") != "none":
+            raise NotImplementedError
+        trained = model.active_adapter
+        name = "qlora_reloaded"
+        while name in model.peft_config:
+            name += "_"
+        _register_quant_layers(model, config)
+        config.inference_mode = True
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        was_training = model.training
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Unsupported layer type")
+                model.add_adapter(name, config)
+            model.train(was_training)  # the new layers are created in training mode (active dropout)
+            result = set_peft_model_state_dict(model, load_peft_weights(str(directory), device="cpu"), adapter_name=name)
+            missing = [k for k in result.missing_keys if f".{name}" in k]
+            if missing:
+                raise ValueError(f"the saved adapter lacks {len(missing)} weights, e.g. {missing[0]}")
+            model.set_adapter(name, inference_mode=True)
+            yield model
+        finally:
+            if name in model.peft_config:
+                model.set_adapter(trained)
+                model.delete_adapter(name)
+            for n, p in model.named_parameters():
+                p.requires_grad_(grads.get(n, False))
 
 
 @hookimpl(trylast=True)

@@ -293,20 +293,36 @@ def _fmt(x: Any) -> str:
 # --- reloading artifacts -------------------------------------------------------------------
 
 
-def reload_artifact(exporter: Any, directory: Path, context: ExportContext, registry: Any) -> Any:
-    """A model loaded back from ``directory``: ``exporter.reload`` if defined, else a PEFT adapter
-    attached to a freshly loaded base (through the run's plugins), else a checkpoint directory
-    (plain, bitsandbytes 4-bit or qlora_plugins 4-bit). None when the exporter wrote neither."""
+@contextlib.contextmanager
+def reloaded_artifact(exporter: Any, directory: Path, context: ExportContext, registry: Any) -> Any:
+    """A model loaded back from ``directory`` (None when the exporter wrote nothing loadable):
+    ``exporter.reload`` if defined; for a saved adapter, the adapter plugin's ``swap_in`` onto the
+    trained model's base already in memory, else the adapter attached to a freshly loaded base;
+    else a checkpoint directory (plain, bitsandbytes 4-bit or qlora_plugins 4-bit)."""
     own = getattr(exporter, "reload", None)
     if callable(own):
-        return own(directory, context)
+        yield own(directory, context)
+        return
     if (directory / "adapter_config.json").is_file():
-        return load_adapter_onto_base(context, directory)
+        with contextlib.ExitStack() as stack:
+            try:
+                swap_in = getattr(context.adapter, "swap_in", None)
+                if swap_in is None:
+                    raise NotImplementedError
+                swapped = stack.enter_context(swap_in(context.model, directory))
+            except NotImplementedError:
+                swapped = None
+            if swapped is not None:
+                yield swapped
+                return
+        yield load_adapter_onto_base(context, directory)
+        return
     if (directory / "config.json").is_file():
         from qlora_plugins.core.checkpoint_format import load_checkpoint
 
-        return load_checkpoint(directory, context.task, registry, device=context.model_request.device)
-    return None
+        yield load_checkpoint(directory, context.task, registry, device=context.model_request.device)
+        return
+    yield None
 
 
 def load_adapter_onto_base(context: ExportContext, directory: Path) -> Any:
@@ -330,21 +346,24 @@ def measure_fidelity(exporter: Any, directory: Path, context: ExportContext, ref
         log(f"  fidelity check of '{exporter.name}' skipped (verify: false)")
         return {"status": "skipped", "tolerance": tolerance}
     result: dict[str, Any] = {}
-    batch, source = reference.batch(getattr(options, "probe_text", None))
+    probe_text = getattr(options, "probe_text", None)
+    batch, source = reference.batch(probe_text)
+    expected = reference.logits(probe_text)  # before reloading: an adapter may be swapped into the trained model
+    candidate = None
     try:
-        model = reload_artifact(exporter, directory, context, registry)
+        with reloaded_artifact(exporter, directory, context, registry) as model:
+            if model is not None:
+                candidate = model_logits(model, batch)
+            del model
     except QloraError as exc:
         raise ExportError(f"export '{exporter.name}': the artifact does not load back: {exc}") from None
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"export '{exporter.name}': the artifact does not load back: {type(exc).__name__}: {first}") from exc
-    if model is not None:
-        try:
-            candidate = model_logits(model, batch)
-        finally:
-            del model
-            gc.collect()
-        result.update(compare_logits(reference.logits(getattr(options, "probe_text", None)), candidate, batch["attention_mask"]))
+    finally:
+        gc.collect()
+    if candidate is not None:
+        result.update(compare_logits(expected, candidate, batch["attention_mask"]))
         result["probe"] = {"source": source, "sequences": int(batch["input_ids"].shape[0])}
     verify = getattr(exporter, "verify", None)
     if callable(verify):

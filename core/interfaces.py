@@ -8,6 +8,7 @@ class with those options and calls the kind's methods.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
@@ -166,6 +167,18 @@ class Adapter(Plugin):
 
     def load(self, model: "nn.Module", directory: Path, context: AdapterContext) -> "nn.Module":
         """Return ``model`` with the adapter saved by :meth:`save` in ``directory`` attached."""
+        raise NotImplementedError
+
+    def swap_in(self, model: "nn.Module", directory: Path) -> "AbstractContextManager[nn.Module]":
+        """Optional: a context manager that makes the adapter saved in ``directory`` the active
+        one on ``model`` (the model :meth:`attach` or :meth:`load` returned, whose base is
+        already in memory) and yields the model; on exit the trained adapter is active again and
+        the model is as it was.
+
+        The export fidelity check uses it to reload an adapter artifact without loading a second
+        copy of the base model (which would double a large model's peak memory). Raise
+        ``NotImplementedError`` (the default) when the adapter cannot: the check then loads a
+        fresh base model and calls :meth:`load`."""
         raise NotImplementedError
 
 

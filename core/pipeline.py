@@ -269,6 +269,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     model = load_base(plugins, request, tokenizer, registry)
     footprint = plugins.quantizer.footprint(model)
     timings["load_s"] = round(time.perf_counter() - t0, 3)
+    load_peak = peak_rss_bytes()
     report["quantization"] = {
         "quantized_params": footprint.quantized_params,
         "quantized_bytes": footprint.quantized_bytes,
@@ -370,7 +371,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     finally:
         metrics.close()
 
-    memory = {"peak_rss_bytes": peak_rss_bytes()}
+    memory = {"peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": load_peak}
     if device == "cuda":
         memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     report["memory"] = memory

@@ -11,7 +11,18 @@ from qlora_plugins.core.rundir import read_metrics
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far.
+
+    On Linux this is ``VmHWM`` (the high-water mark of this process's own address space):
+    ``ru_maxrss`` carries a parent's resident size over into a child across fork+exec, so a
+    ``qlora run`` started from a big process would report at least its parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -86,6 +97,8 @@ def summary_rows(report: dict) -> list[tuple[str, Any]]:
             ("time per step", f"{fmt(t.get('median_step_time_s'), '.3f')} s (median)"),
         ]
     rows.append(("peak memory", human_bytes(report.get("memory", {}).get("peak_rss_bytes"))))
+    if report.get("memory", {}).get("load_peak_rss_bytes"):
+        rows.append(("peak memory while loading", human_bytes(report["memory"]["load_peak_rss_bytes"])))
     for note in report.get("notes", []):
         rows.append(("note", note))
     for name, info in report.get("exports", {}).items():

@@ -367,6 +367,52 @@ def test_adapter_export_reloads_exactly(llama_nf4, tmp_path):
     assert info["fidelity"]["status"] == "passed" and info["fidelity"]["max_abs_diff"] == 0.0
 
 
+def test_adapter_fidelity_reuses_the_base_in_memory(tiny_llama_dir, tmp_path):
+    """The adapter check swaps the saved adapter into the trained model (no second base load),
+    computes with the saved weights, and leaves the trained model exactly as it was."""
+    registry = new_registry()
+    context = make_context(tiny_llama_dir, registry, lora={"dropout": 0.1})
+    model = context.model
+    loads = []
+    original_load = context.quantizer.load_model
+    context.quantizer.load_model = lambda request: loads.append(request) or original_load(request)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    info = export(context, registry, "adapter", tmp_path / "adapter")
+    assert info["fidelity"]["status"] == "passed" and info["fidelity"]["max_abs_diff"] == 0.0
+    assert loads == []  # the base was not loaded again
+    after = dict(model.named_parameters())
+    assert set(after) == set(before) and model.active_adapter == "default" and not model.training
+    for name, (value, grad) in before.items():
+        assert torch.equal(after[name], value) and after[name].requires_grad == grad
+
+    # the swapped-in model computes with the *saved* weights: perturb the trained ones first
+    batch, _ = probe_batch(context)
+    expected = model_logits(model, batch)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(1.0)
+    with context.adapter.swap_in(model, tmp_path / "adapter") as swapped:
+        assert torch.equal(model_logits(swapped, batch), expected)
+    assert not torch.equal(model_logits(model, batch), expected)
+    assert list(model.peft_config) == ["default"]
+
+
+def test_adapter_fidelity_with_trained_biases_loads_a_fresh_base(tiny_llama_dir, tmp_path):
+    """bias != none writes into base weights shared by every adapter: the check reloads the base."""
+    registry = new_registry()
+    context = make_context(tiny_llama_dir, registry, quantizer="none", lora={"bias": "all"})
+    loads = []
+    original_load = context.quantizer.load_model
+    context.quantizer.load_model = lambda request: loads.append(request) or original_load(request)
+    info = export(context, registry, "adapter", tmp_path / "adapter")
+    assert info["fidelity"]["status"] == "passed" and info["fidelity"]["max_abs_diff"] == 0.0
+    assert len(loads) == 1
+    with pytest.raises(NotImplementedError):
+        with context.adapter.swap_in(context.model, tmp_path / "adapter"):
+            pass
+
+
 # --- manifest ------------------------------------------------------------------------------
 
 

@@ -158,6 +158,7 @@ def test_report(recipe_run, tiny_llama_dir):
     assert training["median_step_time_s"] > 0 and training["mean_step_time_s"] > 0
     assert training["eval_loss"] == pytest.approx(read_jsonl(out / "metrics.jsonl")[-1]["eval_loss"])
     assert report["memory"]["peak_rss_bytes"] > 10_000_000
+    assert 10_000_000 < report["memory"]["load_peak_rss_bytes"] <= report["memory"]["peak_rss_bytes"]
     assert set(report["timings"]) >= {"load_s", "train_s", "export_s", "total_s"}
     assert report["exports"]["adapter"]["path"] == str(out.resolve() / "exports" / "adapter")
     assert "adapter_model.safetensors" in report["exports"]["adapter"]["files"]
