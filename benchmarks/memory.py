@@ -283,6 +283,9 @@ def worker(spec: dict) -> dict:
     if spec["mode"].startswith("anchor"):
         model, facts = load_anchor(path, gc, lora)
     else:
+        from qlora_plugins.core.streaming import limit_heap_fragmentation
+
+        limit_heap_fragmentation()  # as `qlora run` does for every run, quantized or not
         model, facts = load_ours(path, spec["mode"], gc, lora)
     out.update(facts)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -322,6 +325,9 @@ def timing_worker(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(4, 30000, (spec["batch"], spec["seq"]), generator=gen)
     runs = {}
+    from qlora_plugins.core.streaming import limit_heap_fragmentation
+
+    limit_heap_fragmentation()  # one process: our setting applies to the anchor's steps too
     for mode in spec["modes"]:
         torch.manual_seed(0)
         gc = not mode.endswith("_nogc")

@@ -101,18 +101,8 @@ def fit(samples: list[dict]) -> tuple[float, float]:
     return slope, fixed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("QLORA_BENCH_CACHE", "/tmp/qlora-bench")))
-    parser.add_argument("--only", help="comma-separated model names")
-    parser.add_argument("--calibrate", action="store_true", help="fit the CPU constants (even configs) and report held-out errors")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--baselines", type=int, default=3, help="import-baseline processes (median)")
-    args = parser.parse_args()
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    only = set(args.only.split(",")) if args.only else None
-    configs = [c for c in CONFIGS if only is None or c[0] in only]
-
+def measure(configs: list, args: argparse.Namespace, log) -> tuple[float, list[dict]]:
+    """Run every configuration in a fresh process; the import baseline and the samples."""
     baselines = []
     for _ in range(args.baselines):
         baselines.append(run_worker({"mode": "baseline"})["peak"])
@@ -130,6 +120,36 @@ def main() -> None:
         samples.append({"model": model, "mode": mode, "batch": batch, "seq": seq, "path": str(path),
                         "measured_over_baseline": res["peak"] - baseline, "load_over_baseline": res["load_peak"] - baseline,
                         "pred": predict(path, mode, batch, seq)})
+    return baseline, samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("QLORA_BENCH_CACHE", "/tmp/qlora-bench")))
+    parser.add_argument("--only", help="comma-separated model names")
+    parser.add_argument("--calibrate", action="store_true", help="fit the CPU constants (even configs) and report held-out errors")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--baselines", type=int, default=3, help="import-baseline processes (median)")
+    parser.add_argument("--measurements", type=Path,
+                        help="reuse the measured figures of an earlier run's JSON output (re-predict and re-fit only)")
+    args = parser.parse_args()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    only = set(args.only.split(",")) if args.only else None
+    configs = [c for c in CONFIGS if only is None or c[0] in only]
+
+    if args.measurements:
+        earlier = json.loads(args.measurements.read_text())
+        baseline = earlier["calibration"]["baseline_measured"] if earlier.get("calibration") else earlier["import_baseline_mb"] * 2**20
+        samples = []
+        for row in earlier["configs"]:
+            if "measured_mb" not in row or (only and row["model"] not in only):
+                continue
+            path = args.cache / f"llama-{row['model']}"
+            samples.append({**{k: row[k] for k in ("model", "mode", "batch", "seq")}, "path": str(path),
+                            "measured_over_baseline": row["measured_mb"] * 2**20, "load_over_baseline": row["load_measured_mb"] * 2**20,
+                            "pred": predict(path, row["mode"], row["batch"], row["seq"])})
+    else:
+        baseline, samples = measure(configs, args, log)
     good = [s for s in samples if "error" not in s]
 
     from qlora_plugins.core import planner
@@ -148,14 +168,17 @@ def main() -> None:
         if "error" in s:
             rows.append(s)
             continue
-        pred = predict(Path(s["path"]), s["mode"], s["batch"], s["seq"], constants)["over_baseline"]
+        prediction = predict(Path(s["path"]), s["mode"], s["batch"], s["seq"], constants)
+        pred = prediction["over_baseline"]
         err = pred / s["measured_over_baseline"] - 1
         errors.append(abs(err))
         if constants is not None and i % 2 == 1:
             held_out.append(abs(err))
         rows.append({"model": s["model"], "mode": s["mode"], "batch": s["batch"], "seq": s["seq"],
                      "measured_mb": round(s["measured_over_baseline"] / 2**20, 1), "predicted_mb": round(pred / 2**20, 1),
-                     "error": round(err, 3), "load_measured_mb": round(s["load_over_baseline"] / 2**20, 1)})
+                     "error": round(err, 3), "load_measured_mb": round(s["load_over_baseline"] / 2**20, 1),
+                     "load_predicted_mb": round(prediction["load"] / 2**20, 1),
+                     "load_error": round(prediction["load"] / s["load_over_baseline"] - 1, 3) if s["mode"].startswith("qlora") else None})
     report = {
         "benchmark": "plan_accuracy", "date": time.strftime("%Y-%m-%d"), "versions": versions(),
         "machine": {"cpus": os.cpu_count()}, "import_baseline_mb": round(baseline / 2**20, 1),

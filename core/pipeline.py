@@ -25,6 +25,7 @@ from qlora_plugins.core.exporting import run_exports
 from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportContext, ModelRequest
 from qlora_plugins.core.options import options_to_dict
 from qlora_plugins.core.report import peak_rss_bytes, plot_loss
+from qlora_plugins.core.streaming import limit_heap_fragmentation
 from qlora_plugins.core.rundir import (
     RUN_MARKER,
     MetricsWriter,
@@ -266,6 +267,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     log(f"Loading {model_dir} with quantizer '{plugins.quantizer.name}' on {device}")
     t0 = time.perf_counter()
     request = model_request(config, model_dir, device, splits.num_labels if splits else None)
+    limit_heap_fragmentation()  # for every run: freed activations go back to the OS (streaming.py)
     model = load_base(plugins, request, tokenizer, registry)
     footprint = plugins.quantizer.footprint(model)
     timings["load_s"] = round(time.perf_counter() - t0, 3)
