@@ -88,14 +88,18 @@ def predict(path: Path, mode: str, batch: int, seq: int, constants: dict | None 
 
 
 def fit(samples: list[dict]) -> tuple[float, float]:
-    """Least squares for ``measured - static = transient * dynamic + fixed`` (``transient`` >= 1,
-    ``fixed`` >= 0), ``dynamic`` being stored activations plus transient buffers."""
+    """Weighted least squares for ``measured - static = transient * dynamic + fixed``
+    (``transient`` >= 1, ``fixed`` >= 0), ``dynamic`` being stored activations plus transient
+    buffers, each sample weighted by 1 / measured^2: the target is a relative error (+-15%), so
+    a 100 MB model's 20 MB miss counts as much as a 1 GB model's 200 MB."""
     xs = [s["pred"]["dynamic"] for s in samples]
     ys = [s["measured_over_baseline"] - s["pred"]["static"] for s in samples]
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 1.0
+    ws = [1.0 / s["measured_over_baseline"] ** 2 for s in samples]
+    sw = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs)) / sw
+    my = sum(w * y for w, y in zip(ws, ys)) / sw
+    var = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / var if var else 1.0
     slope = max(slope, 1.0)  # transient memory is at least what the model says
     fixed = max(0.0, my - slope * mx)
     return slope, fixed
@@ -183,7 +187,7 @@ def main() -> None:
         "benchmark": "plan_accuracy", "date": time.strftime("%Y-%m-%d"), "versions": versions(),
         "machine": {"cpus": os.cpu_count()}, "import_baseline_mb": round(baseline / 2**20, 1),
         "planner_constants": constants or {k: planner.CPU[k] for k in ("fixed", "transient")},
-        "calibration": calibration, "configs": rows,
+        "calibration": calibration, "measurements_from": str(args.measurements) if args.measurements else "this run", "configs": rows,
         "max_abs_error": round(max(errors), 3) if errors else None,
         "median_abs_error": round(statistics.median(errors), 3) if errors else None,
         "within_15_percent": f"{sum(e <= 0.15 for e in errors)}/{len(errors)}",

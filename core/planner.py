@@ -84,16 +84,16 @@ ACTIVATION_BYTES = {
 #: pools, Python objects). ``transient``: multiplier on stored activations plus transient buffers
 #: (the allocator's fragmentation and the backward pass's short-lived gradients come on top of
 #: what autograd keeps; the excess appears in the "runtime + allocator overhead" row).
-CPU = {"baseline": 460e6, "fixed": 60e6, "transient": 1.5, "logits_copies": 3.0}
+CPU = {"baseline": 460e6, "fixed": 31e6, "transient": 1.0, "logits_copies": 3.0}
 
 #: Bytes per parameter the builtin formats' ``encode`` allocates on top of its input while
 #: quantizing one weight (the codes included), by model-dtype bytes: measured with VmHWM on
 #: 11.5M- and 70.8M-parameter weights, the same for nf4, fp4 and int4.
 ENCODE_TEMPORARY_BYTES = {4: 7.0, 2: 5.0}
 
-#: While loading, an unquantized tensor is copied in row chunks of 32 MB (two alive: the piece
-#: read and the converted copy).
-LOAD_CHUNK_BYTES = 2 * (32 << 20)
+#: While loading, an unquantized tensor is read whole when small, else in row chunks of 32 MiB
+#: (``streaming.COPY_CHUNK_BYTES``), and copied into its parameter with the dtype conversion.
+LOAD_CHUNK_BYTES = 32 << 20
 
 #: CUDA assumptions (not measurable on this project's CPU machines): the context plus cuBLAS
 #: workspaces, and the caching allocator's slack on transient memory.
@@ -468,7 +468,8 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
     convert = dbytes if ckpt_dtype != s.dtype else 0
     resident_weights = sum(r.device + r.host for r in rows if r.key in ("base_weights", "quant_constants", "other_weights"))
     one_linear = largest_linear * (ckpt_bytes + convert + ENCODE_TEMPORARY_BYTES[dbytes])
-    load_over = resident_weights + (max(one_linear, LOAD_CHUNK_BYTES) if quantized else 0)
+    one_copy = min((arch.largest_tensor or largest_linear) * ckpt_bytes, LOAD_CHUNK_BYTES)
+    load_over = resident_weights + (max(one_linear, one_copy) if quantized else 0)
     totals = {
         "device_peak_bytes": 0.0 if cpu else device_total,
         "host_over_baseline_bytes": max(host_over, load_over),
