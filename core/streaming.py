@@ -11,8 +11,12 @@ quantization.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, is_skipped, safetensors_files
 
@@ -108,24 +112,57 @@ def release_free_memory() -> None:
 COPY_CHUNK_BYTES = 32 << 20
 
 
-def _copy_into(target: Any, handle: Any, key: str) -> None:
-    """Copy checkpoint tensor ``key`` into ``target`` (converting its dtype in place), in row
-    chunks when it is large."""
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _tensor_locations(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """``{key: (dtype, shape, absolute start, absolute end)}`` from a safetensors file's header;
+    empty when the header cannot be read (``safe_open`` then reports the file's problem)."""
+    try:
+        with open(file, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        base = 8 + length
+        return {key: (meta["dtype"], tuple(meta["shape"]), base + meta["data_offsets"][0], base + meta["data_offsets"][1])
+                for key, meta in header.items() if key != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error):
+        return {}
+
+
+def _read_rows(fd: int, location: tuple[str, tuple[int, ...], int, int], start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a tensor, read with ``os.pread`` (safetensors' own slices read the
+    whole tensor first, which defeats chunking)."""
     import torch
 
-    piece = handle.get_slice(key)
-    shape = tuple(piece.get_shape())
+    dtype, shape, begin, _ = location
+    row_numel = math.prod(shape[1:])
+    torch_dtype = getattr(torch, _ST_DTYPES[dtype])
+    row_bytes = row_numel * torch.empty((), dtype=torch_dtype).element_size()
+    data = bytearray(os.pread(fd, (stop - start) * row_bytes, begin + start * row_bytes))
+    if len(data) != (stop - start) * row_bytes:
+        raise StreamingUnsupported(f"truncated tensor data at byte {begin + start * row_bytes}")
+    return torch.frombuffer(data, dtype=torch_dtype).reshape((stop - start, *shape[1:]))
+
+
+def _copy_into(target: Any, handle: Any, key: str, fd: Optional[int] = None,
+               location: Optional[tuple[str, tuple[int, ...], int, int]] = None) -> None:
+    """Copy checkpoint tensor ``key`` into ``target`` (converting its dtype in place), in row
+    chunks read straight from the file (``fd``, ``location``) when it is large."""
+    import torch
+
+    shape = tuple(location[1]) if location is not None else tuple(handle.get_slice(key).get_shape())
     if shape != tuple(target.shape):
         raise StreamingUnsupported(f"{key}: shape {shape} != {tuple(target.shape)}")
     row_bytes = (target.numel() // shape[0]) * 4 if shape and shape[0] else 0
     with torch.no_grad():
-        if not row_bytes or target.numel() * 4 <= COPY_CHUNK_BYTES:
+        if not row_bytes or target.numel() * 4 <= COPY_CHUNK_BYTES or fd is None or location is None or location[0] not in _ST_DTYPES:
             target.copy_(handle.get_tensor(key))
             return
         rows = max(1, COPY_CHUNK_BYTES // row_bytes)
         for start in range(0, shape[0], rows):
             stop = min(start + rows, shape[0])
-            target[start:stop].copy_(piece[start:stop])
+            target[start:stop].copy_(_read_rows(fd, location, start, stop))
 
 
 def linear_like_layers(model: Any, skip_modules: list[str]) -> dict[str, Any]:
@@ -169,7 +206,8 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
     expected = set(model.state_dict().keys())
     seen: set[str] = set()
     for file in files:
-        with _open_unmapped(file) as handle:
+        locations = _tensor_locations(file)
+        with _open_unmapped(file) as handle, open(file, "rb") as raw:
             for key in handle.keys():
                 if key in weight_keys:
                     name = weight_keys[key]
@@ -194,7 +232,7 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
                     target = buffers.get(key)
                 if target is None:
                     raise StreamingUnsupported(f"checkpoint tensor {key} has no place in the model")
-                _copy_into(target, handle, key)
+                _copy_into(target, handle, key, raw.fileno(), locations.get(key))
                 seen.add(key)
     missing = {k for k in expected - seen if not k.endswith(".weight") or k not in weight_keys}
     tied = set()

@@ -24,7 +24,12 @@ def test_chunked_copy_equals_from_pretrained(tiny_llama_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(streaming, "COPY_CHUNK_BYTES", 4096)  # force many chunks (and a ragged last one)
+    reads = []
+    real_pread = streaming.os.pread
+    monkeypatch.setattr(streaming.os, "pread", lambda fd, n, offset: reads.append(n) or real_pread(fd, n, offset))
     q, model = load_quantized(tiny_llama_dir)
+    # the chunks are read from the file one by one (safetensors' slices would read the whole tensor)
+    assert len(reads) > 10 and max(reads) <= 4096
     assert q.metadata()["load"] == "streamed"
     reference = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     torch.testing.assert_close(model.model.embed_tokens.weight, reference.model.embed_tokens.weight, rtol=0, atol=0)
