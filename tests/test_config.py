@@ -459,7 +459,8 @@ def _mutate(base: dict, edits: list) -> dict:
         if whole:
             data[section] = value
         elif section == "export":
-            data["export"] = [*data.get("export", []), value] if key == "name" else [{"name": "adapter", key: value}]
+            existing = data.get("export") if isinstance(data.get("export"), list) else []
+            data["export"] = [*existing, value] if key == "name" else [{"name": "adapter", key: value}]
         elif isinstance(data.get(section), dict):
             data[section][key] = value
     return data

@@ -417,8 +417,10 @@ CTRL_C_STEPS = 16
 def qlora_process(args: list[str], home: Path) -> subprocess.Popen:
     env = {**os.environ, "QLORA_PLUGINS_HOME": str(home), "QLORA_PLUGINS_DISABLE_AUTOLOAD": "1"}
     code = "from qlora_plugins.cli import main; main()"
+    # SIGINT back to its default in the child: a test run started in the background by a shell
+    # without job control inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-c", code, *args, "--no-progress"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow
