@@ -409,15 +409,10 @@ def summarize(runs: list[dict], warmup: int) -> dict:
 
 def largest_tensor_bytes(path: Path) -> int:
     """The largest single tensor of a safetensors checkpoint, in bytes (read from the headers)."""
-    largest = 0
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with open(shard, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for name, info in header.items():
-            if name != "__metadata__":
-                start, end = info["data_offsets"]
-                largest = max(largest, end - start)
-    return largest
+    from qlora_plugins.core.streaming import tensor_locations
+
+    return max((end - start for shard in sorted(Path(path).glob("*.safetensors"))
+                for _, _, start, end in tensor_locations(shard).values()), default=0)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -515,15 +510,12 @@ def gc_comparison(path: Path, args: argparse.Namespace, log) -> dict:
 
 
 def versions() -> dict:
+    """The pipeline's ``report.json`` versions, plus safetensors (the loader's reader)."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "qlora-plugins"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
+    from qlora_plugins.core.pipeline import versions as run_versions
+
+    return {**run_versions(), "safetensors": md.version("safetensors")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -228,21 +228,15 @@ def _inspect_on_meta(config: dict) -> tuple[list[LinearShape], int, int]:
 def _safetensors_headers(directory: Path) -> tuple[Optional[str], int, int]:
     """(dominant float dtype, data bytes, largest tensor numel) from the checkpoint's headers."""
     from qlora_plugins.core.modeling import safetensors_files
+    from qlora_plugins.core.streaming import tensor_locations
 
     by_dtype: dict[str, int] = {}
     total = largest = 0
     for file in safetensors_files(directory):
-        with open(file, "rb") as fh:
-            (n,) = __import__("struct").unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            start, stop = meta["data_offsets"]
+        for dtype, shape, start, stop in tensor_locations(file).values():
             total += stop - start
-            numel = math.prod(meta["shape"]) if meta["shape"] else 1
-            largest = max(largest, numel)
-            by_dtype[meta["dtype"]] = by_dtype.get(meta["dtype"], 0) + stop - start
+            largest = max(largest, math.prod(shape) if shape else 1)
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + stop - start
     dominant = max(by_dtype, key=by_dtype.get) if by_dtype else None
     return _ST_DTYPE.get(dominant or ""), total, largest
 

@@ -116,16 +116,22 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def _tensor_locations(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """``{key: (dtype, shape, absolute start, absolute end)}`` from a safetensors file's header;
-    empty when the header cannot be read (``safe_open`` then reports the file's problem)."""
+def tensor_locations(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """``{key: (safetensors dtype, shape, absolute start, absolute end)}`` from a safetensors
+    file's header; no tensor data is read."""
+    with open(file, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    base = 8 + length
+    return {key: (meta["dtype"], tuple(meta["shape"]), base + meta["data_offsets"][0], base + meta["data_offsets"][1])
+            for key, meta in header.items() if key != "__metadata__"}
+
+
+def _readable_locations(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """:func:`tensor_locations`, or nothing when the header cannot be read (``safe_open`` then
+    reports the file's problem in its own words)."""
     try:
-        with open(file, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        base = 8 + length
-        return {key: (meta["dtype"], tuple(meta["shape"]), base + meta["data_offsets"][0], base + meta["data_offsets"][1])
-                for key, meta in header.items() if key != "__metadata__"}
+        return tensor_locations(file)
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error):
         return {}
 
@@ -206,7 +212,7 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
     expected = set(model.state_dict().keys())
     seen: set[str] = set()
     for file in files:
-        locations = _tensor_locations(file)
+        locations = _readable_locations(file)
         with _open_unmapped(file) as handle, open(file, "rb") as raw:
             for key in handle.keys():
                 if key in weight_keys:
