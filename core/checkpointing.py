@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_plugins.core.errors import QloraError, TrainingError
+from qlora_plugins.core.rundir import dumps
 from qlora_plugins.core.training import TrainState
 
 CHECKPOINTS = "checkpoints"
@@ -91,7 +92,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
             "scheduler": scheduler.state_dict(),
             **meta,
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=1, default=str), encoding="utf-8")
+        (tmp / "trainer_state.json").write_text(dumps(trainer, indent=1), encoding="utf-8")
         for file in tmp.iterdir():  # make the data durable before the rename publishes it
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -115,16 +116,18 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(PREFIX)
+             and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete half-written checkpoint directories left by a process that was killed mid-save."""
-    root = run_dir / CHECKPOINTS
-    if root.is_dir():
-        for path in root.glob(f".{PREFIX}*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
+    """Delete half-written files and directories left in a run directory by a killed process:
+    checkpoint and export temporaries, and temporary files of atomic writes."""
+    from qlora_plugins.core.safety import remove_stale_temporaries as remove_in
+
+    for directory in (run_dir, run_dir / CHECKPOINTS, run_dir / "exports"):
+        remove_in(directory)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -134,15 +137,89 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
-    """The JSON part of a checkpoint."""
+    """The JSON part of a checkpoint, checked for the fields and types a resume needs.
+
+    :raises TrainingError: the file is missing, not JSON, or tampered with.
+    """
+    path = checkpoint / "trainer_state.json"
     try:
-        return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TrainingError(f"checkpoint {checkpoint} is unreadable: {exc}") from None
+        trainer = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise TrainingError(f"checkpoint {checkpoint} is unreadable: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(trainer, dict):
+        raise TrainingError(f"checkpoint {checkpoint}: trainer_state.json is not a JSON object")
+    for key in ("step", "epoch", "batch_in_epoch"):
+        value = trainer.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise TrainingError(f"checkpoint {checkpoint}: trainer_state.json {key} must be a non-negative integer, got {str(value)[:40]}")
+    if checkpoint.name.startswith(PREFIX) and checkpoint.name[len(PREFIX):].isdigit() and int(checkpoint.name[len(PREFIX):]) != trainer["step"]:
+        raise TrainingError(f"checkpoint {checkpoint}: trainer_state.json says step {trainer['step']}")
+    optimizer = trainer.get("optimizer")
+    if (not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list)
+            or not isinstance(optimizer.get("state"), dict) or not isinstance(trainer.get("scheduler"), dict)):
+        raise TrainingError(f"checkpoint {checkpoint}: trainer_state.json lacks the optimizer or scheduler state")
+    return trainer
+
+
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """Check that every file of ``checkpoint`` is complete (without loading tensors); return its
+    trainer state.
+
+    :raises TrainingError: naming what is wrong.
+    """
+    from qlora_plugins.core.checkpoint_format import check_safetensors
+    from qlora_plugins.core.errors import ModelError
+
+    trainer = read_trainer_state(checkpoint)
+    for name in CHECKPOINT_FILES:
+        try:
+            check_safetensors(checkpoint / name)
+        except ModelError as exc:
+            raise TrainingError(f"checkpoint {checkpoint}: {exc}") from None
+    return trainer
+
+
+def usable_checkpoints(run_dir: Path, log: Any = None) -> list[Path]:
+    """Complete checkpoints that pass :func:`verify_checkpoint`, newest first; each one skipped
+    is reported through ``log`` with the reason."""
+    usable = []
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(checkpoint)
+        except TrainingError as exc:
+            if log is not None:
+                log(f"Skipping checkpoint {checkpoint.name}: {exc}")
+            continue
+        usable.append(checkpoint)
+    return usable
+
+
+def restore_latest(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, log: Any) -> tuple[Path | None, TrainState | None]:
+    """Restore the newest intact checkpoint of ``run_dir``; a corrupt newer one is skipped with
+    a line saying which and why. ``(None, None)`` when there is no checkpoint at all.
+
+    :raises TrainingError: checkpoints exist but none is intact.
+    """
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None, None
+    for checkpoint in usable_checkpoints(run_dir, log):
+        try:
+            return checkpoint, load_checkpoint(checkpoint, model, optimizer, scheduler)
+        except TrainingError as exc:
+            log(f"Skipping checkpoint {checkpoint.name}: {exc}")
+    raise TrainingError(f"--resume: none of the {len(found)} checkpoint(s) in {run_dir / CHECKPOINTS} is intact; "
+                        "start again with --force, or keep the run as it is")
 
 
 def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG from ``checkpoint``; return the data position."""
+    """Restore weights, optimizer, scheduler and RNG from ``checkpoint``; return the data position.
+
+    :raises TrainingError: the checkpoint is corrupt, tampered with or does not fit the model.
+    """
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -158,14 +235,24 @@ def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
         raise TrainingError(f"checkpoint {checkpoint} does not match the model's trainable parameters")
+    for name, tensor in weights.items():
+        if params[name].shape != tensor.shape:
+            raise TrainingError(f"checkpoint {checkpoint}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise TrainingError(f"checkpoint {checkpoint}: {name} holds NaN or infinite values")
+    if "torch" not in rng:
+        raise TrainingError(f"checkpoint {checkpoint}: rng.safetensors has no torch RNG state")
+    try:
+        optimizer_state = _unflatten_optimizer(opt_tensors, trainer["optimizer"])
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(trainer["scheduler"])
+        torch.set_rng_state(rng["torch"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+        raise TrainingError(f"checkpoint {checkpoint}: optimizer, scheduler or RNG state is corrupt "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     with torch.no_grad():
         for name, tensor in weights.items():
-            if params[name].shape != tensor.shape:
-                raise TrainingError(f"checkpoint {checkpoint}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
             params[name].copy_(tensor)
-    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, trainer["optimizer"]))
-    scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             if f"cuda.{i}" in rng:

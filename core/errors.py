@@ -56,3 +56,20 @@ class ExportError(QloraError):
 
 class OutputExistsError(QloraError):
     """An output directory is not empty and ``--force`` was not given."""
+
+
+class WriteError(QloraError):
+    """A file or directory could not be written (read-only file system, disk full, not a
+    directory); the message names the path."""
+
+
+class UnsafeOutputError(QloraError):
+    """A write, replacement or deletion was refused because it could lose data that this tool did
+    not provably write, or leave its directory through a link."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM (what Slurm and Kubernetes send before killing a job).
+
+    A subclass of :class:`KeyboardInterrupt`, so every place that saves a checkpoint and marks
+    the run interrupted on Ctrl-C does the same on SIGTERM."""

@@ -34,10 +34,18 @@ from typing import Any, Callable, Optional, Sequence
 
 import attrs
 
-from qlora_plugins.core.errors import ExportError, ModelError, OutputExistsError, QloraError
+from qlora_plugins.core.errors import ExportError, ModelError, OutputExistsError, QloraError, UnsafeOutputError
 from qlora_plugins.core.interfaces import AdapterContext, ExportContext
 from qlora_plugins.core.options import in_range
 from qlora_plugins.core.rundir import atomic_directory, atomic_write_json
+from qlora_plugins.core.safety import (
+    TOOL,
+    asides_of,
+    check_holds_no_input,
+    check_no_link_between,
+    check_no_links,
+    not_an_export_because,
+)
 
 Log = Callable[[str], None]
 
@@ -614,6 +622,7 @@ def build_manifest(exporter: Any, context: ExportContext, directory: Path, files
 
     return {
         "manifest_version": MANIFEST_VERSION,
+        "tool": TOOL,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "exporter": _registration(registry, "exporter", exporter),
         "plugins": {
@@ -640,6 +649,39 @@ def export_directory(exporter: Any, exports_dir: Path) -> Path:
     return safe_path(exports_dir, check_name(name))
 
 
+#: Keys of an export's result that the host sets; an exporter's facts never overwrite them.
+RESERVED_RESULT_KEYS = frozenset({"exporter", "path", "files", "bytes", "seconds", "fidelity"})
+
+
+def check_export_target(final: Path, force: bool) -> None:
+    """Refuse an export target that is a link, that is in the way (non-empty, no ``force``), or
+    that ``--force`` may not replace because it is not provably an export of this tool."""
+    if final.is_symlink():
+        raise UnsafeOutputError(f"{final} is a symbolic link; refusing to write an export through it")
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        if not force:
+            raise OutputExistsError(f"{final} exists and is not empty; pass --force to replace it")
+        reason = not_an_export_because(final)
+        if reason:
+            raise UnsafeOutputError(f"{final} is not an export written by qlora ({reason}); refusing to replace it even with --force")
+
+
+def remove_own_temporaries(final: Path) -> None:
+    """Clean up after an export to ``final`` that was killed: delete its temporary directories,
+    and put back the previous export if it was moved aside and never replaced."""
+    import shutil
+
+    parent = final.parent
+    if not parent.is_dir() or parent.is_symlink():
+        return
+    asides = asides_of(final)
+    if asides and not final.exists() and not final.is_symlink():
+        os.rename(asides[-1], final)
+    for entry in parent.glob(f".{final.name}.*.tmp"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def run_exports(context: ExportContext, exporters: list, exports_dir: Path, registry: Any, force: bool, log: Log,
                 outputs: Sequence[Path] | None = None) -> dict:
     """Run, verify and record each exporter into ``exports_dir/<name>`` (or ``outputs[i]``)
@@ -652,8 +694,9 @@ def run_exports(context: ExportContext, exporters: list, exports_dir: Path, regi
         if key in seen:
             raise ExportError(f"exporters '{seen[key]}' and '{exporter.name}' would both write {final}; give one a `directory` option")
         seen[key] = exporter.name
-        if final.exists() and (not final.is_dir() or any(final.iterdir())) and not force:
-            raise OutputExistsError(f"{final} exists and is not empty; pass --force to replace it")
+        check_export_target(final, force)
+    for final in targets:
+        remove_own_temporaries(final)
     reference = _Reference(context)
     results = {}
     token = _registry.set(registry)
@@ -661,7 +704,7 @@ def run_exports(context: ExportContext, exporters: list, exports_dir: Path, regi
         for exporter, final in zip(exporters, targets):
             log(f"Exporting with '{exporter.name}' to {final}")
             started = time.perf_counter()
-            with atomic_directory(final, force=force) as tmp:
+            with atomic_directory(final, force=force, not_ours=not_an_export_because) as tmp:
                 try:
                     info = exporter.export(context, tmp) or {}
                 except QloraError:
@@ -677,13 +720,13 @@ def run_exports(context: ExportContext, exporters: list, exports_dir: Path, regi
                 atomic_write_json(tmp / MANIFEST, manifest)
             label = next(x for x in (exporter.name, final.name, str(final)) if x not in results)
             results[label] = {
+                **{k: v for k, v in info.items() if k not in RESERVED_RESULT_KEYS},  # the host's own keys win
                 "exporter": exporter.name,
                 "path": str(final),
                 "files": sorted(f["path"] for f in manifest["files"]),
                 "bytes": sum(f["size"] for f in manifest["files"]),
                 "seconds": round(time.perf_counter() - started, 3),
                 "fidelity": fidelity,
-                **info,
             }
     finally:
         _registry.reset(token)
@@ -887,6 +930,7 @@ def export_run(run_dir: Path, names: Sequence[str], registry: Any, output: Path 
     """
     run_dir = Path(run_dir)
     run_config = _read_run_config(run_dir)
+    check_no_links(run_dir.resolve(), "RUN_DIR")
     if not names:
         raise ExportError("name at least one exporter (--exporter NAME)")
     exporters = []
@@ -900,16 +944,37 @@ def export_run(run_dir: Path, names: Sequence[str], registry: Any, output: Path 
     else:
         outputs = [export_directory(e, Path(output)) for e in exporters]
     run_res = run_dir.resolve()
+    inputs = [("RUN_DIR", run_res)] + _run_inputs(run_config, run_res)
     for out in outputs:
-        res = out.resolve()
+        res = out.resolve() if not out.is_symlink() else out.absolute()
         if res == run_res or res in run_res.parents or run_res / ADAPTER_DIR == res or (run_res / ADAPTER_DIR) in res.parents:
             raise ExportError(f"--output: {out} would replace the run directory or its adapter; choose another directory")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-            raise OutputExistsError(f"--output: {out} exists and is not empty; pass --force to replace it")
+        if run_res in res.parents:
+            if run_res / "exports" not in res.parents:
+                raise ExportError(f"--output: {out} is inside the run directory but not under its exports/; choose another directory")
+            check_no_link_between(run_res, res, "--output")
+        check_holds_no_input(res, inputs, "--output")
+        try:
+            check_export_target(out, force)
+        except (OutputExistsError, UnsafeOutputError) as exc:
+            raise type(exc)(f"--output: {exc}") from None
     context = load_run(run_dir, registry, log)
     results = run_exports(context, exporters, run_dir / "exports", registry, force, log, outputs=outputs)
     _record_in_report(run_dir, results)
     return results
+
+
+def _run_inputs(run_config: dict, run_dir: Path) -> list[tuple[str, Path | None]]:
+    """The run's base model and data as recorded in its config (a ``--force`` export never
+    replaces a directory holding them)."""
+    found: list[tuple[str, Path | None]] = []
+    model = run_config.get("model") if isinstance(run_config.get("model"), dict) else {}
+    data = run_config.get("data") if isinstance(run_config.get("data"), dict) else {}
+    for label, value in (("the run's base model", model.get("path")), ("the run's data", data.get("path"))):
+        if isinstance(value, str) and value:
+            path = Path(value)
+            found.append((label, path if path.is_absolute() else run_dir / path))
+    return found
 
 
 def _record_in_report(run_dir: Path, results: dict) -> None:

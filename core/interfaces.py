@@ -311,6 +311,13 @@ class DataFormat(Plugin):
     def check(self, base_dir: Path, config_path: str = "data") -> None:
         """Cheap checks without a tokenizer (used by ``qlora validate``): the file exists, etc."""
 
+    def input_paths(self, base_dir: Path) -> list[Path]:
+        """The files (or directories) this format reads. The host never replaces or deletes a
+        directory that holds one of them (``--force`` on a run directory that contains the data).
+        The default is the ``path`` option, relative to ``base_dir``."""
+        path = getattr(self.options, "path", None)
+        return [Path(base_dir) / path] if isinstance(path, str) and path else []
+
 
 # --- model sources -------------------------------------------------------------------------
 

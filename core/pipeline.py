@@ -7,6 +7,7 @@ leaves a half-written run behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ import attrs
 
 from qlora_plugins.core import modeling
 from qlora_plugins.core.config import Config, ResolvedPlugins, resolve_plugins, resolved_dict
-from qlora_plugins.core.errors import ConfigError, ModelError, PluginError, QloraError, TrainingError
+from qlora_plugins.core.errors import ConfigError, ModelError, PluginError, QloraError, TrainingError, UnsafeOutputError
 from qlora_plugins.core.exporting import run_exports
 from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportContext, ModelRequest
 from qlora_plugins.core.options import options_to_dict
@@ -33,16 +34,23 @@ from qlora_plugins.core.rundir import (
     atomic_write_json,
     atomic_write_text,
     atomic_write_yaml,
+    dumps,
     prepare_run_dir,
     read_metrics,
+)
+from qlora_plugins.core.safety import (
+    asides_of,
+    check_holds_no_input,
+    check_no_links,
+    not_a_run_because,
+    remove_aside,
 )
 from qlora_plugins.core.sources import materialize_source
 from qlora_plugins.core.checkpointing import (
     config_changes,
-    latest_checkpoint,
-    load_checkpoint,
-    read_trainer_state,
+    list_checkpoints,
     remove_stale_temporaries,
+    restore_latest,
     save_checkpoint,
 )
 from qlora_plugins.core.training import TrainLoop, TrainState, prepare_for_kbit_training, total_steps, trainable_parameters
@@ -205,7 +213,12 @@ def _check_resume(out: Path, resolved: dict) -> None:
 
     if not (out / RUN_MARKER).is_file() or not (out / "config.yaml").is_file():
         raise QloraError(f"--resume: {out} is not a qlora run directory (no {RUN_MARKER} / config.yaml)")
-    old = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+    try:
+        old = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise QloraError(f"--resume: cannot read {out / 'config.yaml'}: {_first_line(exc)}") from None
+    if not isinstance(old, dict):
+        raise QloraError(f"--resume: {out / 'config.yaml'} is not a run config")
     changes = config_changes(old, resolved)
     if changes:
         raise ConfigError("--resume", "the config changed in ways that would change the result: " + "; ".join(changes))
@@ -213,8 +226,55 @@ def _check_resume(out: Path, resolved: dict) -> None:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the records of steps already covered by the checkpoint (no gaps, no duplicates)."""
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    kept = [r for r in read_metrics(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in kept))
+
+
+def run_inputs(config: Config, plugins: ResolvedPlugins, model_dir: Path | None) -> list[tuple[str, Path | None]]:
+    """What a run reads: a directory holding one of these is never replaced (``--force``)."""
+    inputs: list[tuple[str, Path | None]] = [("the config file", config.source), ("model.path", model_dir)]
+    if plugins.data is not None:
+        inputs += [("the data", path) for path in plugins.data.input_paths(config.base_dir)]
+    return inputs
+
+
+def check_output(out: Path, inputs: list[tuple[str, Path | None]], force: bool, resume: bool) -> None:
+    """Before anything loads: refuse an output the run may not write into or replace."""
+    if out.exists() and not out.is_dir():
+        raise QloraError(f"--output: {out} exists and is not a directory")
+    if not out.exists():
+        return
+    if resume:
+        check_no_links(out, "--resume")
+        return
+    if any(out.iterdir()):
+        if not force:
+            raise QloraError(f"--output: {out} exists and is not empty; pass --force to replace it (or --resume to continue it)")
+        reason = not_a_run_because(out)
+        if reason:
+            raise UnsafeOutputError(f"--output: {out} is not a qlora run directory ({reason}); refusing to delete it even with --force")
+        check_holds_no_input(out, inputs, "--output")
+
+
+def _marker(report: dict, status: str) -> dict:
+    return {"tool": "qlora-plugins", "config": report["config"], "status": status}
+
+
+def _restore_previous(out: Path, aside: Path | None, log: Log) -> None:
+    """After a failed ``--force`` run: put the replaced run back when the new one left nothing to
+    resume; otherwise keep both and say where the previous one is."""
+    import shutil
+
+    if aside is None:
+        return
+    if list_checkpoints(out):
+        log(f"The replaced run is kept in {aside} until this run completes (qlora run --resume {out})")
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.rename(aside, out)
+    except OSError:
+        log(f"The replaced run is kept in {aside}")
 
 
 def run(config: Config, registry: Any, output_dir: Path, force: bool = False, log: Log = lambda m: None, progress: bool = True,
@@ -232,10 +292,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     out = output_dir.resolve()
     if model_dir is not None and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
         raise ConfigError("--output", f"{out} is inside the model directory {model_dir}; choose another output")
-    if out.exists() and not out.is_dir():
-        raise QloraError(f"--output: {out} exists and is not a directory")
-    if not resume and out.exists() and any(out.iterdir()) and not force:
-        raise QloraError(f"--output: {out} exists and is not empty; pass --force to replace it (or --resume to continue it)")
+    inputs = run_inputs(config, plugins, model_dir)
+    check_output(out, inputs, force, resume)
 
     if train_cfg.threads:  # tiny models: one thread avoids OpenMP spin-waits on a busy machine
         torch.set_num_threads(train_cfg.threads)
@@ -251,7 +309,6 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     resolved = resolved_dict(config, plugins)
     if config.model.source:  # the resolved config names the materialized checkpoint (report.json keeps the source)
         resolved["model"]["path"], resolved["model"]["source"] = str(model_dir), None
-    checkpoint = None
     if resume:
         _check_resume(out, resolved)
 
@@ -288,18 +345,17 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
         raise TrainingError("adapter: the configuration leaves nothing trainable (check adapter.target_modules)")
 
     # everything a user can get wrong has been checked: only now is the run directory written
+    aside = None
     if resume:
+        check_no_links(out, "--resume")
         remove_stale_temporaries(out)
-        checkpoint = latest_checkpoint(out)
     else:
-        prepare_run_dir(out, force)
-    atomic_write_yaml(out / "config.yaml", resolved)
-    atomic_write_json(out / RUN_MARKER, {"tool": "qlora-plugins", "config": str(config.source) if config.source else None, "status": "running"})
-    if resume:
-        _truncate_metrics(out / "metrics.jsonl", read_trainer_state(checkpoint)["step"] if checkpoint else 0)
-    metrics = MetricsWriter(out / "metrics.jsonl")
-    meta = {"config": resolved, "plugins": report["plugins"], "versions": report["versions"]}
+        aside = prepare_run_dir(out, force, inputs)
+    metrics = None
     try:
+        atomic_write_json(out / RUN_MARKER, _marker(report, "running"))  # first: the marker makes the directory ours
+        atomic_write_yaml(out / "config.yaml", resolved)
+        meta = {"config": resolved, "plugins": report["plugins"], "versions": report["versions"]}
         if train_cfg.enabled:
             steps = total_steps(train_cfg, len(splits.train))
             optimizer = plugins.optimizer.create(params, torch.device(device))
@@ -308,10 +364,15 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
                 notes.append(note)
                 log(note)
             scheduler = _scheduler(train_cfg.lr_scheduler, optimizer, train_cfg.warmup_steps, steps)
-            state = TrainState()
-            if checkpoint is not None:
-                state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-                log(f"Resuming from {checkpoint} (step {state.step})")
+            state, resumed_from = TrainState(), None
+            if resume:
+                checkpoint, restored = restore_latest(out, model, optimizer, scheduler, log)
+                if restored is not None:
+                    state, resumed_from = restored, restored.step
+                    log(f"Resuming from {checkpoint} (step {state.step})")
+            if resume:
+                _truncate_metrics(out / "metrics.jsonl", state.step)
+            metrics = MetricsWriter(out / "metrics.jsonl")
 
             def save(at: TrainState) -> None:
                 save_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
@@ -353,7 +414,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
                 "mean_step_time_s": statistics.fmean(times) if times else None,
                 "train_examples": len(splits.train),
                 "eval_examples": len(splits.eval),
-                "resumed_from_step": int(checkpoint.name[len("step-"):]) if checkpoint else None,
+                "resumed_from_step": resumed_from,
             }
         model.eval()
         try:
@@ -367,11 +428,22 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
         report["exports"] = run_exports(context, plugins.exporters, out / "exports", registry, force or resume, log)
         timings["export_s"] = round(time.perf_counter() - t0, 3)
     except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {exc}"
-        atomic_write_json(out / RUN_MARKER, {"tool": "qlora-plugins", "config": report["config"], "status": status})
+        from qlora_plugins.core.errors import Terminated
+
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_first_line(exc)[:500]}"
+        marker = _marker(report, status)
+        if isinstance(exc, Terminated):
+            marker["signal"] = "SIGTERM"
+        with contextlib.suppress(QloraError):
+            atomic_write_json(out / RUN_MARKER, marker)
+        if metrics is not None:
+            metrics.close()
+            metrics = None
+        _restore_previous(out, aside, log)
         raise
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
     memory = {"peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": load_peak}
     if device == "cuda":
@@ -380,9 +452,17 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     timings["total_s"] = round(time.perf_counter() - started, 3)
     report["timings"] = timings
     report["notes"] = notes
-    if plot_loss(out / "metrics.jsonl", out / "loss.png", f"{model_dir.name}: {plugins.quantizer.name} + {plugins.adapter.name}"):
-        report["loss_plot"] = str(out / "loss.png")
-    report["status"] = "completed"
-    atomic_write_json(out / "report.json", report)
-    atomic_write_json(out / RUN_MARKER, {"tool": "qlora-plugins", "config": report["config"], "status": "completed"})
+    try:
+        if plot_loss(out / "metrics.jsonl", out / "loss.png", f"{model_dir.name}: {plugins.quantizer.name} + {plugins.adapter.name}"):
+            report["loss_plot"] = str(out / "loss.png")
+        report["status"] = "completed"
+        atomic_write_json(out / "report.json", report)
+        atomic_write_json(out / RUN_MARKER, _marker(report, "completed"))
+    except BaseException as exc:
+        with contextlib.suppress(QloraError):
+            atomic_write_json(out / RUN_MARKER, _marker(report, "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_first_line(exc)[:500]}"))
+        raise
+    # the new run is complete: only now are the runs it replaced deleted
+    for old in ([aside] if aside is not None else []) + asides_of(out):
+        remove_aside(old)
     return report

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
 from typing import Any
 
-from qlora_plugins.core.rundir import read_metrics
+from qlora_plugins.core.rundir import read_metrics, write_error
 
 
 def peak_rss_bytes() -> int:
@@ -49,10 +50,15 @@ def plot_loss(metrics_path: Path, png_path: Path, title: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, png_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(png_path, exc) from None
+    finally:
+        plt.close(fig)
     return True
 
 

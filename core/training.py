@@ -176,6 +176,10 @@ class TrainLoop:
 
     def _eval(self) -> dict:
         figures = evaluate(self.model, self.eval_data, self.cfg.batch_size, self.pad_id, self.task, self.device, self.cfg.eval_max_batches)
+        loss = figures.get("eval_loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingError(f"eval loss became {loss} at step {self.state.step}; stopping (lower optimizer.lr, check the data); "
+                                "the last checkpoint is kept")
         if figures:
             self.on_record({"step": self.state.step, **figures})
         return figures

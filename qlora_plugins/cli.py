@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from qlora_plugins.core.errors import QloraError
+from qlora_plugins.core.errors import QloraError, Terminated
 from qlora_plugins.core.interfaces import KINDS
 
 
@@ -57,13 +57,45 @@ class QloraGroup(click.Group):
     """Root group: turns :class:`QloraError` into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        def debug() -> bool:  # set by the group's callback, so read when handling an error
+            return bool((ctx.obj or {}).get("debug")) or os.environ.get("QLORA_DEBUG") == "1"
+
         try:
             return super().invoke(ctx)
         except QloraError as exc:
-            if (ctx.obj or {}).get("debug") or os.environ.get("QLORA_DEBUG") == "1":
+            if debug():
                 raise
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(2)
+        except OSError as exc:  # the environment (permissions, full disk), not the input's content
+            if debug():
+                raise
+            where = f"{exc.filename}: " if isinstance(exc.filename, str) else ""
+            click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
+        except Terminated:
+            click.echo("Terminated (SIGTERM)", err=True)
+            ctx.exit(EXIT_SIGTERM)
+
+
+#: Exit codes of a command stopped by a signal (128 + the signal number, as shells report it).
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def _raise_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` (a KeyboardInterrupt) once, so a run stops as on
+    Ctrl-C: checkpoint of the last completed step, run.json marked interrupted, temporaries
+    removed. Further SIGTERMs while that cleanup runs are ignored."""
+    import signal
+
+    seen = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not seen:
+            seen.append(signum)
+            raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 @click.group(cls=QloraGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,6 +143,7 @@ def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], outpu
     _quiet_libraries()
     from qlora_plugins.core import pipeline
     from qlora_plugins.core.report import format_table, summary_rows
+    from qlora_plugins.core.safety import RUN_MARKER
 
     resume = resume_dir is not None
     if resume:
@@ -125,11 +158,17 @@ def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], outpu
     log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     try:
         report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json, resume=resume)
-    except KeyboardInterrupt:
-        click.echo(f"Interrupted; continue with: qlora run {config_path} --resume {output}", err=True)
-        ctx.exit(130)
+    except KeyboardInterrupt as exc:
+        what = "Terminated (SIGTERM)" if isinstance(exc, Terminated) else "Interrupted"
+        if (output / RUN_MARKER).is_file():
+            click.echo(f"{what}; continue with: qlora run {config_path} --resume {output}", err=True)
+        else:
+            click.echo(f"{what} before the run directory was written", err=True)
+        ctx.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        from qlora_plugins.core.rundir import dumps
+
+        click.echo(dumps(report, indent=2))
     else:
         click.echo(format_table(summary_rows(report), "qlora run: completed"))
 
@@ -213,7 +252,9 @@ def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_qu
     log = (lambda name: None) if as_json else (lambda name: click.echo(f"measured {name}", err=True))
     report = run_report(model_dir, names, _registry(ctx), double_quant, blocksize, text or DEFAULT_PROBE, seq_len, max_tokens,
                         trust_remote_code=trust_remote_code, progress=log)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    from qlora_plugins.core.rundir import dumps
+
+    click.echo(dumps(report, indent=2) if as_json else format_report(report))
 
 
 @cli.command()
@@ -248,7 +289,9 @@ def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output
     log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
     if as_json:
-        click.echo(json.dumps(results, indent=2, default=str))
+        from qlora_plugins.core.rundir import dumps
+
+        click.echo(dumps(results, indent=2))
         return
     rows = []
     for name, info in results.items():
@@ -271,4 +314,5 @@ def main(argv: list[str] | None = None) -> None:
     blocked = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--block"] + [a.split("=", 1)[1] for a in args if a.startswith("--block=")]
     registry = create_registry(blocked=blocked, load_entrypoints=False if "--no-autoload" in args else None)
     registry.add_commands(cli)
+    _raise_on_sigterm()
     cli.main(args=args, prog_name="qlora", obj={"registry": registry})
