@@ -260,6 +260,16 @@ def _marker(report: dict, status: str) -> dict:
     return {"tool": "qlora-plugins", "config": report["config"], "status": status}
 
 
+def _checkpoint_finished_training(out: Path, state: TrainState, save: Callable[[TrainState], Any], log: Log) -> None:
+    """Interrupted after training (saving the adapter, exporting): checkpoint the last step, so
+    that ``--resume`` goes straight to the exports instead of training again."""
+    found = list_checkpoints(out)
+    if state.step > 0 and not (found and found[-1].name.endswith(f"{state.step:08d}")):
+        with contextlib.suppress(QloraError):
+            save(state)
+            log(f"Interrupted after training: checkpoint of step {state.step} saved; continue with --resume")
+
+
 def _restore_previous(out: Path, aside: Path | None, log: Log) -> None:
     """After a failed ``--force`` run: put the replaced run back when the new one left nothing to
     resume; otherwise keep both and say where the previous one is."""
@@ -351,7 +361,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
         remove_stale_temporaries(out)
     else:
         aside = prepare_run_dir(out, force, inputs)
-    metrics = None
+    metrics, trained = None, None
     try:
         atomic_write_json(out / RUN_MARKER, _marker(report, "running"))  # first: the marker makes the directory ours
         atomic_write_yaml(out / "config.yaml", resolved)
@@ -403,6 +413,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
                 if bar is not None:
                     bar.close()
             timings["train_s"] = round(time.perf_counter() - t0, 3)
+            trained = (state, save)  # an interrupt from here on keeps the finished training (below)
             times = result.step_times
             report["training"] = {
                 "steps": result.steps,
@@ -434,6 +445,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
         marker = _marker(report, status)
         if isinstance(exc, Terminated):
             marker["signal"] = "SIGTERM"
+        if isinstance(exc, KeyboardInterrupt) and trained is not None:
+            _checkpoint_finished_training(out, *trained, log)
         with contextlib.suppress(QloraError):
             atomic_write_json(out / RUN_MARKER, marker)
         if metrics is not None:
@@ -461,6 +474,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     except BaseException as exc:
         with contextlib.suppress(QloraError):
             atomic_write_json(out / RUN_MARKER, _marker(report, "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_first_line(exc)[:500]}"))
+        _restore_previous(out, aside, log)
         raise
     # the new run is complete: only now are the runs it replaced deleted
     for old in ([aside] if aside is not None else []) + asides_of(out):

@@ -296,3 +296,70 @@ def test_output_that_is_a_file_or_under_a_file_is_one_line(config, tmp_path):
     assert_user_error(invoke("run", config, "-o", blocker, "--no-progress"), "not a directory")
     assert_user_error(invoke("run", config, "-o", blocker / "run", "--no-progress"), "Not a directory")
     assert blocker.read_text() == "x"
+
+
+# --- --resume with damaged checkpoints ------------------------------------------------------
+
+
+def resume_config(run_dir: Path, tmp_path: Path) -> Path:
+    return write_yaml(tmp_path / "resume.yaml", yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def damage(checkpoint: Path, how: str) -> None:
+    state = checkpoint / "trainer_state.json"
+    if how == "truncated weights":
+        data = (checkpoint / "trainable.safetensors").read_bytes()
+        (checkpoint / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "missing optimizer file":
+        (checkpoint / "optimizer.safetensors").unlink()
+    elif how == "partial trainer_state":
+        state.write_text(state.read_text()[:100])
+    elif how == "step is text":
+        state.write_text(json.dumps({**json.loads(state.read_text()), "step": "three"}))
+    elif how == "step of another checkpoint":
+        state.write_text(json.dumps({**json.loads(state.read_text()), "step": 99}))
+    elif how == "no optimizer state":
+        data = json.loads(state.read_text())
+        data.pop("optimizer")
+        state.write_text(json.dumps(data))
+    elif how == "optimizer state names missing tensors":
+        data = json.loads(state.read_text())
+        data["optimizer"]["state"]["0"] = {"dict": {"exp_avg": {"tensor": "nope", "device": "cpu"}}}
+        state.write_text(json.dumps(data))
+    elif how == "NaN weights":
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(str(checkpoint / "trainable.safetensors"))
+        name = sorted(weights)[0]
+        weights[name] = torch.full_like(weights[name], float("nan"))
+        save_file(weights, str(checkpoint / "trainable.safetensors"))
+    else:  # pragma: no cover
+        raise AssertionError(how)
+
+
+DAMAGES = ["truncated weights", "missing optimizer file", "partial trainer_state", "step is text", "step of another checkpoint",
+           "no optimizer state", "optimizer state names missing tensors", "NaN weights"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_why(how, run_copy, tmp_path):
+    damage(run_copy / "checkpoints" / "step-00000003", how)
+    result = invoke("run", resume_config(run_copy, tmp_path), "--resume", run_copy, "--no-progress", "--set", "train.max_steps=4")
+    assert result.exit_code == 0, result.output
+    assert "Skipping checkpoint step-00000003" in result.stderr
+    assert "Traceback" not in result.output
+    report = json.loads((run_copy / "report.json").read_text())
+    assert report["training"]["resumed_from_step"] == 2
+    from qlora_plugins.core.rundir import read_metrics
+
+    assert [r["step"] for r in read_metrics(run_copy / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_with_no_intact_checkpoint_is_one_line(run_copy, tmp_path):
+    for checkpoint in (run_copy / "checkpoints").iterdir():
+        damage(checkpoint, "partial trainer_state")
+    before = snapshot(run_copy / "checkpoints")
+    result = invoke("run", resume_config(run_copy, tmp_path), "--resume", run_copy, "--no-progress", "--set", "train.max_steps=4")
+    assert_user_error(result, "none of the 3 checkpoint(s)")
+    assert snapshot(run_copy / "checkpoints") == before
