@@ -72,9 +72,12 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     from safetensors.torch import save_file
 
     root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    except OSError as exc:
+        raise QloraError(f"cannot write checkpoint {final}: {exc.strerror or exc}; earlier checkpoints are kept") from None
     try:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         opt_tensors, opt_structure = _flatten_optimizer(optimizer.state_dict())

@@ -42,6 +42,7 @@ from qlora_plugins.core.safety import (
     asides_of,
     check_holds_no_input,
     check_no_links,
+    is_run_marker,
     not_a_run_because,
     remove_aside,
 )
@@ -213,6 +214,8 @@ def _check_resume(out: Path, resolved: dict) -> None:
 
     if not (out / RUN_MARKER).is_file() or not (out / "config.yaml").is_file():
         raise QloraError(f"--resume: {out} is not a qlora run directory (no {RUN_MARKER} / config.yaml)")
+    if not is_run_marker(out / RUN_MARKER):
+        raise QloraError(f"--resume: {out} is not a qlora run directory (its {RUN_MARKER} was not written by qlora-plugins)")
     try:
         old = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:

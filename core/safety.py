@@ -89,10 +89,15 @@ def _read_json(path: Path) -> object:
         return None
 
 
+def is_run_marker(path: Path) -> bool:
+    """Whether ``path`` is a ``run.json`` this tool wrote (a JSON object naming the tool)."""
+    marker = _read_json(path)
+    return isinstance(marker, dict) and marker.get("tool") == TOOL
+
+
 def not_a_run_because(path: Path) -> str | None:
     """Why ``path`` is not provably a run directory this tool wrote (None when it is)."""
-    marker = _read_json(path / RUN_MARKER)
-    if not isinstance(marker, dict) or marker.get("tool") != TOOL:
+    if not is_run_marker(path / RUN_MARKER):
         return f"it has no {RUN_MARKER} written by {TOOL}"
     for entry in sorted(path.iterdir(), key=lambda p: p.name):
         name = entry.name

@@ -363,3 +363,10 @@ def test_resume_with_no_intact_checkpoint_is_one_line(run_copy, tmp_path):
     result = invoke("run", resume_config(run_copy, tmp_path), "--resume", run_copy, "--no-progress", "--set", "train.max_steps=4")
     assert_user_error(result, "none of the 3 checkpoint(s)")
     assert snapshot(run_copy / "checkpoints") == before
+
+
+def test_resume_refuses_a_directory_whose_run_json_is_not_ours(run_copy, tmp_path):
+    (run_copy / "run.json").write_text('{"name": "web app"}')
+    before = snapshot(run_copy)
+    assert_user_error(invoke("run", resume_config(run_copy, tmp_path), "--resume", run_copy, "--no-progress"), "not written by qlora-plugins")
+    assert snapshot(run_copy) == before
