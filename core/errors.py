@@ -56,3 +56,56 @@ class ExportError(QloraError):
 
 class OutputExistsError(QloraError):
     """An output directory is not empty and ``--force`` was not given."""
+
+
+#: Longest rendering of a user value inside an error message (:func:`short_repr`).
+REPR_LIMIT = 80
+
+
+def short_repr(value: object, limit: int = REPR_LIMIT) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters, for quoting user values in errors.
+
+    It never walks more of ``value`` than it prints: containers are rendered item by item until
+    the budget is spent, so a structure that a YAML alias bomb expands to (exponentially many
+    items, or a self-referencing list) costs no more than a short one. Huge integers and
+    unknown objects are described instead of being converted.
+    """
+    out: list[str] = []
+    budget = [limit + 1]  # one more than fits, so that cutting is detectable
+
+    def emit(text: str) -> bool:
+        if budget[0] <= 0:
+            return False
+        out.append(text[: budget[0]])
+        budget[0] -= len(text)
+        return budget[0] > 0
+
+    def walk(item: object, depth: int) -> bool:
+        if isinstance(item, bool) or item is None or isinstance(item, float):
+            return emit(repr(item))
+        if isinstance(item, int):
+            return emit(repr(item) if item.bit_length() <= 256 else f"<an integer of {item.bit_length()} bits>")
+        if isinstance(item, (str, bytes)):
+            return emit(repr(item[: limit + 1]))
+        if isinstance(item, (list, tuple, dict)):
+            if depth > 20:
+                return emit("...")
+            opening, closing = "{}" if isinstance(item, dict) else "()" if isinstance(item, tuple) else "[]"
+            if not emit(opening):
+                return False
+            items = item.items() if isinstance(item, dict) else item
+            for i, entry in enumerate(items):
+                if i and not emit(", "):
+                    return False
+                if isinstance(item, dict):
+                    key, val = entry
+                    if not (walk(key, depth + 1) and emit(": ") and walk(val, depth + 1)):
+                        return False
+                elif not walk(entry, depth + 1):
+                    return False
+            return emit("," + closing if isinstance(item, tuple) and len(item) == 1 else closing)
+        return emit(f"<{type(item).__name__}>")
+
+    walk(value, 0)
+    text = "".join(out)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
