@@ -7,11 +7,13 @@ traceback).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 import click
 
@@ -46,6 +48,18 @@ def _registry(ctx: click.Context) -> Any:
 
         obj["registry"] = create_registry()
     return obj["registry"]
+
+
+@contextlib.contextmanager
+def _json_stdout(as_json: bool) -> Iterator[TextIO]:
+    """With ``--json``, stdout carries the JSON document only: whatever plugins or libraries
+    print while the command works goes to stderr. Yields the stream to write the JSON to."""
+    out = sys.stdout
+    if not as_json:
+        yield out
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield out
 
 
 def _warn_broken(registry: Any) -> None:
@@ -124,12 +138,13 @@ def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], outpu
         output = Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     try:
-        report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json, resume=resume)
+        with _json_stdout(as_json) as out:
+            report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json, resume=resume)
     except KeyboardInterrupt:
         click.echo(f"Interrupted; continue with: qlora run {config_path} --resume {output}", err=True)
         ctx.exit(130)
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        click.echo(json.dumps(report, indent=2, default=str), file=out)
     else:
         click.echo(format_table(summary_rows(report), "qlora run: completed"))
 
@@ -161,11 +176,12 @@ def validate(ctx: click.Context, config_path: Path, overrides: tuple[str, ...]) 
 @click.pass_context
 def plugins(ctx: click.Context, kind: str | None, as_json: bool) -> None:
     """List registered plugins: kind, name, distribution, version, description; and broken ones."""
-    registry = _registry(ctx)
-    rows = [r.as_dict() for r in registry.registrations(kind)]
+    with _json_stdout(as_json) as out:
+        registry = _registry(ctx)
+        rows = [r.as_dict() for r in registry.registrations(kind)]  # (descriptions are plugin code)
     broken = [b.as_dict() for b in registry.broken if kind is None or b.kind in (None, kind)]
     if as_json:
-        click.echo(json.dumps({"plugins": rows, "broken": broken, "blocked": registry.blocked}, indent=2))
+        click.echo(json.dumps({"plugins": rows, "broken": broken, "blocked": registry.blocked}, indent=2), file=out)
         return
     headers = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION")
     table = [(r["kind"], r["name"], r["distribution"], r["version"], r["description"]) for r in rows]
@@ -211,9 +227,10 @@ def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_qu
 
     names = [n.strip() for n in quantizers.split(",") if n.strip()]
     log = (lambda name: None) if as_json else (lambda name: click.echo(f"measured {name}", err=True))
-    report = run_report(model_dir, names, _registry(ctx), double_quant, blocksize, text or DEFAULT_PROBE, seq_len, max_tokens,
-                        trust_remote_code=trust_remote_code, progress=log)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    with _json_stdout(as_json) as out:
+        report = run_report(model_dir, names, _registry(ctx), double_quant, blocksize, text or DEFAULT_PROBE, seq_len, max_tokens,
+                            trust_remote_code=trust_remote_code, progress=log)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report), file=out)
 
 
 @cli.command()
@@ -239,16 +256,18 @@ def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output
     place with a manifest.json only if the figures are within the exporter's tolerance.
     Options recorded for the exporter in the run's config apply unless --option overrides them.
     """
-    registry = _registry(ctx)
-    _warn_broken(registry)
-    _quiet_libraries()
-    from qlora_plugins.core.exporting import export_run
+    with _json_stdout(as_json) as out:
+        registry = _registry(ctx)
+        _warn_broken(registry)
+        _quiet_libraries()
+        from qlora_plugins.core.exporting import export_run
+
+        log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
+        results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
     from qlora_plugins.core.report import format_table, human_bytes
 
-    log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
-    results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
     if as_json:
-        click.echo(json.dumps(results, indent=2, default=str))
+        click.echo(json.dumps(results, indent=2, default=str), file=out)
         return
     rows = []
     for name, info in results.items():
