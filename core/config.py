@@ -57,7 +57,7 @@ class TrainSection:
     eval_every: Optional[int] = attrs.field(default=None, validator=positive)
     eval_max_batches: Optional[int] = attrs.field(default=None, validator=positive)
     log_every: int = attrs.field(default=1, validator=in_range(1, None))
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=in_range(0, 2**32 - 1))  # what numpy, torch and random all accept
     gradient_checkpointing: bool = True
     checkpoint_every: Optional[int] = attrs.field(default=None, validator=positive)
     keep_checkpoints: int = attrs.field(default=2, validator=in_range(1, None))

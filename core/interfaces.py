@@ -267,6 +267,7 @@ class DataOptions:
     eval_fraction: float = attrs.field(default=0.1, validator=in_range(0.0, 0.9))
     max_length: int = attrs.field(default=256, validator=in_range(8, 1_000_000))
     max_examples: Optional[int] = attrs.field(default=None, validator=positive)
+    min_kept_fraction: float = attrs.field(default=0.5, validator=in_range(0.0, 1.0))
 
 
 @attrs.define
@@ -290,11 +291,19 @@ class DataContext:
 @attrs.define
 class DataSplits:
     """Tokenized examples: sequences of dicts with ``input_ids`` and ``labels``
-    (token labels with -100 for masked positions, or a class index for ``seq_cls``)."""
+    (token labels with -100 for masked positions, or a class index for ``seq_cls``).
+
+    :param rows: how many rows the data file gave (after ``max_examples``), when the format
+        reads rows; None otherwise.
+    :param dropped: rows that were read but yield no example (e.g. the prompt alone fills
+        ``max_length``), for the run's summary and report.
+    """
 
     train: Sequence[dict]
     eval: Sequence[dict]
     num_labels: Optional[int] = None
+    rows: Optional[int] = None
+    dropped: int = 0
 
 
 class DataFormat(Plugin):

@@ -11,6 +11,7 @@ from qlora_plugins.core.errors import (
     QloraError,
     QuantizationError,
     TrainingError,
+    short_repr,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "QloraError",
     "QuantizationError",
     "TrainingError",
+    "short_repr",
 ]
