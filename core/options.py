@@ -177,6 +177,17 @@ def options_to_dict(options: Any) -> dict[str, Any]:
     return attrs.asdict(options, recurse=True)
 
 
+def check_range(path: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+    """Raise ConfigError naming ``path`` (a config key or a command-line option such as
+    ``--batch``) unless ``low <= value <= high`` and ``value`` is finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, f"must be a finite number, got {short_repr(value)}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ConfigError(path, f"must be in [{lo}, {hi}], got {short_repr(value)}")
+
+
 # Validators: each raises ValueError(message, attribute) so build_options can name the path.
 
 

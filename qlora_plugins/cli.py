@@ -213,9 +213,14 @@ def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_qu
     other models by the relative error and cosine similarity of their last hidden states.
     """
     from qlora_plugins.core.errors import ConfigError
+    from qlora_plugins.core.options import check_range
 
     if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
         raise ConfigError("--blocksize", f"must be a power of two in [32, 4096], got {blocksize}")
+    check_range("--seq-len", seq_len, 2, 1_000_000)  # a perplexity window needs 2 tokens
+    check_range("--max-tokens", max_tokens, 2, 100_000_000)
+    if not [n for n in quantizers.split(",") if n.strip()]:
+        raise ConfigError("--quantizers", "name at least one quantizer, e.g. nf4,fp4")
     text = None
     if text_file is not None:
         try:
