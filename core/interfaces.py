@@ -84,12 +84,22 @@ class ModelRequest:
     skip_modules: list = attrs.field(factory=list)
 
     def load_full_precision(self, **extra: Any) -> "nn.Module":
-        """Load the checkpoint unquantized, in ``dtype``, on ``device``."""
+        """Load the checkpoint unquantized, in ``dtype``, on ``device``.
+
+        :raises ModelError: when weights of the model are missing from the checkpoint or the
+            checkpoint holds weights the model has no place for (``config.json`` describes
+            another architecture).
+        """
+        from qlora_plugins.core.modeling import check_loading_info
+
         kwargs = {**self.model_kwargs, **extra}
         kwargs.setdefault("dtype", self.dtype)
-        model = self.auto_class.from_pretrained(
-            str(self.path), trust_remote_code=self.trust_remote_code, **kwargs
+        model, info = self.auto_class.from_pretrained(
+            str(self.path), trust_remote_code=self.trust_remote_code, output_loading_info=True, **kwargs
         )
+        # every weight of the model must come from the checkpoint (a mismatched config.json would
+        # otherwise train a randomly initialised model); a classification head may be new
+        check_loading_info(info, self.path, type(model).__name__, new_head=self.task == "seq_cls")
         return model.to(self.device)
 
 

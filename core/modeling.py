@@ -106,6 +106,43 @@ def check_safetensors_header(path: Path, config_path: str | None = "model.path")
     return names
 
 
+#: Modules a base or LM checkpoint lacks when it is loaded for classification (a new head), and
+#: heads that a checkpoint has but a model without that head drops.
+_NEW_HEAD_MODULES = ("score", "classifier", "qa_outputs", "pooler")
+_DROPPED_HEAD_MODULES = ("lm_head", "cls", "score", "classifier", "qa_outputs", "pooler")
+
+
+def _under(key: str, modules: Sequence[str]) -> bool:
+    parts = key.split(".")
+    return any(part in modules for part in parts[:-1])
+
+
+def check_loading_info(info: dict, path: Path, architecture: str, new_head: bool, config_path: str = "model.path") -> None:
+    """Raise ModelError when ``from_pretrained`` (``output_loading_info=True``) initialised
+    weights the checkpoint lacks, or skipped weights it has: a ``config.json`` that describes
+    another architecture than the weights would otherwise train a randomly initialised model.
+
+    :param new_head: the model gets a head the checkpoint cannot have (sequence classification
+        of a base or LM checkpoint), so missing head weights and unused LM heads are expected.
+    """
+    missing = sorted(k for k in info.get("missing_keys") or () if not (new_head and _under(k, _NEW_HEAD_MODULES)))
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not (new_head and _under(k, _DROPPED_HEAD_MODULES)))
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) and m else str(m) for m in info.get("mismatched_keys") or ()]
+    errors = [str(e).strip().splitlines()[0] for e in info.get("error_msgs") or () if str(e).strip()]
+    problems = []
+    for label, keys in (("missing from the checkpoint", missing), ("in the checkpoint but not in the model", unexpected),
+                        ("of another shape", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} weight(s) {label} (e.g. {', '.join(keys[:2])})")
+    if errors:
+        problems.append(errors[0][:200])
+    if problems:
+        raise ModelError(
+            f"{config_path}: {path}: the weights do not match the {architecture} that config.json describes: "
+            f"{'; '.join(problems)}; is config.json from another model?"
+        )
+
+
 def auto_class(task: str) -> Any:
     """The transformers Auto class for a task name."""
     import transformers
