@@ -99,7 +99,20 @@ class Lora(Adapter):
         return peft_model
 
     def save(self, model: Any, directory: Path) -> None:
-        model.save_pretrained(str(directory), safe_serialization=True)
+        """Save the adapter (peft format). peft keeps ``target_modules`` as a set and writes it in
+        set order, which changes from process to process; set-valued fields are written sorted, so
+        that two identical runs write byte-identical files."""
+        restore = []
+        for config in (getattr(model, "peft_config", None) or {}).values():
+            for key, value in list(vars(config).items()):
+                if isinstance(value, (set, frozenset)):
+                    restore.append((config, key, value))
+                    setattr(config, key, sorted(value, key=str))
+        try:
+            model.save_pretrained(str(directory), safe_serialization=True)
+        finally:
+            for config, key, value in restore:
+                setattr(config, key, value)
 
     def load(self, model: Any, directory: Path, context: AdapterContext) -> Any:
         from peft import PeftConfig, PeftModel
