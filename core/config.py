@@ -112,7 +112,7 @@ class ResolvedPlugins:
 #: Config files larger than this are refused before they are parsed.
 MAX_CONFIG_BYTES = 1 << 20
 
-#: Limits of a YAML config (:func:`load_yaml`): nesting depth, and how many values aliases may
+#: Limits of a YAML config (:func:`load_yaml`; TOML gets the depth limit): nesting depth, and how many values aliases may
 #: expand the document to (a few hundred bytes of nested aliases otherwise expand to billions).
 YAML_MAX_DEPTH = 64
 YAML_MAX_EXPANDED_VALUES = 100_000
@@ -198,6 +198,17 @@ def _check_expansion(root: Any) -> None:
             None, None, f"aliases expand the document to {total:,} values (at most {YAML_MAX_EXPANDED_VALUES:,})", first_shared[0].start_mark)
 
 
+def _depth(data: Any) -> int:
+    """How deeply lists and mappings nest in ``data`` (a tree: TOML has no aliases)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` with the limits of :class:`_BoundedLoader` (duplicate keys, depth,
     alias expansion); raises ``yaml.YAMLError``."""
@@ -235,6 +246,10 @@ def read_config_file(path: Path) -> dict:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("", f"invalid TOML: {exc}", source=str(path)) from None
+        except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+            raise ConfigError("", f"invalid TOML: nesting deeper than {YAML_MAX_DEPTH} levels", source=str(path)) from None
+        if _depth(data) > YAML_MAX_DEPTH:
+            raise ConfigError("", f"invalid TOML: nesting deeper than {YAML_MAX_DEPTH} levels", source=str(path))
     else:
         try:
             data = load_yaml(text)
@@ -388,10 +403,11 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
         except PluginError as exc:
             raise PluginError(f"{src}: {exc}" if src else str(exc)) from None
 
-    names = [spec.name for spec in config.export]
-    for i, name in enumerate(names):
-        if name in names[:i]:
+    seen: set[str] = set()
+    for i, name in enumerate(spec.name for spec in config.export):
+        if name in seen:
             raise ConfigError(f"export[{i}].name", f"duplicate exporter '{name}' (each exporter writes exports/{name}/)", source=src)
+        seen.add(name)
     return ResolvedPlugins(
         quantizer=make("quantizer", config.quantizer),
         adapter=make("adapter", config.adapter),

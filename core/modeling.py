@@ -27,8 +27,8 @@ def check_model_dir(path: Path, config_path: str = "model.path") -> None:
         raise ModelError(f"{config_path}: {path} is not a model directory (no config.json)")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_path}: {config_file} is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (RecursionError: absurdly deep nesting)
+        raise ModelError(f"{config_path}: {config_file} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelError(f"{config_path}: {config_file} has no 'model_type'; is this a transformers checkpoint?")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):

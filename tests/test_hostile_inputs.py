@@ -159,6 +159,27 @@ def test_duplicate_yaml_keys_are_refused(text: str, fragment: str, write_config)
     assert_user_error(invoke("validate", write_config(text)), fragment)
 
 
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_deeply_nested_toml_is_refused(depth: int, write_config) -> None:
+    config = write_config('[model]\nsource = "tiny-llama"\n[train]\nmax_steps = ' + "[" * depth + "]" * depth + "\n", name="deep.toml")
+    assert_user_error(invoke("validate", config), "deep.toml: invalid TOML: nesting deeper than 64 levels")
+
+
+def test_a_long_export_list_is_checked_in_linear_time(tmp_path: Path) -> None:
+    """60,000 distinct exporter names (a 500 KB config) used to take O(n^2) duplicate checks."""
+    names = ", ".join(f"e{i}" for i in range(60_000))
+    config = write(tmp_path / "exports.yaml", f"model: {{source: tiny-llama}}\ntrain: {{enabled: false}}\nexport: [{names}]\n")
+    one_error_line(qlora("validate", config, timeout=20), "export[0].name: unknown exporter 'e0'")
+
+
+def test_deeply_nested_model_config_json_is_a_model_error(tmp_path: Path, tiny_llama_dir: Path, write_config) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "config.json").write_text('{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", encoding="utf-8")
+    config = write_config(base_config(model={"path": str(model)}))
+    assert_user_error(invoke("validate", config), "model.path: ", "config.json is not valid JSON")
+
+
 def test_duplicate_toml_keys_are_refused(write_config) -> None:
     config = write_config('[model]\nsource = "tiny-llama"\n[train]\nmax_steps = 3\nmax_steps = 4\n', name="dup.toml")
     assert_user_error(invoke("validate", config), "dup.toml: invalid TOML", "line 5")
