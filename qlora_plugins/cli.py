@@ -67,6 +67,14 @@ def _warn_broken(registry: Any) -> None:
         click.echo(f"Warning: plugin problem: {broken.message()}", err=True)
 
 
+def _origin(exc: BaseException) -> str:
+    """`` raised at FILE:LINE`` for the frame that raised ``exc``."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" raised at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
 class QloraGroup(click.Group):
     """Root group: turns :class:`QloraError` into one line on stderr and exit code 2."""
 
@@ -77,6 +85,15 @@ class QloraGroup(click.Group):
             if (ctx.obj or {}).get("debug") or os.environ.get("QLORA_DEBUG") == "1":
                 raise
             click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+        except SystemExit as exc:
+            # click ends commands with its own ``Exit``; a SystemExit here comes from code a command
+            # called (a plugin's quantizer or exporter calling sys.exit()), which must not pass for
+            # the command's own result (``sys.exit(0)`` used to end `qlora run` silently with 0)
+            if (ctx.obj or {}).get("debug") or os.environ.get("QLORA_DEBUG") == "1":
+                raise
+            click.echo(f"Error: {ctx.invoked_subcommand or 'qlora'}: stopped by SystemExit({exc.code!r}){_origin(exc)}, "
+                       "not by the command; a plugin called sys.exit()?", err=True)
             ctx.exit(2)
 
 

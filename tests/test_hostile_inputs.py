@@ -403,6 +403,35 @@ def test_plugin_output_during_run_json_goes_to_stderr(tmp_path: Path, write_conf
     assert "noise while quantizing" in result.stderr
 
 
+def test_plugin_that_exits_while_quantizing_fails_the_run(tmp_path: Path, write_config) -> None:
+    """A quantizer calling sys.exit(0) mid-run used to end `qlora run` with exit code 0."""
+    from qlora_plugins import NoOptions, Quantizer, hookimpl
+
+    class Exiting(Quantizer):
+        """Calls sys.exit(0) while quantizing."""
+
+        name = "exiting"
+        Options = NoOptions
+
+        def quantize_model(self, model, skip_modules):
+            sys.exit(0)
+
+    class Plugin:
+        @hookimpl
+        def register_quantizers(self, register):
+            register(Exiting)
+
+    config = write_config(base_config(quantizer={"name": "exiting"}))
+    from click.testing import CliRunner
+
+    from qlora_plugins.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", str(config), "-o", str(tmp_path / "out"), "--no-progress"],
+                                obj={"registry": new_registry(plugins=[Plugin()])})
+    assert_user_error(result, "Error: run: stopped by SystemExit(0) raised at ", "test_hostile_inputs.py:", "a plugin called sys.exit()?")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_real_ctrl_c_while_plugins_load_is_not_swallowed() -> None:
     """A KeyboardInterrupt raised by plugin code is a broken plugin; a SIGINT that arrives while
     plugins load is the user's Ctrl-C and stops the command."""
