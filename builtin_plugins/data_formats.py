@@ -12,7 +12,7 @@ import attrs
 
 from qlora_plugins import DataContext, DataFormat, DataOptions, DataSplits, hookimpl
 from qlora_plugins.data import check_data_file, read_rows, require_columns, split_indices
-from qlora_plugins.errors import DataError, short_repr
+from qlora_plugins.errors import DataError, short_repr, short_text
 
 IGNORE_INDEX = -100
 
@@ -103,11 +103,11 @@ def _check_placeholders(attribute: attrs.Attribute, template: str, fields: dict)
         template.format(**fields)
         names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        problem = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else f"invalid format string ({exc})"
+        problem = f"unknown placeholder {{{short_text(exc.args[0])}}}" if isinstance(exc, KeyError) else f"invalid format string ({short_text(exc, 200)})"
         raise ValueError(f"{problem}; it may use {allowed} (double braces for literal ones)", attribute) from None
     for name in names:
         if name not in fields:
-            raise ValueError(f"placeholder {{{name}}} may only name a field, not its attributes or items; it may use {allowed}", attribute)
+            raise ValueError(f"placeholder {{{short_text(name)}}} may only name a field, not its attributes or items; it may use {allowed}", attribute)
 
 
 class Instruction(_FileFormat):

@@ -7,6 +7,17 @@ line and exits with code 2. Anything else is a bug and gets a traceback.
 from __future__ import annotations
 
 
+def short_text(text: object, limit: int = 80) -> str:
+    """``str(text)`` cut to at most ``limit`` characters (``...`` marks the cut), for names and
+    other user text quoted in an error message."""
+    text = str(text) if not isinstance(text, str) else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+#: Longest config file name quoted in a ConfigError (longer ones keep their start and end).
+SOURCE_LIMIT = 1024
+
+
 class QloraError(Exception):
     """Base class of every error caused by input (configs, files, plugins), not by a bug."""
 
@@ -22,6 +33,8 @@ class ConfigError(QloraError):
         self.path = path
         self.message = message
         self.source = source
+        if source and len(source) > SOURCE_LIMIT:
+            source = source[: SOURCE_LIMIT // 2] + "..." + source[-SOURCE_LIMIT // 2 :]
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{path}: {message}" if path else f"{where}{message}")
 

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from qlora_plugins.core.errors import ModelError
+from qlora_plugins.core.errors import ModelError, short_text
 
 #: Output heads are kept in full precision by every builtin quantizer.
 DEFAULT_SKIP_MODULES = ("lm_head", "score", "classifier", "qa_outputs")
@@ -18,6 +18,10 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 def check_model_dir(path: Path, config_path: str = "model.path") -> None:
     """Raise ModelError unless ``path`` is a transformers checkpoint directory."""
+    try:
+        path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise ModelError(f"{config_path}: cannot use {short_text(path, 200)}: {exc.strerror or exc}") from None
     if not path.exists():
         raise ModelError(f"{config_path}: model directory not found: {path}")
     if not path.is_dir():

@@ -30,7 +30,7 @@ import attrs
 import pluggy
 
 from qlora_plugins.core import hookspecs
-from qlora_plugins.core.errors import PluginError
+from qlora_plugins.core.errors import PluginError, short_text
 from qlora_plugins.core.interfaces import KINDS, Plugin
 from qlora_plugins.core.options import build_options, did_you_mean
 
@@ -245,12 +245,12 @@ class Registry:
         where = f"{config_path}: " if config_path else ""
         broken = [b for b in self.broken if b.kind == kind and b.name == name]
         if broken:
-            raise PluginError(f"{where}{label} '{name}' is broken: {broken[0].message()}")
+            raise PluginError(f"{where}{label} '{short_text(name)}' is broken: {broken[0].message()}")
         available = ", ".join(sorted(table)) or "none"
         suspects = [b for b in self.broken if b.stage in ("import", "hook") and b.kind in (None, kind)]
         hint = f"; it may come from a plugin that failed to load: {suspects[0].message()}" if suspects else ""
         raise PluginError(
-            f"{where}unknown {label} '{name}'{did_you_mean(str(name), table)}; available: {available}{hint}"
+            f"{where}unknown {label} '{short_text(name)}'{did_you_mean(str(name), table)}; available: {available}{hint}"
         )
 
     def registration(self, kind: str, name: str) -> Registration:

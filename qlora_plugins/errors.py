@@ -12,6 +12,7 @@ from qlora_plugins.core.errors import (
     QuantizationError,
     TrainingError,
     short_repr,
+    short_text,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "QuantizationError",
     "TrainingError",
     "short_repr",
+    "short_text",
 ]

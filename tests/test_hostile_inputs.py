@@ -137,6 +137,33 @@ def test_huge_values_are_quoted_in_a_bounded_size(value: str, fragment: str, tmp
     assert len(line) < MAX_LINE
 
 
+LONG = "x" * 300_000
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"model": {"path": LONG}}, "model.path: cannot use "),
+    ({"model": {"path": "/".join(["y" * 200] * 1000)}}, "model.path: cannot use "),
+    ({"model": {"source": LONG}}, "model.source: unknown model source 'xxx"),
+    ({"quantizer": {"name": LONG}}, "quantizer.name: unknown quantizer 'xxx"),
+    ({"data": {"name": LONG, "path": "rows.jsonl"}}, "data.name: unknown data format 'xxx"),
+    ({"data": {"name": "instruction", "path": LONG}}, "data.path: cannot use "),
+    ({"data": {"name": "instruction", "path": str(INSTRUCTIONS), "template": "{" + LONG + "}"}}, "data.template: unknown placeholder {xxx"),
+    ({"export": [LONG]}, "export[0].name: unknown exporter 'xxx"),
+    ({"model": {"source": "tiny-llama", "task": LONG}}, "model.task: must be one of 'causal_lm', 'seq_cls', got 'xxx"),
+], ids=["model-path", "model-path-components", "model-source", "quantizer-name", "data-name", "data-path", "template", "exporter",
+        "task"])
+def test_huge_strings_are_quoted_in_a_bounded_size(changes: dict, fragment: str, tmp_path: Path) -> None:
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({**base_config(), **changes}, width=10**9), encoding="utf-8")
+    line = assert_user_error(invoke("validate", config), fragment)
+    assert len(line) < MAX_LINE
+
+
+def test_huge_config_file_name_is_quoted_in_a_bounded_size() -> None:
+    line = assert_user_error(invoke("validate", "z" * 100_000), "cannot read: File name too long")
+    assert len(line) < 1200
+
+
 def test_huge_unknown_key_is_named_in_a_bounded_size(write_config) -> None:
     key = "k" * 1000  # libyaml allows simple keys of at most 1024 characters
     line = assert_user_error(invoke("validate", write_config(f"model: {{source: tiny-llama}}\ntrain:\n  {key}: 1\n")), "train.kkkk", "unknown key")
