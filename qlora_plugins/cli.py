@@ -62,6 +62,16 @@ def _json_stdout(as_json: bool) -> Iterator[TextIO]:
         yield out
 
 
+def _check_usable_path(path: Path, option: str) -> None:
+    """One error line for a path the file system refuses outright (a name that is too long)."""
+    from qlora_plugins.core.errors import short_text
+
+    try:
+        path.exists()
+    except OSError as exc:
+        raise QloraError(f"{option}: cannot use {short_text(path, 200)}: {exc.strerror or exc}") from None
+
+
 def _warn_broken(registry: Any) -> None:
     for broken in registry.broken:
         click.echo(f"Warning: plugin problem: {broken.message()}", err=True)
@@ -153,6 +163,7 @@ def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], outpu
             raise QloraError("--resume and --force cannot be combined")
     if output is None:
         output = Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_usable_path(output, "--resume" if resume_dir else "--output")
     log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     try:
         with _json_stdout(as_json) as out:
@@ -278,6 +289,9 @@ def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output
     place with a manifest.json only if the figures are within the exporter's tolerance.
     Options recorded for the exporter in the run's config apply unless --option overrides them.
     """
+    _check_usable_path(run_dir, "RUN_DIR")
+    if output is not None:
+        _check_usable_path(output, "--output")
     with _json_stdout(as_json) as out:
         registry = _registry(ctx)
         _warn_broken(registry)

@@ -164,6 +164,14 @@ def test_huge_config_file_name_is_quoted_in_a_bounded_size() -> None:
     assert len(line) < 1200
 
 
+def test_huge_output_path_is_one_error_line(tmp_path: Path, write_config) -> None:
+    config = write_config(base_config())
+    line = assert_user_error(invoke("run", config, "-o", tmp_path / ("o" * 5000), "--no-progress"), "--output: cannot use ", "File name too long")
+    assert len(line) < MAX_LINE
+    line = assert_user_error(invoke("export", tmp_path / ("r" * 5000), "-e", "adapter"), "RUN_DIR: cannot use ")
+    assert len(line) < MAX_LINE
+
+
 def test_huge_unknown_key_is_named_in_a_bounded_size(write_config) -> None:
     key = "k" * 1000  # libyaml allows simple keys of at most 1024 characters
     line = assert_user_error(invoke("validate", write_config(f"model: {{source: tiny-llama}}\ntrain:\n  {key}: 1\n")), "train.kkkk", "unknown key")
