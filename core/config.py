@@ -246,6 +246,8 @@ def read_config_file(path: Path) -> dict:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("", f"invalid TOML: {exc}", source=str(path)) from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits (Python's int() limit)
+            raise ConfigError("", f"invalid TOML: unreadable value: {str(exc).split(';')[0][:200]}", source=str(path)) from None
         except RecursionError:  # tomllib parses nested arrays and inline tables recursively
             raise ConfigError("", f"invalid TOML: nesting deeper than {YAML_MAX_DEPTH} levels", source=str(path)) from None
         if _depth(data) > YAML_MAX_DEPTH:

@@ -215,6 +215,11 @@ def test_deeply_nested_model_config_json_is_a_model_error(tmp_path: Path, tiny_l
     assert_user_error(invoke("validate", config), "model.path: ", "config.json is not valid JSON")
 
 
+def test_toml_integer_over_4300_digits_is_refused(write_config) -> None:
+    config = write_config('[model]\nsource = "tiny-llama"\n[train]\nmax_steps = ' + "1" * 5000 + "\n", name="big.toml")
+    assert_user_error(invoke("validate", config), "big.toml: invalid TOML: unreadable value: Exceeds the limit (4300 digits)")
+
+
 def test_duplicate_toml_keys_are_refused(write_config) -> None:
     config = write_config('[model]\nsource = "tiny-llama"\n[train]\nmax_steps = 3\nmax_steps = 4\n', name="dup.toml")
     assert_user_error(invoke("validate", config), "dup.toml: invalid TOML", "line 5")
