@@ -151,6 +151,35 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what is written to stdout meanwhile to stderr: ``sys.stdout`` and, when stdout is the
+    process's own, file descriptor 1 too (so that writes from C code and ``os.write(1, ...)``
+    follow). Keeps stdout for what a command means to print there (``--json`` documents)."""
+    saved_fd = None
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        if sys.stdout is not None and sys.stdout.fileno() == 1 and sys.stderr is not None and sys.stderr.fileno() == 2:
+            saved_fd = os.dup(1)
+            os.dup2(2, 1)
+    except (OSError, ValueError, AttributeError, TypeError):  # not a real file (tests, embedding)
+        saved_fd = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved_fd is not None:
+            try:
+                sys.stdout.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
 class _PluginCode:
     """Guard around code of plugins (imports, ``register_*`` hooks, ``register_commands``).
 
@@ -177,28 +206,10 @@ class _PluginCode:
                     previous = signal.signal(signal.SIGINT, on_sigint)
             except (ValueError, OSError, AttributeError):  # no signals here (e.g. embedded)
                 previous = None
-        saved_fd = None
         try:
-            try:
-                sys.stdout.flush()
-            except (OSError, ValueError, AttributeError):
-                pass
-            try:  # the process's own stdout: redirect the file descriptor, so C-level writes follow
-                if sys.stdout is not None and sys.stdout.fileno() == 1 and sys.stderr is not None and sys.stderr.fileno() == 2:
-                    saved_fd = os.dup(1)
-                    os.dup2(2, 1)
-            except (OSError, ValueError, AttributeError, TypeError):
-                saved_fd = None
-            with contextlib.redirect_stdout(sys.stderr):
+            with stdout_to_stderr():
                 yield self
         finally:
-            if saved_fd is not None:
-                try:
-                    sys.stdout.flush()
-                except (OSError, ValueError, AttributeError):
-                    pass
-                os.dup2(saved_fd, 1)
-                os.close(saved_fd)
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
 

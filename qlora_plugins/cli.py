@@ -58,7 +58,9 @@ def _json_stdout(as_json: bool) -> Iterator[TextIO]:
     if not as_json:
         yield out
         return
-    with contextlib.redirect_stdout(sys.stderr):
+    from qlora_plugins.core.registry import stdout_to_stderr
+
+    with stdout_to_stderr():
         yield out
 
 

@@ -399,6 +399,8 @@ class Loud(Quantizer):
 
     def quantize_model(self, model, skip_modules):
         print("noise while quantizing")
+        if os.environ.get("LOUD_FD"):
+            os.write(1, b"raw noise while quantizing\\n")
 
 
 @hookimpl
@@ -470,6 +472,17 @@ def test_plugin_that_exits_while_quantizing_fails_the_run(tmp_path: Path, write_
                                 obj={"registry": new_registry(plugins=[Plugin()])})
     assert_user_error(result, "Error: run: stopped by SystemExit(0) raised at ", "test_hostile_inputs.py:", "a plugin called sys.exit()?")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_plugin_output_during_run_json_in_a_process(tmp_path: Path, write_config, tiny_llama_dir: Path) -> None:
+    """The same through an installed entry point in a real process, with writes to fd 1."""
+    site = fake_site(tmp_path, PRINTING_PLUGIN)
+    config = write_config(base_config(quantizer={"name": "loud"}, train={"max_steps": 1, "batch_size": 2, "threads": 1}, export=[]))
+    proc = qlora("run", config, "-o", tmp_path / "run", "--json", site=site, env_extra={"LOUD_FD": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["status"] == "completed"
+    assert "raw noise while quantizing" in proc.stderr and "noise while quantizing" in proc.stderr
 
 
 def test_a_real_ctrl_c_while_plugins_load_is_not_swallowed() -> None:
