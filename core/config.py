@@ -112,8 +112,9 @@ class ResolvedPlugins:
 #: Config files larger than this are refused before they are parsed.
 MAX_CONFIG_BYTES = 1 << 20
 
-#: Limits of a YAML config (:func:`load_yaml`; TOML gets the depth limit): nesting depth, and how many values aliases may
-#: expand the document to (a few hundred bytes of nested aliases otherwise expand to billions).
+#: Limits of a YAML config (:func:`load_yaml`; TOML gets the depth limit): nesting depth, and how
+#: many values aliases may expand the document to (a few hundred bytes of nested aliases
+#: otherwise expand to billions).
 YAML_MAX_DEPTH = 64
 YAML_MAX_EXPANDED_VALUES = 100_000
 
@@ -318,7 +319,7 @@ def _child_container(node: Any, part: str, nxt: str, path: str) -> Any:
 
 
 def _list_index(node: list, part: str, path: str, allow_append: bool = False) -> int:
-    if not part.isdecimal() or int(part) > len(node) or (int(part) == len(node) and not allow_append):
+    if not part.isdecimal() or len(part) > 18 or int(part) > len(node) or (int(part) == len(node) and not allow_append):
         raise ConfigError(path, f"list index {short_repr(part)} is out of range (the list has {len(node)} items)")
     return int(part)
 

@@ -36,7 +36,8 @@ class ConfigError(QloraError):
         if source and len(source) > SOURCE_LIMIT:
             source = source[: SOURCE_LIMIT // 2] + "..." + source[-SOURCE_LIMIT // 2 :]
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}{path}: {message}" if path else f"{where}{message}")
+        shown = short_text(path, 200)  # (a dotted path built from user keys can be long)
+        super().__init__(f"{where}{shown}: {message}" if path else f"{where}{message}")
 
 
 class PluginError(QloraError):

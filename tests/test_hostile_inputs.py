@@ -172,6 +172,14 @@ def test_huge_output_path_is_one_error_line(tmp_path: Path, write_config) -> Non
     assert len(line) < MAX_LINE
 
 
+def test_huge_set_override_path_is_bounded(write_config) -> None:
+    config = write_config(base_config())
+    line = assert_user_error(invoke("validate", config, "--set", f"export.{'9' * 5000}.name=x"), "list index '9999", "is out of range")
+    assert len(line) < 600
+    line = assert_user_error(invoke("validate", config, "--set", f"train.{'k' * 5000}=1"), "train.kkk", "unknown key")
+    assert "k" * 100 not in line
+
+
 def test_huge_unknown_key_is_named_in_a_bounded_size(write_config) -> None:
     key = "k" * 1000  # libyaml allows simple keys of at most 1024 characters
     line = assert_user_error(invoke("validate", write_config(f"model: {{source: tiny-llama}}\ntrain:\n  {key}: 1\n")), "train.kkkk", "unknown key")
