@@ -10,9 +10,9 @@ from typing import Any, Iterator, Literal, Union
 import attrs
 
 from qlora_plugins import Adapter, AdapterContext, hookimpl
-from qlora_plugins.errors import ConfigError
+from qlora_plugins.errors import ConfigError, short_repr
 from qlora_plugins.modeling import DEFAULT_SKIP_MODULES, is_skipped
-from qlora_plugins.options import in_range
+from qlora_plugins.options import in_range, positive
 
 _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
 
@@ -22,8 +22,8 @@ class LoraOptions:
     """LoRA hyper-parameters (peft's ``LoraConfig``)."""
 
     r: int = attrs.field(default=16, validator=in_range(1, 4096))
-    alpha: float = attrs.field(default=32, validator=in_range(0, None))
-    dropout: float = attrs.field(default=0.05, validator=in_range(0.0, 0.99))
+    alpha: float = attrs.field(default=32, validator=positive)  # 0 would scale every update to nothing
+    dropout: float = attrs.field(default=0.05, validator=in_range(0.0, 0.99))  # [0, 1): 1 would drop every input
     target_modules: Union[Literal["all-linear"], list[str]] = attrs.field(default="all-linear")
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
@@ -91,7 +91,7 @@ class Lora(Adapter):
                 peft_model = get_peft_model(model, config)
         except ValueError as exc:
             if "not found in the base model" in str(exc) or "target_modules" in str(exc):
-                raise ConfigError("adapter.target_modules", f"{opts.target_modules!r} matches no module of the model") from None
+                raise ConfigError("adapter.target_modules", f"{short_repr(opts.target_modules)} matches no module of the model") from None
             raise
         for param in peft_model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
@@ -99,7 +99,20 @@ class Lora(Adapter):
         return peft_model
 
     def save(self, model: Any, directory: Path) -> None:
-        model.save_pretrained(str(directory), safe_serialization=True)
+        """Save the adapter (peft format). peft keeps ``target_modules`` as a set and writes it in
+        set order, which changes from process to process; set-valued fields are written sorted, so
+        that two identical runs write byte-identical files."""
+        restore = []
+        for config in (getattr(model, "peft_config", None) or {}).values():
+            for key, value in list(vars(config).items()):
+                if isinstance(value, (set, frozenset)):
+                    restore.append((config, key, value))
+                    setattr(config, key, sorted(value, key=str))
+        try:
+            model.save_pretrained(str(directory), safe_serialization=True)
+        finally:
+            for config, key, value in restore:
+                setattr(config, key, value)
 
     def load(self, model: Any, directory: Path, context: AdapterContext) -> Any:
         from peft import PeftConfig, PeftModel

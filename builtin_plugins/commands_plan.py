@@ -14,11 +14,16 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> floa
     if value is None:
         return None
     from qlora_plugins.core.planner import parse_size
+    from qlora_plugins.errors import ConfigError
 
     try:
         return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    except ValueError as exc:  # one `Error: --device-memory: ...` line, like every input error
+        raise ConfigError(f"--{param.name.replace('_', '-')}", str(exc)) from None
+
+
+#: Ranges of the numeric options (the blocksize and the quantizer are checked by the planner).
+RANGES = {"--batch": (1, 1_000_000), "--seq": (1, 10_000_000), "--lora-r": (1, 4096), "--lora-dropout": (0.0, 0.99)}
 
 
 @click.command("plan")
@@ -56,7 +61,10 @@ def plan_command(model: str, quantizer: str, double_quant: bool, blocksize: int,
     With --device-memory / --host-memory it says whether the plan fits and, if not, what would.
     """
     from qlora_plugins.core import planner
+    from qlora_plugins.options import check_range
 
+    for option, value in zip(RANGES, (batch, seq, lora_r, lora_dropout)):
+        check_range(option, value, *RANGES[option])
     arch = planner.load_architecture(model)
     targets = None if target_modules.strip() == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     settings = planner.Settings(

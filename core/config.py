@@ -16,9 +16,9 @@ from typing import Any, Literal, Mapping, Optional
 import attrs
 import yaml
 
-from qlora_plugins.core.errors import ConfigError, PluginError
+from qlora_plugins.core.errors import ConfigError, PluginError, short_repr
 from qlora_plugins.core.interfaces import Plugin
-from qlora_plugins.core.options import build_options, did_you_mean, in_range, options_to_dict, positive
+from qlora_plugins.core.options import build_options, did_you_mean, in_range, key_text, options_to_dict, positive
 
 SECTIONS = ("model", "quantizer", "adapter", "optimizer", "data", "train", "export")
 
@@ -57,7 +57,7 @@ class TrainSection:
     eval_every: Optional[int] = attrs.field(default=None, validator=positive)
     eval_max_batches: Optional[int] = attrs.field(default=None, validator=positive)
     log_every: int = attrs.field(default=1, validator=in_range(1, None))
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=in_range(0, 2**32 - 1))  # what numpy, torch and random all accept
     gradient_checkpointing: bool = True
     checkpoint_every: Optional[int] = attrs.field(default=None, validator=positive)
     keep_checkpoints: int = attrs.field(default=2, validator=in_range(1, None))
@@ -109,9 +109,125 @@ class ResolvedPlugins:
     exporters: list[Plugin]
 
 
+#: Config files larger than this are refused before they are parsed.
+MAX_CONFIG_BYTES = 1 << 20
+
+#: Limits of a YAML config (:func:`load_yaml`; TOML gets the depth limit): nesting depth, and how
+#: many values aliases may expand the document to (a few hundred bytes of nested aliases
+#: otherwise expand to billions).
+YAML_MAX_DEPTH = 64
+YAML_MAX_EXPANDED_VALUES = 100_000
+
+
+#: libyaml's parser (when PyYAML has it) is several times faster than the pure-Python one; it
+#: bounds nesting itself (1000 levels) and :func:`_check_expansion` applies ours.
+_SAFE_BASE: Any = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+
+class _BoundedLoader(_SAFE_BASE):
+    """``yaml.SafeLoader`` (libyaml's when available) that refuses duplicate keys, nesting deeper
+    than :data:`YAML_MAX_DEPTH`, recursive aliases and alias expansion beyond
+    :data:`YAML_MAX_EXPANDED_VALUES` values (each as a ``yaml.YAMLError`` with a line)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # the pure-Python composer only
+        self._depth += 1
+        try:
+            if self._depth > YAML_MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nesting deeper than {YAML_MAX_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # unhashable: the base class reports it
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short_repr(key)} (first at line {first.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: Any) -> None:
+    """Refuse a document whose aliases make it expand to more than
+    :data:`YAML_MAX_EXPANDED_VALUES` values (each shared node is visited once) or that contains
+    itself. A long document without aliases is not refused: it costs what it weighs."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    first_shared: list[Any] = []
+
+    def size(node: Any, depth: int = 1) -> int:
+        if depth > YAML_MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nesting deeper than {YAML_MAX_DEPTH} levels", node.start_mark)
+        key = id(node)
+        if key in sizes:
+            if not first_shared:
+                first_shared.append(node)
+            return sizes[key]
+        if key in active:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it (a recursive structure)", node.start_mark)
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    total = size(root)
+    if first_shared and total > max(YAML_MAX_EXPANDED_VALUES, len(sizes)):
+        raise yaml.composer.ComposerError(
+            None, None, f"aliases expand the document to {total:,} values (at most {YAML_MAX_EXPANDED_VALUES:,})", first_shared[0].start_mark)
+
+
+def _depth(data: Any) -> int:
+    """How deeply lists and mappings nest in ``data`` (a tree: TOML has no aliases)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with the limits of :class:`_BoundedLoader` (duplicate keys, depth,
+    alias expansion); raises ``yaml.YAMLError``."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (Python's int() limit)
+        raise yaml.constructor.ConstructorError(None, None, f"unreadable value: {str(exc).split(';')[0][:200]}") from None
+    finally:
+        loader.dispose()
+
+
 def read_config_file(path: Path) -> dict:
     """Parse a YAML or TOML file into a mapping; syntax errors name the file and line."""
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES and path.is_file():
+            raise ConfigError("", f"is {size:,} bytes; a config file may be at most {MAX_CONFIG_BYTES:,} bytes", source=str(path))
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("", "config file not found", source=str(path)) from None
@@ -131,9 +247,15 @@ def read_config_file(path: Path) -> dict:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("", f"invalid TOML: {exc}", source=str(path)) from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits (Python's int() limit)
+            raise ConfigError("", f"invalid TOML: unreadable value: {str(exc).split(';')[0][:200]}", source=str(path)) from None
+        except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+            raise ConfigError("", f"invalid TOML: nesting deeper than {YAML_MAX_DEPTH} levels", source=str(path)) from None
+        if _depth(data) > YAML_MAX_DEPTH:
+            raise ConfigError("", f"invalid TOML: nesting deeper than {YAML_MAX_DEPTH} levels", source=str(path))
     else:
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -153,9 +275,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError("--set", f"expected KEY=VALUE like train.max_steps=10, got {item!r}")
+            raise ConfigError("--set", f"expected KEY=VALUE like train.max_steps=10, got {short_repr(item)}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")
@@ -197,8 +319,8 @@ def _child_container(node: Any, part: str, nxt: str, path: str) -> Any:
 
 
 def _list_index(node: list, part: str, path: str, allow_append: bool = False) -> int:
-    if not part.isdecimal() or int(part) > len(node) or (int(part) == len(node) and not allow_append):
-        raise ConfigError(path, f"list index {part!r} is out of range (the list has {len(node)} items)")
+    if not part.isdecimal() or len(part) > 18 or int(part) > len(node) or (int(part) == len(node) and not allow_append):
+        raise ConfigError(path, f"list index {short_repr(part)} is out of range (the list has {len(node)} items)")
     return int(part)
 
 
@@ -208,13 +330,13 @@ def _plugin_spec(section: str, value: Any, default: str | None) -> PluginSpec | 
     if isinstance(value, str):  # shorthand: `quantizer: nf4`
         return PluginSpec(value, {}, section)
     if not isinstance(value, Mapping):
-        raise ConfigError(section, f"must be a mapping with a 'name' key, got {value!r}")
+        raise ConfigError(section, f"must be a mapping with a 'name' key, got {short_repr(value)}")
     options = dict(value)
     name = options.pop("name", default)
     if name is None:
         raise ConfigError(f"{section}.name", "is required")
     if not isinstance(name, str):
-        raise ConfigError(f"{section}.name", f"must be a string, got {name!r}")
+        raise ConfigError(f"{section}.name", f"must be a string, got {short_repr(name)}")
     return PluginSpec(name, options, section)
 
 
@@ -225,7 +347,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         for key in data:
             if key not in SECTIONS:
                 hint = did_you_mean(str(key), SECTIONS)
-                raise ConfigError(str(key), f"unknown section{hint}; sections are: {', '.join(SECTIONS)}")
+                raise ConfigError(key_text(key), f"unknown section{hint}; sections are: {', '.join(SECTIONS)}")
         if "model" not in data:
             raise ConfigError("model", "is required (set model.path or model.source)")
         model = _section(ModelSection, data.get("model"), "model")
@@ -240,7 +362,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         if isinstance(export_raw, (str, Mapping)):
             export_raw = [export_raw]
         if not isinstance(export_raw, list):
-            raise ConfigError("export", f"must be a list of exporters, got {export_raw!r}")
+            raise ConfigError("export", f"must be a list of exporters, got {short_repr(export_raw)}")
         exports = [_plugin_spec(f"export[{i}]", item, None) for i, item in enumerate(export_raw)]
         for i, spec in enumerate(exports):
             if spec is None:
@@ -259,7 +381,7 @@ def _section(cls: type, value: Any, path: str) -> Any:
     if value is None:
         value = {}
     if not isinstance(value, Mapping):
-        raise ConfigError(path, f"must be a mapping, got {value!r}")
+        raise ConfigError(path, f"must be a mapping, got {short_repr(value)}")
     return build_options(cls, value, path)
 
 
@@ -284,10 +406,11 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
         except PluginError as exc:
             raise PluginError(f"{src}: {exc}" if src else str(exc)) from None
 
-    names = [spec.name for spec in config.export]
-    for i, name in enumerate(names):
-        if name in names[:i]:
+    seen: set[str] = set()
+    for i, name in enumerate(spec.name for spec in config.export):
+        if name in seen:
             raise ConfigError(f"export[{i}].name", f"duplicate exporter '{name}' (each exporter writes exports/{name}/)", source=src)
+        seen.add(name)
     return ResolvedPlugins(
         quantizer=make("quantizer", config.quantizer),
         adapter=make("adapter", config.adapter),

@@ -7,16 +7,20 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from qlora_plugins.core.errors import DataError
+from qlora_plugins.core.errors import DataError, short_text
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
 
 def check_data_file(path: Path, config_path: str = "data.path") -> str:
     """Raise DataError unless ``path`` is a readable file of a supported type; return its builder."""
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise DataError(f"{config_path}: cannot use {short_text(path, 200)}: {exc.strerror or exc}") from None
+    if not exists:
         raise DataError(f"{config_path}: data file not found: {path}")
-    if not path.is_file():
+    if not is_file:
         raise DataError(f"{config_path}: not a file: {path}")
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
@@ -65,11 +69,10 @@ def _parquet_rows(path: Path) -> int | None:
 
 def require_columns(ds: Any, columns: Sequence[str], path: Path, config_path: str = "data.path") -> None:
     """Raise DataError naming the missing columns and the ones present."""
-    missing = [c for c in columns if c not in ds.column_names]
+    missing = [short_text(c) for c in columns if c not in ds.column_names]
     if missing:
-        raise DataError(
-            f"{config_path}: {path.name} lacks column(s) {', '.join(missing)}; it has: {', '.join(ds.column_names) or 'none'}"
-        )
+        present = short_text(", ".join(ds.column_names), 400) or "none"
+        raise DataError(f"{config_path}: {path.name} lacks column(s) {', '.join(missing)}; it has: {present}")
 
 
 def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -7,6 +7,17 @@ line and exits with code 2. Anything else is a bug and gets a traceback.
 from __future__ import annotations
 
 
+def short_text(text: object, limit: int = 80) -> str:
+    """``str(text)`` cut to at most ``limit`` characters (``...`` marks the cut), for names and
+    other user text quoted in an error message."""
+    text = str(text) if not isinstance(text, str) else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+#: Longest config file name quoted in a ConfigError (longer ones keep their start and end).
+SOURCE_LIMIT = 1024
+
+
 class QloraError(Exception):
     """Base class of every error caused by input (configs, files, plugins), not by a bug."""
 
@@ -22,8 +33,11 @@ class ConfigError(QloraError):
         self.path = path
         self.message = message
         self.source = source
+        if source and len(source) > SOURCE_LIMIT:
+            source = source[: SOURCE_LIMIT // 2] + "..." + source[-SOURCE_LIMIT // 2 :]
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}{path}: {message}" if path else f"{where}{message}")
+        shown = short_text(path, 200)  # (a dotted path built from user keys can be long)
+        super().__init__(f"{where}{shown}: {message}" if path else f"{where}{message}")
 
 
 class PluginError(QloraError):
@@ -73,3 +87,56 @@ class Terminated(KeyboardInterrupt):
 
     A subclass of :class:`KeyboardInterrupt`, so every place that saves a checkpoint and marks
     the run interrupted on Ctrl-C does the same on SIGTERM."""
+
+
+#: Longest rendering of a user value inside an error message (:func:`short_repr`).
+REPR_LIMIT = 80
+
+
+def short_repr(value: object, limit: int = REPR_LIMIT) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters, for quoting user values in errors.
+
+    It never walks more of ``value`` than it prints: containers are rendered item by item until
+    the budget is spent, so a structure that a YAML alias bomb expands to (exponentially many
+    items, or a self-referencing list) costs no more than a short one. Huge integers and
+    unknown objects are described instead of being converted.
+    """
+    out: list[str] = []
+    budget = [limit + 1]  # one more than fits, so that cutting is detectable
+
+    def emit(text: str) -> bool:
+        if budget[0] <= 0:
+            return False
+        out.append(text[: budget[0]])
+        budget[0] -= len(text)
+        return budget[0] > 0
+
+    def walk(item: object, depth: int) -> bool:
+        if isinstance(item, bool) or item is None or isinstance(item, float):
+            return emit(repr(item))
+        if isinstance(item, int):
+            return emit(repr(item) if item.bit_length() <= 256 else f"<an integer of {item.bit_length()} bits>")
+        if isinstance(item, (str, bytes)):
+            return emit(repr(item[: limit + 1]))
+        if isinstance(item, (list, tuple, dict)):
+            if depth > 20:
+                return emit("...")
+            opening, closing = "{}" if isinstance(item, dict) else "()" if isinstance(item, tuple) else "[]"
+            if not emit(opening):
+                return False
+            items = item.items() if isinstance(item, dict) else item
+            for i, entry in enumerate(items):
+                if i and not emit(", "):
+                    return False
+                if isinstance(item, dict):
+                    key, val = entry
+                    if not (walk(key, depth + 1) and emit(": ") and walk(val, depth + 1)):
+                        return False
+                elif not walk(entry, depth + 1):
+                    return False
+            return emit("," + closing if isinstance(item, tuple) and len(item) == 1 else closing)
+        return emit(f"<{type(item).__name__}>")
+
+    walk(value, 0)
+    text = "".join(out)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

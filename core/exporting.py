@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import attrs
 
-from qlora_plugins.core.errors import ExportError, ModelError, OutputExistsError, QloraError, UnsafeOutputError
+from qlora_plugins.core.errors import ExportError, ModelError, OutputExistsError, QloraError, UnsafeOutputError, short_text
 from qlora_plugins.core.interfaces import AdapterContext, ExportContext
 from qlora_plugins.core.options import in_range
 from qlora_plugins.core.rundir import atomic_directory, atomic_write_json
@@ -747,10 +747,12 @@ def _read_run_config(run_dir: Path) -> dict:
         raise ExportError(f"RUN_DIR: {run_dir} is not a directory")
     if not path.is_file():
         raise ExportError(f"RUN_DIR: {run_dir} is not a qlora run directory (no config.yaml)")
+    from qlora_plugins.core.config import load_yaml
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ExportError(f"{path}: cannot read the run's config: {exc}") from None
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, QloraError) as exc:
+        raise ExportError(f"{path}: cannot read the run's config: {short_text(str(exc), 300)}") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ExportError(f"{path}: not a run config (no model section)")
     return data

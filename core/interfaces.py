@@ -84,12 +84,22 @@ class ModelRequest:
     skip_modules: list = attrs.field(factory=list)
 
     def load_full_precision(self, **extra: Any) -> "nn.Module":
-        """Load the checkpoint unquantized, in ``dtype``, on ``device``."""
+        """Load the checkpoint unquantized, in ``dtype``, on ``device``.
+
+        :raises ModelError: when weights of the model are missing from the checkpoint or the
+            checkpoint holds weights the model has no place for (``config.json`` describes
+            another architecture).
+        """
+        from qlora_plugins.core.modeling import check_loading_info
+
         kwargs = {**self.model_kwargs, **extra}
         kwargs.setdefault("dtype", self.dtype)
-        model = self.auto_class.from_pretrained(
-            str(self.path), trust_remote_code=self.trust_remote_code, **kwargs
+        model, info = self.auto_class.from_pretrained(
+            str(self.path), trust_remote_code=self.trust_remote_code, output_loading_info=True, **kwargs
         )
+        # every weight of the model must come from the checkpoint (a mismatched config.json would
+        # otherwise train a randomly initialised model); a classification head may be new
+        check_loading_info(info, self.path, type(model).__name__, new_head=self.task == "seq_cls")
         return model.to(self.device)
 
 
@@ -267,6 +277,7 @@ class DataOptions:
     eval_fraction: float = attrs.field(default=0.1, validator=in_range(0.0, 0.9))
     max_length: int = attrs.field(default=256, validator=in_range(8, 1_000_000))
     max_examples: Optional[int] = attrs.field(default=None, validator=positive)
+    min_kept_fraction: float = attrs.field(default=0.5, validator=in_range(0.0, 1.0))
 
 
 @attrs.define
@@ -290,11 +301,19 @@ class DataContext:
 @attrs.define
 class DataSplits:
     """Tokenized examples: sequences of dicts with ``input_ids`` and ``labels``
-    (token labels with -100 for masked positions, or a class index for ``seq_cls``)."""
+    (token labels with -100 for masked positions, or a class index for ``seq_cls``).
+
+    :param rows: how many rows the data file gave (after ``max_examples``), when the format
+        reads rows; None otherwise.
+    :param dropped: rows that were read but yield no example (e.g. the prompt alone fills
+        ``max_length``), for the run's summary and report.
+    """
 
     train: Sequence[dict]
     eval: Sequence[dict]
     num_labels: Optional[int] = None
+    rows: Optional[int] = None
+    dropped: int = 0
 
 
 class DataFormat(Plugin):

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from qlora_plugins.core.errors import ModelError
+from qlora_plugins.core.errors import ModelError, short_text
 
 #: Output heads are kept in full precision by every builtin quantizer.
 DEFAULT_SKIP_MODULES = ("lm_head", "score", "classifier", "qa_outputs")
@@ -18,6 +18,10 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 def check_model_dir(path: Path, config_path: str = "model.path") -> None:
     """Raise ModelError unless ``path`` is a transformers checkpoint directory."""
+    try:
+        path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise ModelError(f"{config_path}: cannot use {short_text(path, 200)}: {exc.strerror or exc}") from None
     if not path.exists():
         raise ModelError(f"{config_path}: model directory not found: {path}")
     if not path.is_dir():
@@ -27,8 +31,8 @@ def check_model_dir(path: Path, config_path: str = "model.path") -> None:
         raise ModelError(f"{config_path}: {path} is not a model directory (no config.json)")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_path}: {config_file} is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (RecursionError: absurdly deep nesting)
+        raise ModelError(f"{config_path}: {config_file} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelError(f"{config_path}: {config_file} has no 'model_type'; is this a transformers checkpoint?")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
@@ -104,6 +108,43 @@ def check_safetensors_header(path: Path, config_path: str | None = "model.path")
         where = f"{config_path}: " if config_path else ""
         raise ModelError(f"{where}{path} is corrupt or truncated (not a complete safetensors file: {exc})") from None
     return names
+
+
+#: Modules a base or LM checkpoint lacks when it is loaded for classification (a new head), and
+#: heads that a checkpoint has but a model without that head drops.
+_NEW_HEAD_MODULES = ("score", "classifier", "qa_outputs", "pooler")
+_DROPPED_HEAD_MODULES = ("lm_head", "cls", "score", "classifier", "qa_outputs", "pooler")
+
+
+def _under(key: str, modules: Sequence[str]) -> bool:
+    parts = key.split(".")
+    return any(part in modules for part in parts[:-1])
+
+
+def check_loading_info(info: dict, path: Path, architecture: str, new_head: bool, config_path: str = "model.path") -> None:
+    """Raise ModelError when ``from_pretrained`` (``output_loading_info=True``) initialised
+    weights the checkpoint lacks, or skipped weights it has: a ``config.json`` that describes
+    another architecture than the weights would otherwise train a randomly initialised model.
+
+    :param new_head: the model gets a head the checkpoint cannot have (sequence classification
+        of a base or LM checkpoint), so missing head weights and unused LM heads are expected.
+    """
+    missing = sorted(k for k in info.get("missing_keys") or () if not (new_head and _under(k, _NEW_HEAD_MODULES)))
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not (new_head and _under(k, _DROPPED_HEAD_MODULES)))
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) and m else str(m) for m in info.get("mismatched_keys") or ()]
+    errors = [str(e).strip().splitlines()[0] for e in info.get("error_msgs") or () if str(e).strip()]
+    problems = []
+    for label, keys in (("missing from the checkpoint", missing), ("in the checkpoint but not in the model", unexpected),
+                        ("of another shape", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} weight(s) {label} (e.g. {', '.join(keys[:2])})")
+    if errors:
+        problems.append(errors[0][:200])
+    if problems:
+        raise ModelError(
+            f"{config_path}: {path}: the weights do not match the {architecture} that config.json describes: "
+            f"{'; '.join(problems)}; is config.json from another model?"
+        )
 
 
 def auto_class(task: str) -> Any:

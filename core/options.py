@@ -17,16 +17,25 @@ from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, Union
 
 import attrs
 
-from qlora_plugins.core.errors import ConfigError
+from qlora_plugins.core.errors import ConfigError, short_repr
 
 T = TypeVar("T")
 
 _MISSING = object()
 
 
+def key_text(key: Any) -> str:
+    """A config key as it appears in an error's dotted path, bounded like :func:`short_repr`."""
+    text = key if isinstance(key, str) else short_repr(key)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate closest to ``name`` (for "did you mean" hints), or None."""
-    matches = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
+    name = str(name)
+    if len(name) > 200:  # nothing valid is that long, and difflib's cost grows with the length
+        return None
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return matches[0] if matches else None
 
 
@@ -66,7 +75,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value in allowed:
             return value
         hint = did_you_mean(value, [str(a) for a in allowed]) if isinstance(value, str) else ""
-        raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}{hint}")
+        raise ConfigError(path, f"must be {_type_name(tp)}, got {short_repr(value)}{hint}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -81,27 +90,27 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 errors.append(exc)
         if len(errors) == 1:
             raise errors[0]
-        raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(path, f"must be {_type_name(tp)}, got {short_repr(value)}")
     if origin in (list, tuple, typing.Sequence):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}")
+            raise ConfigError(path, f"must be {_type_name(tp)}, got {short_repr(value)}")
         args = typing.get_args(tp)
         item = args[0] if args else Any
         return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, typing.Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(path, f"must be a mapping, got {value!r}")
+            raise ConfigError(path, f"must be a mapping, got {short_repr(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(path, f"must be true or false, got {value!r}")
+        raise ConfigError(path, f"must be true or false, got {short_repr(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(path, f"must be an integer, got {value!r}")
+        raise ConfigError(path, f"must be an integer, got {short_repr(value)}")
     if tp is float:
         number = None
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -110,17 +119,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except (ValueError, OverflowError):
                 number = float("inf") if isinstance(value, int) else None
         if number is None:
-            raise ConfigError(path, f"must be a number, got {value!r}")
+            raise ConfigError(path, f"must be a number, got {short_repr(value)}")
         if not math.isfinite(number):  # NaN passes every range check, so refuse it here
-            raise ConfigError(path, f"must be a finite number, got {value!r}")
+            raise ConfigError(path, f"must be a finite number, got {short_repr(value)}")
         return number
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(path, f"must be a string, got {value!r}")
+        raise ConfigError(path, f"must be a string, got {short_repr(value)}")
     if isinstance(tp, type) and attrs.has(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(path, f"must be a mapping, got {value!r}")
+            raise ConfigError(path, f"must be a mapping, got {short_repr(value)}")
         return build_options(tp, value, path)
     return value
 
@@ -140,7 +149,7 @@ def build_options(cls: type[T], data: Mapping[str, Any] | None, path: str = "") 
             known = sorted(public)
             hint = did_you_mean(str(key), known)
             valid = f"; valid keys: {', '.join(known)}" if known and not hint else ""
-            raise ConfigError(f"{prefix}{key}", f"unknown key{hint}{valid}")
+            raise ConfigError(f"{prefix}{key_text(key)}", f"unknown key{hint}{valid}")
     kwargs = {}
     for key, field in public.items():
         if key in data:
@@ -168,6 +177,17 @@ def options_to_dict(options: Any) -> dict[str, Any]:
     return attrs.asdict(options, recurse=True)
 
 
+def check_range(path: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+    """Raise ConfigError naming ``path`` (a config key or a command-line option such as
+    ``--batch``) unless ``low <= value <= high`` and ``value`` is finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, f"must be a finite number, got {short_repr(value)}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ConfigError(path, f"must be in [{lo}, {hi}], got {short_repr(value)}")
+
+
 # Validators: each raises ValueError(message, attribute) so build_options can name the path.
 
 
@@ -184,7 +204,7 @@ def in_range(low: float | None = None, high: float | None = None) -> Callable[[A
         if (low is not None and value < low) or (high is not None and value > high):
             lo = "-inf" if low is None else low
             hi = "inf" if high is None else high
-            _fail(attribute, f"must be in [{lo}, {hi}], got {value!r}")
+            _fail(attribute, f"must be in [{lo}, {hi}], got {short_repr(value)}")
 
     return check
 
@@ -192,7 +212,7 @@ def in_range(low: float | None = None, high: float | None = None) -> Callable[[A
 def positive(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     """attrs validator: value > 0 (None passes)."""
     if value is not None and value <= 0:
-        _fail(attribute, f"must be > 0, got {value!r}")
+        _fail(attribute, f"must be > 0, got {short_repr(value)}")
 
 
 def power_of_two(low: int, high: int) -> Callable[[Any, attrs.Attribute, Any], None]:
@@ -200,7 +220,7 @@ def power_of_two(low: int, high: int) -> Callable[[Any, attrs.Attribute, Any], N
 
     def check(_instance: Any, attribute: attrs.Attribute, value: int) -> None:
         if not (low <= value <= high) or value & (value - 1):
-            _fail(attribute, f"must be a power of two in [{low}, {high}], got {value!r}")
+            _fail(attribute, f"must be a power of two in [{low}, {high}], got {short_repr(value)}")
 
     return check
 
@@ -211,6 +231,6 @@ def one_of(*choices: str) -> Callable[[Any, attrs.Attribute, Any], None]:
     def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value not in choices:
             hint = did_you_mean(str(value), choices)
-            _fail(attribute, f"must be one of {', '.join(choices)}, got {value!r}{hint}")
+            _fail(attribute, f"must be one of {', '.join(choices)}, got {short_repr(value)}{hint}")
 
     return check

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import attrs
 
 from qlora_plugins.core import modeling
-from qlora_plugins.core.config import Config, ResolvedPlugins, resolve_plugins, resolved_dict
+from qlora_plugins.core.config import Config, ResolvedPlugins, load_yaml, resolve_plugins, resolved_dict
 from qlora_plugins.core.errors import ConfigError, ModelError, PluginError, QloraError, TrainingError, UnsafeOutputError
 from qlora_plugins.core.exporting import run_exports
 from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportContext, ModelRequest
@@ -54,7 +54,7 @@ from qlora_plugins.core.checkpointing import (
     restore_latest,
     save_checkpoint,
 )
-from qlora_plugins.core.training import TrainLoop, TrainState, prepare_for_kbit_training, total_steps, trainable_parameters
+from qlora_plugins.core.training import IGNORE_INDEX, TrainLoop, TrainState, prepare_for_kbit_training, total_steps, trainable_parameters
 
 Log = Callable[[str], None]
 
@@ -217,8 +217,8 @@ def _check_resume(out: Path, resolved: dict) -> None:
     if not is_run_marker(out / RUN_MARKER):
         raise QloraError(f"--resume: {out} is not a qlora run directory (its {RUN_MARKER} was not written by qlora-plugins)")
     try:
-        old = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        old = load_yaml((out / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, QloraError) as exc:
         raise QloraError(f"--resume: cannot read {out / 'config.yaml'}: {_first_line(exc)}") from None
     if not isinstance(old, dict):
         raise QloraError(f"--resume: {out / 'config.yaml'} is not a run config")
@@ -257,6 +257,13 @@ def check_output(out: Path, inputs: list[tuple[str, Path | None]], force: bool, 
         if reason:
             raise UnsafeOutputError(f"--output: {out} is not a qlora run directory ({reason}); refusing to delete it even with --force")
         check_holds_no_input(out, inputs, "--output")
+
+
+def _failure(exc: BaseException) -> str:
+    """How a failure reads in run.json: the one-line message of an input error, the exception's
+    type too for anything else (``SystemExit: 0`` rather than ``0``)."""
+    text = _first_line(exc)
+    return (text if isinstance(exc, QloraError) else f"{type(exc).__name__}: {text}")[:500]
 
 
 def _marker(report: dict, status: str) -> dict:
@@ -318,6 +325,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
         splits = plugins.data.load(DataContext(tokenizer, config.model.task, train_cfg.seed, config.base_dir, "data"))
         if len(splits.train) == 0:
             raise QloraError("data: the training split is empty")
+        if config.model.task == "causal_lm" and not any(label != IGNORE_INDEX for example in splits.train for label in example["labels"]):
+            raise QloraError(f"data: no token of the training split is trained (every label is masked; data.name={plugins.data.name})")
 
     resolved = resolved_dict(config, plugins)
     if config.model.source:  # the resolved config names the materialized checkpoint (report.json keeps the source)
@@ -327,6 +336,10 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
 
     report: dict[str, Any] = {"status": "running", "run_dir": str(out), "config": str(config.source) if config.source else None}
     notes: list[str] = []
+    if splits is not None and getattr(splits, "dropped", 0):
+        notes.append(f"data: {splits.dropped} of {splits.rows} rows dropped (no response left to learn within "
+                     f"data.max_length={getattr(plugins.data.options, 'max_length', '?')}, or an empty response)")
+        log(notes[-1])
     report["model"] = {"path": str(model_dir), "source": config.model.source, "task": config.model.task, "dtype": config.model.dtype,
                        "trust_remote_code": config.model.trust_remote_code}
     report["plugins"] = plugin_report(registry, plugins)
@@ -428,6 +441,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
                 "mean_step_time_s": statistics.fmean(times) if times else None,
                 "train_examples": len(splits.train),
                 "eval_examples": len(splits.eval),
+                "data_rows": getattr(splits, "rows", None),
+                "dropped_rows": getattr(splits, "dropped", 0),
                 "resumed_from_step": resumed_from,
             }
         model.eval()
@@ -444,7 +459,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     except BaseException as exc:
         from qlora_plugins.core.errors import Terminated
 
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_first_line(exc)[:500]}"
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_failure(exc)}"
         marker = _marker(report, status)
         if isinstance(exc, Terminated):
             marker["signal"] = "SIGTERM"
@@ -476,7 +491,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
         atomic_write_json(out / RUN_MARKER, _marker(report, "completed"))
     except BaseException as exc:
         with contextlib.suppress(QloraError):
-            atomic_write_json(out / RUN_MARKER, _marker(report, "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_first_line(exc)[:500]}"))
+            atomic_write_json(out / RUN_MARKER, _marker(report, "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_failure(exc)}"))
         _restore_previous(out, aside, log)
         raise
     # the new run is complete: only now are the runs it replaced deleted

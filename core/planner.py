@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import attrs
 
-from qlora_plugins.core.errors import ConfigError, ModelError
+from qlora_plugins.core.errors import ConfigError, ModelError, short_repr
 
 GB = 10**9
 GiB = 2**30
@@ -307,8 +307,11 @@ class Settings:
             raise ConfigError("--adapter", "full fine-tuning needs an unquantized base (--quantizer none)")
         if self.device not in ("cuda", "cpu"):
             raise ConfigError("--device", f"must be cuda or cpu, got {self.device!r}")
-        if self.batch < 1 or self.seq < 1 or self.lora_r < 1:
-            raise ConfigError("--batch", "batch, sequence length and rank must be positive")
+        for option, value in (("--batch", self.batch), ("--seq", self.seq), ("--lora-r", self.lora_r)):
+            if value < 1:  # each error names its own option
+                raise ConfigError(option, f"must be at least 1, got {value}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("--lora-dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.blocksize < 32 or self.blocksize > 4096 or self.blocksize & (self.blocksize - 1):
             raise ConfigError("--blocksize", f"must be a power of two in [32, 4096], got {self.blocksize}")
 
@@ -485,10 +488,13 @@ def parse_size(text: str) -> float:
     """``24GB`` (10^9), ``24GiB`` (2^30), ``512MB``, ``64G`` or a plain number of bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
     if not match:
-        raise ValueError(f"not a size: {text!r} (examples: 24GB, 24GiB, 512MB)")
+        raise ValueError(f"not a size: {short_repr(text)} (examples: 24GB, 24GiB, 512MB)")
     value, prefix, binary = match.groups()
     power = " kmgt".index(prefix) if prefix else 0
-    return float(value) * (1024 if binary else 1000) ** power
+    size = float(value) * (1024 if binary else 1000) ** power
+    if not math.isfinite(size) or size <= 0:
+        raise ValueError(f"must be a positive size, got {short_repr(text)} (examples: 24GB, 24GiB, 512MB)")
+    return size
 
 
 def _fits(plan: Plan, device_budget: Optional[float], host_budget: Optional[float]) -> tuple[bool, list[str]]:

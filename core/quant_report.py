@@ -39,9 +39,11 @@ def _load(model_dir: Path, causal: bool, trust_remote_code: bool) -> Any:
 
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
-        model = cls.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True, trust_remote_code=trust_remote_code)
+        model, info = cls.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True, trust_remote_code=trust_remote_code,
+                                          output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"MODEL_DIR: cannot load {model_dir}: {str(exc).splitlines()[0]}") from None
+    modeling.check_loading_info(info, model_dir, type(model).__name__, new_head=not causal, config_path="MODEL_DIR")
     return model.eval()
 
 

@@ -15,18 +15,22 @@ Rules (documented in docs/plugins.md):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import os
 import re
+import signal
+import sys
+import threading
 import traceback
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import attrs
 import pluggy
 
 from qlora_plugins.core import hookspecs
-from qlora_plugins.core.errors import PluginError
+from qlora_plugins.core.errors import PluginError, short_text
 from qlora_plugins.core.interfaces import KINDS, Plugin
 from qlora_plugins.core.options import build_options, did_you_mean
 
@@ -141,7 +145,80 @@ def _own_version() -> str:
 def _short_error(exc: BaseException) -> str:
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f" ({os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what is written to stdout meanwhile to stderr: ``sys.stdout`` and, when stdout is the
+    process's own, file descriptor 1 too (so that writes from C code and ``os.write(1, ...)``
+    follow). Keeps stdout for what a command means to print there (``--json`` documents)."""
+    saved_fd = None
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        if sys.stdout is not None and sys.stdout.fileno() == 1 and sys.stderr is not None and sys.stderr.fileno() == 2:
+            saved_fd = os.dup(1)
+            os.dup2(2, 1)
+    except (OSError, ValueError, AttributeError, TypeError):  # not a real file (tests, embedding)
+        saved_fd = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved_fd is not None:
+            try:
+                sys.stdout.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
+class _PluginCode:
+    """Guard around code of plugins (imports, ``register_*`` hooks, ``register_commands``).
+
+    - What plugin code prints goes to stderr: stdout belongs to the command (``--json``).
+    - Every exception it raises is contained, ``SystemExit`` and ``KeyboardInterrupt`` included:
+      a plugin that calls ``sys.exit()`` or raises ``KeyboardInterrupt`` at import is a broken
+      plugin like any other. A real Ctrl-C (SIGINT) that arrives meanwhile is told apart by a
+      signal handler installed for the duration, and is re-raised.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["_PluginCode"]:
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                    def on_sigint(signum: int, frame: Any) -> None:
+                        self.interrupted = True
+                        raise KeyboardInterrupt
+
+                    previous = signal.signal(signal.SIGINT, on_sigint)
+            except (ValueError, OSError, AttributeError):  # no signals here (e.g. embedded)
+                previous = None
+        try:
+            with stdout_to_stderr():
+                yield self
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def contain(self, exc: BaseException) -> None:
+        """Re-raise a real Ctrl-C; anything else plugin code raised is the caller's to record."""
+        if isinstance(exc, KeyboardInterrupt) and self.interrupted:
+            raise exc
+        if isinstance(exc, GeneratorExit):
+            raise exc
 
 
 class Registry:
@@ -179,12 +256,12 @@ class Registry:
         where = f"{config_path}: " if config_path else ""
         broken = [b for b in self.broken if b.kind == kind and b.name == name]
         if broken:
-            raise PluginError(f"{where}{label} '{name}' is broken: {broken[0].message()}")
+            raise PluginError(f"{where}{label} '{short_text(name)}' is broken: {broken[0].message()}")
         available = ", ".join(sorted(table)) or "none"
         suspects = [b for b in self.broken if b.stage in ("import", "hook") and b.kind in (None, kind)]
         hint = f"; it may come from a plugin that failed to load: {suspects[0].message()}" if suspects else ""
         raise PluginError(
-            f"{where}unknown {label} '{name}'{did_you_mean(str(name), table)}; available: {available}{hint}"
+            f"{where}unknown {label} '{short_text(name)}'{did_you_mean(str(name), table)}; available: {available}{hint}"
         )
 
     def registration(self, kind: str, name: str) -> Registration:
@@ -202,13 +279,16 @@ class Registry:
 
     def add_commands(self, cli: Any) -> None:
         """Let every plugin add CLI subcommands (``register_commands``); faults are contained."""
-        for impl in self.pm.hook.register_commands.get_hookimpls():
-            source = self.sources.get(impl.plugin_name)
-            try:
-                impl.function(cli=cli)
-            except Exception as exc:  # a broken plugin must not take the CLI down
-                if source is not None:
-                    self.broken.append(BrokenPlugin(source, "hook", _short_error(exc)))
+        guard = _PluginCode()
+        with guard.running():
+            for impl in self.pm.hook.register_commands.get_hookimpls():
+                source = self.sources.get(impl.plugin_name)
+                try:
+                    impl.function(cli=cli)
+                except BaseException as exc:  # a broken plugin must not take the CLI down (SystemExit neither)
+                    guard.contain(exc)
+                    if source is not None:
+                        self.broken.append(BrokenPlugin(source, "hook", f"register_commands raised {_short_error(exc)}"))
 
     # registration -------------------------------------------------------------------------
 
@@ -218,7 +298,7 @@ class Registry:
             return
         try:
             self.pm.register(plugin, name=source.name)
-        except Exception as exc:  # e.g. a hookimpl with wrong arguments
+        except Exception as exc:  # e.g. a hookimpl with wrong arguments (no plugin code runs here)
             self.broken.append(BrokenPlugin(source, "invalid", _short_error(exc)))
             return
         self.sources[source.name] = source
@@ -232,7 +312,7 @@ class Registry:
                 del self.sources[source.name]
                 return
 
-    def _collect(self) -> None:
+    def _collect(self, guard: "_PluginCode") -> None:
         order = {name: i for i, name in enumerate(self.sources)}
         for kind, hook_name in HOOKS.items():
             impls = getattr(self.pm.hook, hook_name).get_hookimpls()
@@ -240,7 +320,8 @@ class Registry:
                 source = self.sources[impl.plugin_name]
                 try:
                     impl.function(register=lambda cls, _k=kind, _s=source: self._add(_k, cls, _s))
-                except Exception as exc:
+                except BaseException as exc:
+                    guard.contain(exc)
                     self.broken.append(BrokenPlugin(source, "hook", f"{hook_name} raised {_short_error(exc)}"))
 
     def _add(self, kind: str, cls: Any, source: PluginSource) -> None:
@@ -314,46 +395,49 @@ def create_registry(
         pm.set_blocked(name)
     registry = Registry(pm)
     version = _own_version()
-
-    for module_name in DEFAULT_PLUGINS:
-        source = PluginSource(module_name, DISTRIBUTION, version, builtin=True)
-        if pm.is_blocked(module_name):
-            registry.blocked.append(module_name)
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:  # an optional dependency of a builtin may be missing
-            registry.broken.append(BrokenPlugin(source, "import", _short_error(exc)))
-            continue
-        registry._register_module(module, source)
-
-    if load_entrypoints if load_entrypoints is not None else autoload_enabled():
-        for ep in _entry_points():
-            dist = ep.dist
-            source = PluginSource(
-                ep.name,
-                dist.name if dist else "unknown",
-                dist.version if dist else "unknown",
-                builtin=False,
-                entry_point=f"{ep.name} = {ep.value}",
-            )
-            if pm.is_blocked(ep.name):
-                registry.blocked.append(ep.name)
-                continue
-            if ep.name in registry.sources:
-                registry.broken.append(BrokenPlugin(source, "conflict", f"plugin name '{ep.name}' is already in use"))
+    guard = _PluginCode()
+    with guard.running():
+        for module_name in DEFAULT_PLUGINS:
+            source = PluginSource(module_name, DISTRIBUTION, version, builtin=True)
+            if pm.is_blocked(module_name):
+                registry.blocked.append(module_name)
                 continue
             try:
-                obj = ep.load()
-            except Exception as exc:
+                module = importlib.import_module(module_name)
+            except BaseException as exc:  # an optional dependency of a builtin may be missing
+                guard.contain(exc)
                 registry.broken.append(BrokenPlugin(source, "import", _short_error(exc)))
                 continue
+            registry._register_module(module, source)
+
+        if load_entrypoints if load_entrypoints is not None else autoload_enabled():
+            for ep in _entry_points():
+                dist = ep.dist
+                source = PluginSource(
+                    ep.name,
+                    dist.name if dist else "unknown",
+                    dist.version if dist else "unknown",
+                    builtin=False,
+                    entry_point=f"{ep.name} = {ep.value}",
+                )
+                if pm.is_blocked(ep.name):
+                    registry.blocked.append(ep.name)
+                    continue
+                if ep.name in registry.sources:
+                    registry.broken.append(BrokenPlugin(source, "conflict", f"plugin name '{ep.name}' is already in use"))
+                    continue
+                try:
+                    obj = ep.load()
+                except BaseException as exc:  # SystemExit and KeyboardInterrupt from plugin code too
+                    guard.contain(exc)
+                    registry.broken.append(BrokenPlugin(source, "import", _short_error(exc)))
+                    continue
+                registry._register_module(obj, source)
+
+        for i, obj in enumerate(plugins):
+            name = getattr(obj, "__name__", None) or f"{type(obj).__name__}-{i}"
+            source = PluginSource(name, getattr(obj, "__distribution__", "local"), "0", builtin=False)
             registry._register_module(obj, source)
 
-    for i, obj in enumerate(plugins):
-        name = getattr(obj, "__name__", None) or f"{type(obj).__name__}-{i}"
-        source = PluginSource(name, getattr(obj, "__distribution__", "local"), "0", builtin=False)
-        registry._register_module(obj, source)
-
-    registry._collect()
+        registry._collect(guard)
     return registry

@@ -7,11 +7,13 @@ traceback).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 import click
 
@@ -48,9 +50,41 @@ def _registry(ctx: click.Context) -> Any:
     return obj["registry"]
 
 
+@contextlib.contextmanager
+def _json_stdout(as_json: bool) -> Iterator[TextIO]:
+    """With ``--json``, stdout carries the JSON document only: whatever plugins or libraries
+    print while the command works goes to stderr. Yields the stream to write the JSON to."""
+    out = sys.stdout
+    if not as_json:
+        yield out
+        return
+    from qlora_plugins.core.registry import stdout_to_stderr
+
+    with stdout_to_stderr():
+        yield out
+
+
+def _check_usable_path(path: Path, option: str) -> None:
+    """One error line for a path the file system refuses outright (a name that is too long)."""
+    from qlora_plugins.core.errors import short_text
+
+    try:
+        path.exists()
+    except OSError as exc:
+        raise QloraError(f"{option}: cannot use {short_text(path, 200)}: {exc.strerror or exc}") from None
+
+
 def _warn_broken(registry: Any) -> None:
     for broken in registry.broken:
         click.echo(f"Warning: plugin problem: {broken.message()}", err=True)
+
+
+def _origin(exc: BaseException) -> str:
+    """`` raised at FILE:LINE`` for the frame that raised ``exc``."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" raised at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 class QloraGroup(click.Group):
@@ -66,6 +100,15 @@ class QloraGroup(click.Group):
             if debug():
                 raise
             click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+        except SystemExit as exc:
+            # click ends commands with its own ``Exit``; a SystemExit here comes from code a command
+            # called (a plugin's quantizer or exporter calling sys.exit()), which must not pass for
+            # the command's own result (``sys.exit(0)`` used to end `qlora run` silently with 0)
+            if (ctx.obj or {}).get("debug") or os.environ.get("QLORA_DEBUG") == "1":
+                raise
+            click.echo(f"Error: {ctx.invoked_subcommand or 'qlora'}: stopped by SystemExit({exc.code!r}){_origin(exc)}, "
+                       "not by the command; a plugin called sys.exit()?", err=True)
             ctx.exit(2)
         except OSError as exc:  # the environment (permissions, full disk), not the input's content
             if debug():
@@ -155,9 +198,11 @@ def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], outpu
             raise QloraError("--resume and --force cannot be combined")
     if output is None:
         output = Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_usable_path(output, "--resume" if resume_dir else "--output")
     log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     try:
-        report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json, resume=resume)
+        with _json_stdout(as_json) as out:
+            report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json, resume=resume)
     except KeyboardInterrupt as exc:
         what = "Terminated (SIGTERM)" if isinstance(exc, Terminated) else "Interrupted"
         if (output / RUN_MARKER).is_file():
@@ -168,7 +213,7 @@ def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], outpu
     if as_json:
         from qlora_plugins.core.rundir import dumps
 
-        click.echo(dumps(report, indent=2))
+        click.echo(dumps(report, indent=2), file=out)
     else:
         click.echo(format_table(summary_rows(report), "qlora run: completed"))
 
@@ -200,11 +245,12 @@ def validate(ctx: click.Context, config_path: Path, overrides: tuple[str, ...]) 
 @click.pass_context
 def plugins(ctx: click.Context, kind: str | None, as_json: bool) -> None:
     """List registered plugins: kind, name, distribution, version, description; and broken ones."""
-    registry = _registry(ctx)
-    rows = [r.as_dict() for r in registry.registrations(kind)]
+    with _json_stdout(as_json) as out:
+        registry = _registry(ctx)
+        rows = [r.as_dict() for r in registry.registrations(kind)]  # (descriptions are plugin code)
     broken = [b.as_dict() for b in registry.broken if kind is None or b.kind in (None, kind)]
     if as_json:
-        click.echo(json.dumps({"plugins": rows, "broken": broken, "blocked": registry.blocked}, indent=2))
+        click.echo(json.dumps({"plugins": rows, "broken": broken, "blocked": registry.blocked}, indent=2), file=out)
         return
     headers = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION")
     table = [(r["kind"], r["name"], r["distribution"], r["version"], r["description"]) for r in rows]
@@ -236,9 +282,14 @@ def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_qu
     other models by the relative error and cosine similarity of their last hidden states.
     """
     from qlora_plugins.core.errors import ConfigError
+    from qlora_plugins.core.options import check_range
 
     if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
         raise ConfigError("--blocksize", f"must be a power of two in [32, 4096], got {blocksize}")
+    check_range("--seq-len", seq_len, 2, 1_000_000)  # a perplexity window needs 2 tokens
+    check_range("--max-tokens", max_tokens, 2, 100_000_000)
+    if not [n for n in quantizers.split(",") if n.strip()]:
+        raise ConfigError("--quantizers", "name at least one quantizer, e.g. nf4,fp4")
     text = None
     if text_file is not None:
         try:
@@ -250,11 +301,12 @@ def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_qu
 
     names = [n.strip() for n in quantizers.split(",") if n.strip()]
     log = (lambda name: None) if as_json else (lambda name: click.echo(f"measured {name}", err=True))
-    report = run_report(model_dir, names, _registry(ctx), double_quant, blocksize, text or DEFAULT_PROBE, seq_len, max_tokens,
-                        trust_remote_code=trust_remote_code, progress=log)
+    with _json_stdout(as_json) as out:
+        report = run_report(model_dir, names, _registry(ctx), double_quant, blocksize, text or DEFAULT_PROBE, seq_len, max_tokens,
+                            trust_remote_code=trust_remote_code, progress=log)
     from qlora_plugins.core.rundir import dumps
 
-    click.echo(dumps(report, indent=2) if as_json else format_report(report))
+    click.echo(dumps(report, indent=2) if as_json else format_report(report), file=out)
 
 
 @cli.command()
@@ -280,18 +332,23 @@ def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output
     place with a manifest.json only if the figures are within the exporter's tolerance.
     Options recorded for the exporter in the run's config apply unless --option overrides them.
     """
-    registry = _registry(ctx)
-    _warn_broken(registry)
-    _quiet_libraries()
-    from qlora_plugins.core.exporting import export_run
+    _check_usable_path(run_dir, "RUN_DIR")
+    if output is not None:
+        _check_usable_path(output, "--output")
+    with _json_stdout(as_json) as out:
+        registry = _registry(ctx)
+        _warn_broken(registry)
+        _quiet_libraries()
+        from qlora_plugins.core.exporting import export_run
+
+        log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
+        results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
     from qlora_plugins.core.report import format_table, human_bytes
 
-    log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
-    results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
     if as_json:
         from qlora_plugins.core.rundir import dumps
 
-        click.echo(dumps(results, indent=2))
+        click.echo(dumps(results, indent=2), file=out)
         return
     rows = []
     for name, info in results.items():

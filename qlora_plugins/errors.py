@@ -11,6 +11,8 @@ from qlora_plugins.core.errors import (
     QloraError,
     QuantizationError,
     TrainingError,
+    short_repr,
+    short_text,
 )
 
 __all__ = [
@@ -24,4 +26,6 @@ __all__ = [
     "QloraError",
     "QuantizationError",
     "TrainingError",
+    "short_repr",
+    "short_text",
 ]

@@ -1,5 +1,5 @@
 """Helpers for plugin options classes: validators that produce path-qualified config errors."""
 
-from qlora_plugins.core.options import build_options, closest, in_range, one_of, options_to_dict, positive, power_of_two
+from qlora_plugins.core.options import build_options, check_range, closest, in_range, one_of, options_to_dict, positive, power_of_two
 
-__all__ = ["build_options", "closest", "in_range", "one_of", "options_to_dict", "positive", "power_of_two"]
+__all__ = ["build_options", "check_range", "closest", "in_range", "one_of", "options_to_dict", "positive", "power_of_two"]
