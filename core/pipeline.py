@@ -445,6 +445,8 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
                 "dropped_rows": getattr(splits, "dropped", 0),
                 "resumed_from_step": resumed_from,
             }
+        if metrics is None:  # no training: an empty metrics.jsonl, as every run directory has
+            metrics = MetricsWriter(out / "metrics.jsonl")
         model.eval()
         try:
             with atomic_directory(out / "adapter", force=True) as tmp:
