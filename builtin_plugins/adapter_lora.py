@@ -9,8 +9,8 @@ from typing import Any, Iterator, Literal, Union
 
 import attrs
 
-from qlora_plugins import Adapter, AdapterContext, hookimpl
-from qlora_plugins.errors import ConfigError, short_repr
+from qlora_plugins import Adapter, AdapterContext, MergeTarget, SavedAdapter, hookimpl
+from qlora_plugins.errors import ConfigError, ExportError, short_repr
 from qlora_plugins.modeling import DEFAULT_SKIP_MODULES, is_skipped
 from qlora_plugins.options import in_range, positive
 
@@ -115,12 +115,42 @@ class Lora(Adapter):
                 setattr(config, key, value)
 
     def load(self, model: Any, directory: Path, context: AdapterContext) -> Any:
+        """Attach the adapter saved in ``directory`` (peft format) to ``model``, for inference.
+
+        :raises ExportError: a tensor of the saved adapter found no place in ``model``.
+        """
         from peft import PeftConfig, PeftModel
 
         config = PeftConfig.from_pretrained(str(directory))
         _register_quant_layers(model, config)
-        return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=False)
+        loaded = PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=False)
+        _check_every_tensor_loaded(loaded, directory)
+        return loaded
 
+    def merge_targets(self, model: Any) -> list[MergeTarget]:
+        """Every LoRA layer's base layer and delta weight (the active, unmerged adapters summed),
+        named as in :meth:`unwrap`'s model."""
+        targets = []
+        for name, layer in _tuner_layers(model):
+            targets.append(MergeTarget(name=_unwrapped_name(name), base_layer=layer.get_base_layer(), delta=_delta_weight(layer)))
+        return targets
+
+    def unwrap(self, model: Any) -> Any:
+        """peft's ``unload()``: LoRA layers replaced by their base layers, ``modules_to_save`` by the
+        trained copy, nothing merged."""
+        if hasattr(model, "peft_config") and hasattr(model, "unload"):
+            return model.unload()
+        return model
+
+    def saved_info(self, directory: Path) -> SavedAdapter:
+        """The base model peft recorded (``base_model_name_or_path``) and, for classification
+        adapters, the number of labels of the saved head."""
+        import json
+
+        base = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            base = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        return SavedAdapter(base_model=base if isinstance(base, str) else None, num_labels=_saved_num_labels(directory))
 
     @contextlib.contextmanager
     def swap_in(self, model: Any, directory: Path) -> Iterator[Any]:
@@ -159,6 +189,57 @@ class Lora(Adapter):
                 model.delete_adapter(name)
             for n, p in model.named_parameters():
                 p.requires_grad_(grads.get(n, False))
+
+
+def _tuner_layers(model: Any) -> list[tuple[str, Any]]:
+    """``(name, layer)`` of every peft tuner layer that computes a delta weight, outermost first."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "get_delta_weight")]
+
+
+def _delta_weight(layer: Any) -> Any:
+    """Sum of the active, unmerged adapters' delta weights of a tuner layer (fp32), or None."""
+    delta = None
+    merged = set(getattr(layer, "merged_adapters", []) or [])
+    for adapter in layer.active_adapters:
+        if adapter in merged or adapter not in getattr(layer, "lora_A", {adapter: None}):
+            continue
+        d = layer.get_delta_weight(adapter).float()
+        delta = d if delta is None else delta + d
+    return delta
+
+
+def _unwrapped_name(name: str) -> str:
+    """A module name inside a peft model, as the wrapped transformers model names it."""
+    prefix = "base_model.model."
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+def _saved_num_labels(directory: Path) -> int | None:
+    from safetensors import safe_open
+
+    with contextlib.suppress(Exception):
+        with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+                    return int(handle.get_slice(key).get_shape()[0])
+    return None
+
+
+def _check_every_tensor_loaded(model: Any, directory: Path) -> None:
+    """Every tensor of the saved adapter file must have found its place in the model."""
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        saved = set(handle.keys())
+    lost = sorted(saved - set(get_peft_model_state_dict(model).keys()))
+    if lost:
+        raise ExportError(f"the adapter in {directory} does not match the base model: {len(lost)} tensor(s) have no place in it (e.g. {lost[0]})")
 
 
 @hookimpl(trylast=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any, Iterator
 
 from qlora_plugins import ExportContext, Exporter, hookimpl
+from qlora_plugins.exporting import load_adapter_onto_base
 
 
 class AdapterExporter(Exporter):
@@ -16,7 +19,22 @@ class AdapterExporter(Exporter):
         context.adapter.save(context.model, output_dir)
         return {"format": "peft-adapter", "adapter": context.adapter.name}
 
+    @contextlib.contextmanager
+    def reload(self, directory: Path, context: ExportContext) -> Iterator[Any]:
+        """The saved adapter swapped into the trained model's base already in memory
+        (:meth:`Adapter.swap_in`), or, when the adapter cannot swap, attached to a freshly loaded
+        base through the run's quantizer and adapter plugins."""
+        with contextlib.ExitStack() as stack:
+            try:
+                swapped = stack.enter_context(context.adapter.swap_in(context.model, directory))
+            except NotImplementedError:
+                swapped = None
+            if swapped is not None:
+                yield swapped
+                return
+        yield load_adapter_onto_base(context, directory)
 
-@hookimpl(trylast=True)
+
+@hookimpl
 def register_exporters(register):
     register(AdapterExporter)

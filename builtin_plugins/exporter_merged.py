@@ -13,7 +13,7 @@ from typing import Literal
 import attrs
 
 from qlora_plugins import ExportContext, Exporter, hookimpl
-from qlora_plugins.core.exporting import ExportOptions, merged_model
+from qlora_plugins.exporting import ExportOptions, merged_model
 
 #: Default tolerance per dtype: fp32 differs from the trained model only by summation order;
 #: 16-bit dtypes round every weight (bf16 keeps 8 bits of mantissa, fp16 11).
@@ -44,7 +44,7 @@ class MergedExporter(Exporter):
         import torch
 
         dtype = getattr(torch, self.options.dtype)
-        model = merged_model(context.model, dtype, context.base_model_path)
+        model = merged_model(context.model, context.adapter, dtype, context.base_model_path)
         model.save_pretrained(str(output_dir), safe_serialization=True)
         if context.tokenizer is not None:
             context.tokenizer.save_pretrained(str(output_dir))

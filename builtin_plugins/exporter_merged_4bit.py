@@ -2,14 +2,14 @@
 
 Each adapted layer's effective weight as trained, ``T = dequantize(Q) + B @ A * scaling``, is
 quantized again with the run's own format (so the block scales are re-derived from the merged
-weights) and saved as a 4-bit checkpoint (:mod:`qlora_plugins.core.checkpoint_format`): for
+weights) and saved as a 4-bit checkpoint (:func:`qlora_plugins.exporting.save_model_checkpoint`): for
 nf4/fp4 the transformers + bitsandbytes format that plain ``from_pretrained`` loads, for other
 formats the documented qlora_plugins format.
 
 Re-quantization rounds ``T`` to the 4-bit grid again, and an adapter update smaller than half a
 quantization step is mostly rounded away. ``correction_rank: k`` keeps the rank-``k`` truncated
 SVD of the residual ``T - dequantize(requantize(T))`` of every merged layer and ships it as a PEFT
-LoRA adapter in ``correction/`` (attached by :func:`~qlora_plugins.core.checkpoint_format.load_checkpoint`,
+LoRA adapter in ``correction/`` (attached by :func:`~qlora_plugins.exporting.load_model_checkpoint`,
 or by ``peft.PeftModel.from_pretrained`` without this project). The residual is dominated by the
 lost part of the low-rank update, so a rank near the adapter's recovers most of it. The exporter
 reports the weight error and the logit fidelity with and without the correction.
@@ -18,32 +18,34 @@ reports the weight error and the logit fidelity with and without the correction.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from qlora_plugins import ExportContext, Exporter, hookimpl
-from qlora_plugins.core import checkpoint_format
-from qlora_plugins.core.errors import ExportError
-from qlora_plugins.core.exporting import (
+from qlora_plugins import ExportCheck, ExportContext, Exporter, hookimpl
+from qlora_plugins.errors import ExportError
+from qlora_plugins.exporting import (
+    CORRECTION_ADAPTER_FILE,
+    CORRECTION_DIR,
     ExportOptions,
     compare_logits,
     current_registry,
-    delta_weight,
     dequantized_weight,
     finish_plain_model,
     is_quantized_layer,
+    load_model_checkpoint,
     model_logits,
     original_layer_types,
     plain_layer,
     probe_batch,
-    tuner_layers,
-    unwrap_adapter,
+    save_model_checkpoint,
+    state_from_bnb,
 )
-from qlora_plugins.core.modeling import set_submodule
-from qlora_plugins.core.options import in_range
+from qlora_plugins.modeling import set_submodule
+from qlora_plugins.options import in_range
 
 #: Default tolerance: re-quantization changes the model by design; this catches a broken merge
 #: or a format mismatch, not the small loss the recipe expects (tighten it per model).
@@ -83,6 +85,38 @@ def low_rank(residual: Any, rank: int) -> tuple[Any, Any]:
     return (root[:, None] * vh).contiguous(), (u * root[None, :]).contiguous()
 
 
+def save_correction(directory: Path, factors: dict, task: str, base_name: str = "") -> dict:
+    """Write low-rank corrections ``{layer: (A [k, in], B [out, k])}`` as a PEFT LoRA adapter
+    (``lora_alpha == r``, so scaling is 1 and ``B @ A`` is added as is) into ``directory``, with
+    ``qlora_adapter.json`` naming the ``lora`` adapter plugin that loads it back."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    ranks = {name: a.shape[0] for name, (a, _b) in factors.items()}
+    rank = max(ranks.values())
+    pattern = {name: r for name, r in ranks.items() if r != rank}
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=sorted(factors),
+        rank_pattern=pattern,
+        alpha_pattern={name: r for name, r in pattern.items()},
+        task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}.get(task),
+        bias="none",
+        base_model_name_or_path=base_name or None,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / CORRECTION_ADAPTER_FILE).write_text(json.dumps({"adapter": "lora"}) + "\n", encoding="utf-8")
+    return {"rank": rank, "layers": len(factors)}
+
+
 class _ErrorSums:
     """Squared Frobenius norms summed over merged layers."""
 
@@ -112,56 +146,59 @@ class Merged4bitExporter(Exporter):
     def default_tolerance(self) -> dict:
         return dict(TOLERANCE)
 
+    def check(self, context: ExportCheck) -> None:
+        """Refuse, before training, a run whose quantizer cannot re-quantize (no encode/decode)."""
+        quantizer = context.quantizer
+        if not callable(getattr(quantizer, "encode", None)) or not callable(getattr(quantizer, "decode", None)):
+            raise ExportError(f"{context.config_path}: exporter 'merged_4bit' needs a blockwise 4-bit quantizer; the run uses "
+                              f"'{quantizer.name}' (use the 'merged' exporter for a full-precision model)")
+
     def export(self, context: ExportContext, output_dir: Path) -> dict:
         import torch
 
         quantizer = context.quantizer
-        if not callable(getattr(quantizer, "encode", None)) or not callable(getattr(quantizer, "decode", None)):
-            raise ExportError(f"exporter 'merged_4bit' needs a blockwise 4-bit quantizer; the run used '{quantizer.name}' "
-                              f"(use the 'merged' exporter for a full-precision model)")
+        self.check(ExportCheck(context.task, quantizer, context.adapter, context.base_model_path))
         rank = self.options.correction_rank
         work = copy.deepcopy(context.model)
-        inner = work.get_base_model() if hasattr(work, "get_base_model") else work
-        types = original_layer_types(inner)
         sums, factors = _ErrorSums(), {}
         with torch.no_grad():
-            for name, layer in tuner_layers(work):
-                base = layer.get_base_layer()
-                inner_name = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+            targets = context.adapter.merge_targets(work)
+            plain = context.adapter.unwrap(work)
+            types = original_layer_types(plain)
+            for merge in targets:
+                base, name = merge.base_layer, merge.name
+                if merge.delta is None:
+                    continue
                 target = dequantized_weight(base)
-                delta = delta_weight(layer)
-                if delta is None:
-                    continue
-                target = target + delta.to(target.device)
+                target = target + merge.delta.to(target.device)
                 if not is_quantized_layer(base):  # a layer the quantizer kept in full precision
-                    layer.base_layer = plain_layer(base, target, types.get(inner_name))
+                    set_submodule(plain, name, plain_layer(base, target, types.get(name)))
                     continue
-                new = self._requantize(base, target, quantizer, inner_name)
+                new = self._requantize(base, target, quantizer, name)
                 residual = target - new.dequantize(torch.float32)
                 sums.layers += 1
                 sums.target += float(target.square().sum())
-                sums.update += float(delta.square().sum())
+                sums.update += float(merge.delta.square().sum())
                 sums.residual += float(residual.square().sum())
                 if rank:
                     a, b = low_rank(residual, rank)
                     sums.corrected += float((residual - b @ a).square().sum())
-                    factors[inner_name] = (a, b)
-                layer.base_layer = new
-            plain = unwrap_adapter(work)
+                    factors[name] = (a, b)
+                set_submodule(plain, name, new)
             for name, module in list(plain.named_modules()):
                 if is_quantized_layer(module) and not hasattr(module, "quantizer"):
                     set_submodule(plain, name, self._from_bnb(module, quantizer, name))
         if sums.layers == 0:
             raise ExportError("exporter 'merged_4bit': the adapter changes no quantized layer, so there is nothing to merge")
         finish_plain_model(plain, context.base_model_path)
-        info = checkpoint_format.save_checkpoint(plain, output_dir, quantizer, quantizer_source=self._source(quantizer))
+        info = save_model_checkpoint(plain, output_dir, quantizer, quantizer_source=self._source(quantizer))
         del plain, work
         if context.tokenizer is not None:
             context.tokenizer.save_pretrained(str(output_dir))
         info["requantization"] = sums.figures(bool(factors))
         if factors:
             info["correction"] = {
-                **checkpoint_format.save_correction(output_dir / checkpoint_format.CORRECTION_DIR, factors, context.task),
+                **save_correction(output_dir / CORRECTION_DIR, factors, context.task),
                 "bytes": sum(4 * (a.numel() + b.numel()) for a, b in factors.values()),
             }
             info["fidelity_without_correction"] = self._fidelity_without_correction(context, output_dir)
@@ -171,7 +208,7 @@ class Merged4bitExporter(Exporter):
     def _requantize(base: Any, target: Any, quantizer: Any, name: str) -> Any:
         import torch
 
-        from qlora_plugins.core.quant_linear import QuantLinear
+        from qlora_plugins.quant_linear import QuantLinear
 
         if isinstance(base, QuantLinear):
             compute, bias = base.compute_dtype, base.bias
@@ -187,9 +224,9 @@ class Merged4bitExporter(Exporter):
         """A QuantLinear with exactly the codes of a bitsandbytes 4-bit layer (not re-quantized)."""
         import torch
 
-        from qlora_plugins.core.quant_linear import QuantLinear
+        from qlora_plugins.quant_linear import QuantLinear
 
-        state = checkpoint_format.state_from_bnb(module)
+        state = state_from_bnb(module)
         bias = module.bias.detach().clone() if module.bias is not None else None
         compute = getattr(module, "compute_dtype", None) or torch.float32
         return QuantLinear(module.in_features, module.out_features, quantizer, state, bias, compute, name)
@@ -205,7 +242,7 @@ class Merged4bitExporter(Exporter):
     def _fidelity_without_correction(self, context: ExportContext, output_dir: Path) -> dict:
         """Logit fidelity of the saved checkpoint loaded without its correction."""
         batch, _source = probe_batch(context, self.options.probe_text)
-        model = checkpoint_format.load_checkpoint(output_dir, context.task, current_registry(), device=context.model_request.device,
+        model = load_model_checkpoint(output_dir, context.task, current_registry(), device=context.model_request.device,
                                                   with_correction=False)
         candidate = model_logits(model, batch)
         del model

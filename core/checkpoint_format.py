@@ -23,13 +23,15 @@ Two formats, chosen by the quantizer:
         "distribution": "qlora-plugins", "version": "0.1.0"
       }
 
-  :func:`load_checkpoint` rebuilds the architecture from ``config.json``, creates the quantizer
+  :func:`load_model_checkpoint` rebuilds the architecture from ``config.json``, creates the quantizer
   by name through the plugin registry and puts the stored buffers into ``QuantLinear`` layers:
   nothing is re-quantized.
 
-Either format may carry a ``correction/`` directory: a PEFT LoRA adapter holding a low-rank
-correction of the re-quantization error, which :func:`load_checkpoint` attaches (and which
-``peft.PeftModel.from_pretrained(model, dir + "/correction")`` attaches without this project).
+Either format may carry a ``correction/`` directory: an adapter holding a low-rank correction of
+the re-quantization error, saved by an adapter plugin that ``correction/qlora_adapter.json`` names
+(``{"adapter": "lora"}`` for the ``merged_4bit`` exporter, whose correction is a PEFT LoRA adapter
+that ``peft.PeftModel.from_pretrained(model, dir + "/correction")`` also attaches);
+:func:`load_model_checkpoint` attaches it through that plugin.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def _unquantized_linear_names(model: Any) -> list[str]:
     return names
 
 
-def save_checkpoint(model: Any, directory: Path, quantizer: Any, *, quantizer_source: dict | None = None) -> dict:
+def save_model_checkpoint(model: Any, directory: Path, quantizer: Any, *, quantizer_source: dict | None = None) -> dict:
     """Write ``model`` (a plain transformers model whose quantized layers are QuantLinear, all
     made by ``quantizer``) into the empty ``directory`` as ``config.json`` + ``model.safetensors``
     (+ ``generation_config.json``); return facts for the manifest.
@@ -249,36 +251,6 @@ def save_checkpoint(model: Any, directory: Path, quantizer: Any, *, quantizer_so
         "dtype": _dtype_name(dtype),
         "compute_dtype": _dtype_name(compute_dtype),
     }
-
-
-def save_correction(directory: Path, factors: dict, task: str, base_name: str = "") -> dict:
-    """Write low-rank corrections ``{layer: (A [k, in], B [out, k])}`` as a PEFT LoRA adapter
-    (``lora_alpha == r``, so scaling is 1 and ``B @ A`` is added as is) into ``directory``."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    ranks = {name: a.shape[0] for name, (a, _b) in factors.items()}
-    rank = max(ranks.values())
-    pattern = {name: r for name, r in ranks.items() if r != rank}
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        lora_dropout=0.0,
-        target_modules=sorted(factors),
-        rank_pattern=pattern,
-        alpha_pattern={name: r for name, r in pattern.items()},
-        task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}.get(task),
-        bias="none",
-        base_model_name_or_path=base_name or None,
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(directory))
-    tensors = {}
-    for name, (a, b) in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
-    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return {"rank": rank, "layers": len(factors)}
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -372,9 +344,9 @@ def _load_own_format(directory: Path, config_dict: dict, auto_class: Any, regist
     return model.to(device).eval()
 
 
-def load_checkpoint(directory: Path, task: str = "causal_lm", registry: Any = None, device: str = "cpu",
+def load_model_checkpoint(directory: Path, task: str = "causal_lm", registry: Any = None, device: str = "cpu",
                     with_correction: bool = True) -> Any:
-    """Load a checkpoint directory written by :func:`save_checkpoint` (either format) or any plain
+    """Load a checkpoint directory written by :func:`save_model_checkpoint` (either format) or any plain
     transformers checkpoint, attaching a ``correction/`` adapter when present.
 
     :param registry: resolves the quantizer of the qlora_plugins format by name (default: a fresh
@@ -394,25 +366,36 @@ def load_checkpoint(directory: Path, task: str = "causal_lm", registry: Any = No
         kwargs = {"device_map": {"": device}} if device != "cpu" else {}
         model = auto_class.from_pretrained(str(directory), **kwargs).eval()
     correction = directory / CORRECTION_DIR
-    if with_correction and (correction / "adapter_config.json").is_file():
+    if with_correction and (correction / CORRECTION_ADAPTER_FILE).is_file():
         model = attach_adapter_dir(model, correction, task, registry)
     return model
 
 
+#: In a checkpoint's correction directory: which adapter plugin saved it (``{"adapter": NAME}``).
+CORRECTION_ADAPTER_FILE = "qlora_adapter.json"
+
+
 def attach_adapter_dir(model: Any, directory: Path, task: str, registry: Any = None) -> Any:
-    """Attach the PEFT adapter in ``directory`` to ``model`` (through the ``lora`` adapter plugin
-    when the model has QuantLinear layers, which peft needs to be told how to wrap)."""
+    """Attach the adapter saved in ``directory`` to ``model`` through the adapter plugin that
+    saved it (named in ``qlora_adapter.json``).
+
+    :raises ModelError: the directory names no adapter plugin, or one that is not installed.
+    """
+    from qlora_plugins.core.errors import QloraError
+    from qlora_plugins.core.interfaces import AdapterContext
+
     for weights in sorted(directory.glob("*.safetensors")):
         check_safetensors(weights)
-    if quantized_modules(model):
-        from qlora_plugins.core.interfaces import AdapterContext
+    try:
+        name = json.loads((directory / CORRECTION_ADAPTER_FILE).read_text(encoding="utf-8"))["adapter"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"{directory}: {CORRECTION_ADAPTER_FILE} does not name the adapter plugin that saved it") from None
+    if registry is None:
+        from qlora_plugins.core.registry import create_registry
 
-        if registry is None:
-            from qlora_plugins.core.registry import create_registry
-
-            registry = create_registry()
-        adapter = registry.create("adapter", "lora", {}, "correction")
-        return adapter.load(model, directory, AdapterContext(task=task, quantized=True)).eval()
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(directory), is_trainable=False).eval()
+        registry = create_registry()
+    try:
+        adapter = registry.create("adapter", name, {}, f"{directory / CORRECTION_ADAPTER_FILE}")
+    except QloraError as exc:
+        raise ModelError(str(exc)) from None
+    return adapter.load(model, directory, AdapterContext(task=task, quantized=bool(quantized_modules(model)))).eval()

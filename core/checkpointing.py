@@ -65,7 +65,7 @@ def trainable_state(model: Any) -> dict:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, meta: dict, keep: int) -> Path:
+def save_training_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, meta: dict, keep: int) -> Path:
     """Write a complete checkpoint for ``state.step`` and prune all but the newest ``keep``."""
     import torch
     from safetensors import SafetensorError
@@ -211,14 +211,14 @@ def restore_latest(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, lo
         return None, None
     for checkpoint in usable_checkpoints(run_dir, log):
         try:
-            return checkpoint, load_checkpoint(checkpoint, model, optimizer, scheduler)
+            return checkpoint, load_training_checkpoint(checkpoint, model, optimizer, scheduler)
         except TrainingError as exc:
             log(f"Skipping checkpoint {checkpoint.name}: {exc}")
     raise TrainingError(f"--resume: none of the {len(found)} checkpoint(s) in {run_dir / CHECKPOINTS} is intact; "
                         "start again with --force, or keep the run as it is")
 
 
-def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+def load_training_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG from ``checkpoint``; return the data position.
 
     :raises TrainingError: the checkpoint is corrupt, tampered with or does not fit the model.

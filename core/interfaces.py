@@ -162,6 +162,35 @@ class AdapterContext:
     quantized: bool
 
 
+@attrs.define
+class MergeTarget:
+    """A layer whose weight an adapter changes, for exporters that merge the adapter into plain
+    weights (``merged``, ``merged_4bit``).
+
+    :param name: the layer's module name in the model :meth:`Adapter.unwrap` returns.
+    :param base_layer: the frozen layer the adapter wraps (QuantLinear, a bitsandbytes 4-bit
+        layer, or a plain ``nn.Linear``/``Conv1D``).
+    :param delta: the adapter's change of the weight (fp32, in the layout of the base layer's
+        dequantized weight: ``(out, in)`` for linear layers); None when it changes nothing.
+    """
+
+    name: str
+    base_layer: Any
+    delta: Any = None
+
+
+@attrs.define
+class SavedAdapter:
+    """What an adapter saved by :meth:`Adapter.save` records about itself.
+
+    :param base_model: the base model it was trained on (a path or id), if recorded.
+    :param num_labels: the number of labels of a saved classification head, if any.
+    """
+
+    base_model: Optional[str] = None
+    num_labels: Optional[int] = None
+
+
 class Adapter(Plugin):
     """Makes a small set of weights trainable on top of a frozen (quantized) base model."""
 
@@ -190,6 +219,23 @@ class Adapter(Plugin):
         ``NotImplementedError`` (the default) when the adapter cannot: the check then loads a
         fresh base model and calls :meth:`load`."""
         raise NotImplementedError
+
+    def merge_targets(self, model: "nn.Module") -> list[MergeTarget]:
+        """The layers whose weights this adapter changes, and by how much (see
+        :class:`MergeTarget`), for exporters that merge it into plain weights. ``model`` is the
+        trained model or a copy of it. Default: none, for an adapter that changes no frozen
+        layer (full fine-tuning trains the model's own weights)."""
+        return []
+
+    def unwrap(self, model: "nn.Module") -> "nn.Module":
+        """The plain model inside ``model`` with the adapter's wrappers removed and nothing
+        merged; :attr:`MergeTarget.name` names its modules. Default: ``model`` itself."""
+        return model
+
+    def saved_info(self, directory: Path) -> SavedAdapter:
+        """What the adapter saved in ``directory`` records (base model, classification head size),
+        used by ``qlora export`` to refuse an adapter of another model. Default: nothing."""
+        return SavedAdapter()
 
 
 # --- optimizers ----------------------------------------------------------------------------
@@ -255,15 +301,72 @@ class ExportContext:
     probe_examples: Sequence[dict] = ()
 
 
+#: Tolerance of an exporter that declares none: mean KL at most 1e-3 nats, top-1 agreement at least 98%.
+GENERIC_TOLERANCE = {"max_kl": 1e-3, "min_top1": 0.98}
+
+
+@attrs.define
+class ExportCheck:
+    """What an exporter can check before anything is loaded or trained (:meth:`Exporter.check`).
+
+    :param task: ``causal_lm`` or ``seq_cls``.
+    :param quantizer: the quantizer plugin instance the run uses.
+    :param adapter: the adapter plugin instance the run uses.
+    :param base_model_path: the base checkpoint directory (None while a ``model.source`` is not
+        materialized yet).
+    :param config_path: dotted config path of the exporter's section, for error messages.
+    """
+
+    task: str
+    quantizer: Quantizer
+    adapter: Adapter
+    base_model_path: Optional[Path] = None
+    config_path: str = "export"
+
+
 class Exporter(Plugin):
-    """Writes a trained model out in some shippable format."""
+    """Writes a trained model out in some shippable format.
+
+    The host calls :meth:`check` before anything is loaded, :meth:`export` into an empty
+    temporary directory after training, then :meth:`reload` and :meth:`verify` to measure the
+    artifact's fidelity against :meth:`default_tolerance` (overridden by the ``tolerance``
+    option), writes ``manifest.json`` and renames the directory into place."""
 
     kind: ClassVar[str] = "exporter"
 
+    def check(self, context: ExportCheck) -> None:
+        """Refuse, before hours of training, a run whose artifact this exporter cannot write
+        (a missing signing key, an incompatible quantizer): raise ``ConfigError`` or
+        ``ExportError``. Default: accept."""
+
     def export(self, context: ExportContext, output_dir: Path) -> dict:
         """Write the artifact into ``output_dir`` (empty; the host renames it into place when this
-        returns). Return facts for the manifest (format, dtype, ...)."""
+        returns). Return facts for the manifest (format, dtype, ...); facts named like the host's
+        own keys (``exporter``, ``path``, ``files``, ``bytes``, ``seconds``, ``fidelity``) are
+        ignored."""
         raise NotImplementedError
+
+    def reload(self, directory: Path, context: ExportContext) -> Any:
+        """The model the artifact in ``directory`` holds, loaded back from disk (or a context
+        manager yielding it), for the fidelity check; None when it holds nothing loadable.
+        Default: a checkpoint directory (``config.json``: plain transformers, bitsandbytes 4-bit
+        or qlora_plugins 4-bit) is loaded; anything else is None."""
+        if (Path(directory) / "config.json").is_file():
+            from qlora_plugins.core.checkpoint_format import load_model_checkpoint
+            from qlora_plugins.core.exporting.runner import current_registry
+
+            return load_model_checkpoint(directory, context.task, current_registry(), device=context.model_request.device)
+        return None
+
+    def verify(self, directory: Path, context: ExportContext) -> dict:
+        """Fidelity figures of the exporter's own (e.g. tensor-level errors), added to the logit
+        comparison and checked against the tolerance like them. Default: none."""
+        return {}
+
+    def default_tolerance(self) -> dict:
+        """Limits on the fidelity figures (``max_kl``, ``min_top1``, ``max_abs_diff``, ...) when
+        the ``tolerance`` option does not set them. Default: :data:`GENERIC_TOLERANCE`."""
+        return dict(GENERIC_TOLERANCE)
 
 
 # --- data ----------------------------------------------------------------------------------

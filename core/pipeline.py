@@ -23,7 +23,7 @@ from qlora_plugins.core import modeling
 from qlora_plugins.core.config import Config, ResolvedPlugins, load_yaml, resolve_plugins, resolved_dict
 from qlora_plugins.core.errors import ConfigError, ModelError, PluginError, QloraError, TrainingError, UnsafeOutputError
 from qlora_plugins.core.exporting import run_exports
-from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportContext, ModelRequest
+from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportCheck, ExportContext, ModelRequest
 from qlora_plugins.core.options import options_to_dict
 from qlora_plugins.core.report import peak_rss_bytes, plot_loss
 from qlora_plugins.core.streaming import limit_heap_fragmentation
@@ -52,7 +52,7 @@ from qlora_plugins.core.checkpointing import (
     list_checkpoints,
     remove_stale_temporaries,
     restore_latest,
-    save_checkpoint,
+    save_training_checkpoint,
 )
 from qlora_plugins.core.training import IGNORE_INDEX, TrainLoop, TrainState, prepare_for_kbit_training, total_steps, trainable_parameters
 
@@ -89,7 +89,22 @@ def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
             raise ConfigError("model.task", f"model source '{source.name}' is a {source.task} model, but model.task is {task}")
         if materialize:
             model_dir = materialize_source(registry, config.model.source)
+    check_exporters(plugins.exporters, ExportCheck(task, plugins.quantizer, plugins.adapter, model_dir), registry)
     return Checked(config, plugins, model_dir)
+
+
+def check_exporters(exporters: list, context: ExportCheck, registry: Any, paths: list[str] | None = None) -> None:
+    """Each exporter's :meth:`Exporter.check`, before anything is loaded or trained; anything but
+    an input error is a fault of the exporter and names it."""
+    for i, exporter in enumerate(exporters):
+        where = paths[i] if paths else f"export[{i}]"
+        try:
+            exporter.check(attrs.evolve(context, config_path=where))
+        except QloraError:
+            raise
+        except Exception as exc:
+            source = registry.registration("exporter", exporter.name).source.describe()
+            raise PluginError(f"{where}: exporter '{exporter.name}' ({source}) failed its check: {type(exc).__name__}: {_first_line(exc)}") from exc
 
 
 def model_request(config: Config, model_dir: Path, device: str, num_labels: int | None) -> ModelRequest:
@@ -401,7 +416,7 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
             metrics = MetricsWriter(out / "metrics.jsonl")
 
             def save(at: TrainState) -> None:
-                save_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
+                save_training_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
 
             def on_step_end(at: TrainState) -> None:
                 if train_cfg.checkpoint_every and at.step % train_cfg.checkpoint_every == 0:

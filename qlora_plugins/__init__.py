@@ -13,9 +13,11 @@ from qlora_plugins.core.interfaces import (
     DataFormat,
     DataOptions,
     DataSplits,
+    ExportCheck,
     ExportContext,
     Exporter,
     Footprint,
+    MergeTarget,
     ModelRequest,
     ModelSource,
     NoOptions,
@@ -23,6 +25,7 @@ from qlora_plugins.core.interfaces import (
     OptimizerOptions,
     Plugin,
     Quantizer,
+    SavedAdapter,
 )
 
 __version__ = "0.1.0"
@@ -34,9 +37,11 @@ __all__ = [
     "DataFormat",
     "DataOptions",
     "DataSplits",
+    "ExportCheck",
     "ExportContext",
     "Exporter",
     "Footprint",
+    "MergeTarget",
     "ModelRequest",
     "ModelSource",
     "NoOptions",
@@ -44,6 +49,7 @@ __all__ = [
     "OptimizerOptions",
     "Plugin",
     "Quantizer",
+    "SavedAdapter",
     "hookimpl",
     "__version__",
 ]

@@ -19,18 +19,19 @@ import torch
 from conftest import new_registry
 
 from qlora_plugins import AdapterContext, ExportContext, Exporter, hookimpl
-from qlora_plugins.core import checkpoint_format
-from qlora_plugins.core.checkpoint_format import check_safetensors, file_sha256, load_checkpoint
-from qlora_plugins.core.exporting import (
+from qlora_plugins.exporting import (
     ExportOptions,
     check_name,
-    effective_tolerance,
+    file_sha256,
+    load_model_checkpoint,
     merged_model,
     model_logits,
     probe_batch,
-    run_exports,
     safe_path,
+    save_model_checkpoint,
 )
+from qlora_plugins.core.checkpoint_format import check_safetensors
+from qlora_plugins.core.exporting import effective_tolerance, run_exports
 from qlora_plugins.core.modeling import auto_class, load_tokenizer
 from qlora_plugins.errors import ConfigError, ExportError, ModelError
 from qlora_plugins.quantized import BlockwiseQuantizer
@@ -236,7 +237,7 @@ def test_merged_half_precision(llama_nf4, tmp_path, dtype):
 def test_merged_leaves_the_trained_model_alone(llama_nf4):
     context, _ = llama_nf4
     before = {k: v.clone() for k, v in context.model.state_dict().items()}
-    merged = merged_model(context.model, torch.float32, context.base_model_path)
+    merged = merged_model(context.model, context.adapter, torch.float32, context.base_model_path)
     after = context.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any("lora" in n for n, _ in merged.named_modules())
@@ -268,7 +269,7 @@ def test_merged_4bit_is_the_peft_merge_of_the_quantized_model(llama_nf4, llama_e
 
     context, registry = llama_nf4
     root, _, _ = llama_exports
-    loaded = exact_bnb(load_checkpoint(root / "m4", registry=registry, with_correction=False))
+    loaded = exact_bnb(load_model_checkpoint(root / "m4", registry=registry, with_correction=False))
     peft_merged = copy.deepcopy(context.model).merge_and_unload()
     batch, _ = probe_batch(context)
     assert torch.allclose(model_logits(loaded, batch), model_logits(peft_merged, batch), atol=1e-4)
@@ -311,7 +312,7 @@ def test_merged_4bit_own_format_round_trips_through_the_registry(tiny_llama_dir,
     assert info["fidelity"]["status"] == "passed"
     assert info["requantization"]["with_correction"]["weight_rel_error"] < info["requantization"]["weight_rel_error"]
     # loading it back (by the quantizer's name) reproduces the checked figures exactly
-    loaded = load_checkpoint(out, registry=registry)
+    loaded = load_model_checkpoint(out, registry=registry)
     from qlora_plugins.quant_linear import QuantLinear
 
     layers = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
@@ -323,7 +324,7 @@ def test_merged_4bit_own_format_round_trips_through_the_registry(tiny_llama_dir,
     assert float((again[keep] - reference[keep]).abs().max()) == pytest.approx(info["fidelity"]["max_abs_diff"], rel=1e-5, abs=1e-6)
     if quantizer == "sym7_test":  # without the plugin the checkpoint names what is missing
         with pytest.raises(Exception, match="sym7_test"):
-            load_checkpoint(out, registry=new_registry())
+            load_model_checkpoint(out, registry=new_registry())
 
 
 def test_merged_4bit_with_the_bitsandbytes_backend(tiny_llama_dir, tmp_path):
@@ -352,8 +353,8 @@ def test_save_checkpoint_round_trip_without_adapter(tiny_gpt2_dir, tmp_path):
         q.quantize_model(m, [])
         out = tmp_path / name
         out.mkdir()
-        assert checkpoint_format.save_checkpoint(m, out, q)["checkpoint_format"] == fmt
-        loaded = exact_bnb(load_checkpoint(out, registry=registry))
+        assert save_model_checkpoint(m, out, q)["checkpoint_format"] == fmt
+        loaded = exact_bnb(load_model_checkpoint(out, registry=registry))
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, m(ids).logits)
 
@@ -563,7 +564,7 @@ def test_corrupt_and_truncated_safetensors_are_named(llama_nf4, tmp_path):
         check_safetensors(weights)
     weights.write_bytes(b"\x00" * 7)
     with pytest.raises(ModelError, match="corrupt or truncated"):
-        load_checkpoint(out)
+        load_model_checkpoint(out)
     weights.write_bytes((10**9).to_bytes(8, "little") + b"{}")
     with pytest.raises(ModelError, match="header length"):
         check_safetensors(weights)

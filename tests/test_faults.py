@@ -293,7 +293,7 @@ def checkpoint_on_full_disk(tmp_path_factory):
     facts: dict[str, Any] = {"saved": {}}
     with small_disk(root) as disk, pytest.MonkeyPatch.context() as mp:
         out = disk.root / "run"
-        real_save = pipeline.save_checkpoint
+        real_save = pipeline.save_training_checkpoint
 
         def save(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: Any, *args: Any) -> Path:
             if state.step == 3:
@@ -302,7 +302,7 @@ def checkpoint_on_full_disk(tmp_path_factory):
             facts["saved"][path.name] = digests(path)
             return path
 
-        mp.setattr(pipeline, "save_checkpoint", save)
+        mp.setattr(pipeline, "save_training_checkpoint", save)
         facts["result"] = invoke("run", config, "-o", out, "--no-progress")
         facts["after"] = {p.name: digests(p) for p in (out / "checkpoints").iterdir()}
         facts["status"] = run_status(out)

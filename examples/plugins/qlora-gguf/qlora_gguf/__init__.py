@@ -2,7 +2,7 @@
 for llama.cpp, in F16 or Q8_0, written and read back with the ``gguf`` package.
 
 Written against the public contract only: an :class:`~qlora_plugins.Exporter` subclass whose
-options extend :class:`~qlora_plugins.core.exporting.ExportOptions`, registered through the
+options extend :class:`~qlora_plugins.exporting.ExportOptions`, registered through the
 ``register_exporters`` hook of an entry point in the ``qlora_plugins`` group. The host runs
 :meth:`GGUFExporter.export` into a temporary directory, then :meth:`GGUFExporter.reload` (logit
 fidelity against the trained model) and :meth:`GGUFExporter.verify` (tensor-level fidelity), checks
@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import attrs
 
 from qlora_plugins import ExportContext, Exporter, hookimpl
-from qlora_plugins.core.exporting import ExportOptions, Tolerance, check_name, merged_model, safe_path
+from qlora_plugins.exporting import ExportOptions, Tolerance, check_name, merged_model, safe_path
 from qlora_plugins.errors import ExportError
 from qlora_plugins.options import in_range
 
@@ -95,7 +95,7 @@ class GGUFExporter(Exporter):
         rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
         if rope.get("rope_type", "default") != "default":
             raise ExportError(f"exporter 'gguf' supports plain RoPE only, not rope_type {rope['rope_type']!r}")
-        model = merged_model(context.model, torch.float32, context.base_model_path)
+        model = merged_model(context.model, context.adapter, torch.float32, context.base_model_path)
         arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[config.model_type])
         n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head

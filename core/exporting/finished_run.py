@@ -1,0 +1,262 @@
+"""``qlora export``: load a finished run back (its ``config.yaml`` and ``adapter/``) through its own
+plugins and run exporters on it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from qlora_plugins.core.errors import ExportError, ModelError, OutputExistsError, QloraError, UnsafeOutputError, short_text
+from qlora_plugins.core.exporting.fidelity import PROBE_MAX_EXAMPLES
+from qlora_plugins.core.exporting.paths import check_export_target, export_directory
+from qlora_plugins.core.exporting.runner import run_exports
+from qlora_plugins.core.interfaces import AdapterContext, ExportContext
+from qlora_plugins.core.rundir import atomic_write_json
+from qlora_plugins.core.safety import check_holds_no_input, check_no_link_between, check_no_links
+
+Log = Callable[[str], None]
+
+
+ADAPTER_DIR = "adapter"
+
+
+def _read_run_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise ExportError(f"RUN_DIR: {run_dir} is not a directory")
+    if not path.is_file():
+        raise ExportError(f"RUN_DIR: {run_dir} is not a qlora run directory (no config.yaml)")
+    from qlora_plugins.core.config import load_yaml
+
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, QloraError) as exc:
+        raise ExportError(f"{path}: cannot read the run's config: {short_text(str(exc), 300)}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ExportError(f"{path}: not a run config (no model section)")
+    return data
+
+
+def _check_adapter_dir(run_dir: Path) -> Path:
+    adapter_dir = run_dir / ADAPTER_DIR
+    if not adapter_dir.is_dir() or not any(adapter_dir.iterdir()):
+        raise ExportError(f"{run_dir} has no trained adapter ({ADAPTER_DIR}/ is missing or empty); did the run finish?")
+    from qlora_plugins.core.checkpoint_format import check_safetensors
+
+    weights = sorted(adapter_dir.glob("*.safetensors"))
+    for path in weights:
+        try:
+            check_safetensors(path)
+        except ModelError as exc:
+            raise ExportError(f"adapter: {exc}") from None
+    return adapter_dir
+
+
+def _model_type(path: Path) -> str | None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    return None
+
+
+def _check_adapter_base(adapter: Any, adapter_dir: Path, model_dir: Path) -> None:
+    """Refuse an adapter trained on a model of another type than ``model_dir``'s (as far as the
+    adapter plugin records its base model: :meth:`Adapter.saved_info`)."""
+    recorded = adapter.saved_info(adapter_dir).base_model
+    if recorded and Path(recorded).is_dir() and Path(recorded).resolve() != Path(model_dir).resolve():
+        trained, now = _model_type(Path(recorded)), _model_type(model_dir)
+        if trained and now and trained != now:
+            raise ExportError(f"the adapter in {adapter_dir} was trained on a {trained} model ({recorded}), but the run's base model {model_dir} is a {now} model")
+
+
+def load_run(run_dir: Path, registry: Any, log: Log = lambda m: None) -> ExportContext:
+    """Load a finished run (``RUN_DIR/config.yaml`` + ``RUN_DIR/adapter``) back into the trained
+    model through the same plugins; the probe examples are the run's held-out examples when its
+    data file is still there.
+
+    :raises ExportError: no adapter, an adapter that does not fit the base, corrupt files.
+    """
+    import copy
+
+    from qlora_plugins.core import modeling, pipeline
+    from qlora_plugins.core.config import ResolvedPlugins, parse_config
+    from qlora_plugins.core.interfaces import DataContext
+
+    run_dir = Path(run_dir)
+    data = _read_run_config(run_dir)
+    adapter_dir = _check_adapter_dir(run_dir)
+    resolved = copy.deepcopy(data)
+    parse = copy.deepcopy(data)
+    model = dict(parse["model"])
+    if model.get("path") and model.get("source"):
+        if not Path(model["path"]).is_dir():
+            model.pop("path")
+        else:
+            model.pop("source")
+    parse["model"] = model
+    parse["train"] = {**(parse.get("train") or {}), "enabled": False}
+    data_path = ((parse.get("data") or {}).get("path")) if isinstance(parse.get("data"), dict) else None
+    keep_data = bool(data_path) and Path(data_path).is_file()
+    if not keep_data:
+        parse.pop("data", None)
+    parse["export"] = []
+    config = parse_config(parse, run_dir / "config.yaml")
+    checked_quantizer = registry.create("quantizer", config.quantizer.name, config.quantizer.options, "quantizer")
+    adapter = registry.create("adapter", config.adapter.name, config.adapter.options, "adapter")
+    if config.model.path is not None:
+        model_dir = config.resolve_path(config.model.path)
+        modeling.check_model_dir(model_dir)
+    else:
+        from qlora_plugins.core.sources import materialize_source
+
+        model_dir = materialize_source(registry, config.model.source)
+    _check_adapter_base(adapter, adapter_dir, model_dir)
+    device = modeling.choose_device(config.train.device)
+    tokenizer = modeling.load_tokenizer(model_dir, config.model.trust_remote_code)
+
+    probe: list = []
+    num_labels = config.model.num_labels
+    if keep_data and config.data is not None:
+        try:
+            data_plugin = registry.create("data_format", config.data.name, config.data.options, "data")
+            splits = data_plugin.load(DataContext(tokenizer, config.model.task, config.train.seed, config.base_dir, "data"))
+            probe = list(splits.eval[:PROBE_MAX_EXAMPLES] or splits.train[:PROBE_MAX_EXAMPLES])
+            num_labels = num_labels or splits.num_labels
+        except QloraError as exc:
+            log(f"Probe: the run's data is not usable ({exc}); comparing on a built-in text")
+    if config.model.task == "seq_cls" and num_labels is None:
+        num_labels = adapter.saved_info(adapter_dir).num_labels
+
+    log(f"Loading {model_dir} with quantizer '{checked_quantizer.name}' and the adapter in {adapter_dir}")
+    request = pipeline.model_request(config, model_dir, device, num_labels)
+    plugins = ResolvedPlugins(checked_quantizer, adapter, None, None, [])
+    base = pipeline.load_base(plugins, request, tokenizer)
+    quantized = checked_quantizer.footprint(base).quantized_params > 0
+    try:
+        trained = adapter.load(base, adapter_dir, AdapterContext(task=config.model.task, quantized=quantized))
+    except QloraError:
+        raise
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        detail = next((line for line in lines if "size mismatch" in line or "not found" in line), lines[0])
+        raise ExportError(f"the adapter in {adapter_dir} does not match the base model {model_dir} "
+                          f"({_model_type(model_dir)}): {detail[:300]}") from None
+    trained.eval()
+    return ExportContext(trained, tokenizer, model_dir, config.model.task, checked_quantizer, adapter, resolved, request, probe)
+
+
+def _exporter_options(run_config: dict, name: str, overrides: Sequence[str], names: Sequence[str] = ()) -> dict:
+    """The options of exporter ``name`` recorded in the run's config (first entry of that name),
+    with ``KEY=VALUE`` overrides applied: ``NAME.KEY=VALUE`` (NAME one of ``names``) applies to
+    that exporter only, a plain ``KEY=VALUE`` to every exporter."""
+    from qlora_plugins.core.config import apply_overrides
+
+    options: dict = {}
+    for entry in run_config.get("export") or []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            options = {k: v for k, v in entry.items() if k != "name"}
+            break
+    mine = []
+    for item in overrides:
+        first, dot, rest = item.partition(".")
+        if dot and first in names and "=" not in first:
+            if first == name:
+                mine.append(rest)
+        else:
+            mine.append(item)
+    if mine:
+        options = apply_overrides(options, mine)
+    return options
+
+
+def export_run(run_dir: Path, names: Sequence[str], registry: Any, output: Path | None = None, options: Sequence[str] = (),
+               force: bool = False, log: Log = lambda m: None) -> dict:
+    """``qlora export``: run exporters ``names`` on the finished run in ``run_dir``.
+
+    The artifact of a single exporter goes to ``output`` (default ``RUN_DIR/exports/<name>``);
+    with several, to ``output/<name>``. Each exporter starts from its options in the run's
+    config (if listed there), updated with ``options`` (``KEY=VALUE``, values YAML).
+    ``NAME.KEY=VALUE`` applies to exporter NAME only. Names, options and output directories are
+    checked before anything is loaded.
+    """
+    run_dir = Path(run_dir)
+    run_config = _read_run_config(run_dir)
+    check_no_links(run_dir.resolve(), "RUN_DIR")
+    if not names:
+        raise ExportError("name at least one exporter (--exporter NAME)")
+    exporters = []
+    for name in names:
+        registry.get("exporter", name, "--exporter")
+        exporters.append(registry.create("exporter", name, _exporter_options(run_config, name, options, names), f"--exporter {name}"))
+    if output is None:
+        outputs = [export_directory(e, run_dir / "exports") for e in exporters]
+    elif len(exporters) == 1:
+        outputs = [Path(output)]
+    else:
+        outputs = [export_directory(e, Path(output)) for e in exporters]
+    run_res = run_dir.resolve()
+    inputs = [("RUN_DIR", run_res)] + _run_inputs(run_config, run_res)
+    for out in outputs:
+        res = out.resolve() if not out.is_symlink() else out.absolute()
+        if res == run_res or res in run_res.parents or run_res / ADAPTER_DIR == res or (run_res / ADAPTER_DIR) in res.parents:
+            raise ExportError(f"--output: {out} would replace the run directory or its adapter; choose another directory")
+        if run_res in res.parents:
+            if run_res / "exports" not in res.parents:
+                raise ExportError(f"--output: {out} is inside the run directory but not under its exports/; choose another directory")
+            check_no_link_between(run_res, res, "--output")
+        check_holds_no_input(res, inputs, "--output")
+        try:
+            check_export_target(out, force)
+        except (OutputExistsError, UnsafeOutputError) as exc:
+            raise type(exc)(f"--output: {exc}") from None
+    _check_before_loading(run_config, exporters, registry)
+    context = load_run(run_dir, registry, log)
+    results = run_exports(context, exporters, run_dir / "exports", registry, force, log, outputs=outputs)
+    _record_in_report(run_dir, results)
+    return results
+
+
+def _check_before_loading(run_config: dict, exporters: list, registry: Any) -> None:
+    """The exporters' own checks (:meth:`Exporter.check`) against the run's plugins, before the
+    model is loaded."""
+    from qlora_plugins.core.config import parse_config
+    from qlora_plugins.core.interfaces import ExportCheck
+    from qlora_plugins.core.pipeline import check_exporters
+
+    sections = {k: run_config[k] for k in ("model", "quantizer", "adapter") if isinstance(run_config.get(k), dict)}
+    config = parse_config({**sections, "train": {"enabled": False}, "export": []}, None)
+    quantizer = registry.create("quantizer", config.quantizer.name, config.quantizer.options, "quantizer")
+    adapter = registry.create("adapter", config.adapter.name, config.adapter.options, "adapter")
+    model = run_config.get("model") or {}
+    base = Path(model["path"]) if isinstance(model.get("path"), str) else None
+    check_exporters(exporters, ExportCheck(config.model.task, quantizer, adapter, base), registry,
+                    [f"--exporter {e.name}" for e in exporters])
+
+
+def _run_inputs(run_config: dict, run_dir: Path) -> list[tuple[str, Path | None]]:
+    """The run's base model and data as recorded in its config (a ``--force`` export never
+    replaces a directory holding them)."""
+    found: list[tuple[str, Path | None]] = []
+    model = run_config.get("model") if isinstance(run_config.get("model"), dict) else {}
+    data = run_config.get("data") if isinstance(run_config.get("data"), dict) else {}
+    for label, value in (("the run's base model", model.get("path")), ("the run's data", data.get("path"))):
+        if isinstance(value, str) and value:
+            path = Path(value)
+            found.append((label, path if path.is_absolute() else run_dir / path))
+    return found
+
+
+def _record_in_report(run_dir: Path, results: dict) -> None:
+    """Add the exports to the run's report.json (when there is one)."""
+    path = run_dir / "report.json"
+    if not path.is_file():
+        return
+    with contextlib.suppress(OSError, ValueError):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(report, dict):
+            report.setdefault("exports", {}).update(results)
+            atomic_write_json(path, report)
+
