@@ -1,17 +1,22 @@
-"""The pipeline: load -> quantize -> prepare -> attach adapter -> data -> train -> export -> report.
+"""The pipeline as named stages, each a method with typed inputs and outputs:
 
-Everything that can fail because of user input (config, plugin names and options, model and data
-files, the output directory) is checked before the run directory is created, so bad input never
-leaves a half-written run behind.
+``check`` (everything checkable without writing: plugins, files, the output, the exporters' own
+checks) -> ``prepare`` (device, seed, tokenizer, data) -> ``load`` (the base model through the
+quantizer) -> ``attach`` (the adapter) -> ``open_run_dir`` -> ``train`` -> ``save_and_export``
+-> ``finish`` (plot, report.json, run.json).
+
+:class:`Pipeline` runs them in that order; a subclass (a distributed launcher, a data collator)
+overrides or wraps one stage without touching the others, and ``qlora export`` reuses
+``prepare``/``load`` with the saved adapter instead of training. Everything that can fail because of
+user input is checked before the run directory is created, so bad input never leaves a
+half-written run behind. The run report is a typed :class:`~qlora_plugins.core.run_report.RunReport`
+assembled from the stages' results.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,13 +25,27 @@ from typing import Any, Callable
 import attrs
 
 from qlora_plugins.core import modeling
+from qlora_plugins.core.checkpointing import (
+    config_changes,
+    list_checkpoints,
+    remove_stale_temporaries,
+    restore_latest,
+    save_training_checkpoint,
+)
 from qlora_plugins.core.config import Config, ResolvedPlugins, load_yaml, resolve_plugins, resolved_dict
-from qlora_plugins.core.errors import ConfigError, ModelError, PluginError, QloraError, TrainingError, UnsafeOutputError
+from qlora_plugins.core.errors import ConfigError, PluginError, QloraError, Terminated, TrainingError, UnsafeOutputError
 from qlora_plugins.core.exporting import run_exports
-from qlora_plugins.core.interfaces import AdapterContext, DataContext, ExportCheck, ExportContext, ModelRequest
-from qlora_plugins.core.options import options_to_dict
+from qlora_plugins.core.interfaces import AdapterContext, DataContext, DataSplits, ExportCheck, ExportContext, ModelRequest
+from qlora_plugins.core.loading import (  # noqa: F401  (re-exported: the pipeline's public helpers)
+    _first_line,
+    load_base,
+    model_request,
+    parameter_report,
+    plugin_report,
+    versions,
+)
 from qlora_plugins.core.report import peak_rss_bytes, plot_loss
-from qlora_plugins.core.streaming import limit_heap_fragmentation
+from qlora_plugins.core.run_report import RunReport, TrainingFigures
 from qlora_plugins.core.rundir import (
     RUN_MARKER,
     MetricsWriter,
@@ -47,14 +66,16 @@ from qlora_plugins.core.safety import (
     remove_aside,
 )
 from qlora_plugins.core.sources import materialize_source
-from qlora_plugins.core.checkpointing import (
-    config_changes,
-    list_checkpoints,
-    remove_stale_temporaries,
-    restore_latest,
-    save_training_checkpoint,
+from qlora_plugins.core.streaming import limit_heap_fragmentation
+from qlora_plugins.core.training import (
+    IGNORE_INDEX,
+    TrainLoop,
+    TrainResult,
+    TrainState,
+    prepare_for_kbit_training,
+    total_steps,
+    trainable_parameters,
 )
-from qlora_plugins.core.training import IGNORE_INDEX, TrainLoop, TrainState, prepare_for_kbit_training, total_steps, trainable_parameters
 
 Log = Callable[[str], None]
 
@@ -105,116 +126,6 @@ def check_exporters(exporters: list, context: ExportCheck, registry: Any, paths:
         except Exception as exc:
             source = registry.registration("exporter", exporter.name).source.describe()
             raise PluginError(f"{where}: exporter '{exporter.name}' ({source}) failed its check: {type(exc).__name__}: {_first_line(exc)}") from exc
-
-
-def model_request(config: Config, model_dir: Path, device: str, num_labels: int | None) -> ModelRequest:
-    """How the quantizer should load the base model."""
-    kwargs = {}
-    if config.model.task == "seq_cls":
-        kwargs["num_labels"] = config.model.num_labels or num_labels or 2
-    return ModelRequest(
-        path=model_dir,
-        task=config.model.task,
-        auto_class=modeling.auto_class(config.model.task),
-        dtype=modeling.torch_dtype(config.model.dtype),
-        device=device,
-        trust_remote_code=config.model.trust_remote_code,
-        model_kwargs=kwargs,
-        skip_modules=list(modeling.DEFAULT_SKIP_MODULES),
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _raised_by_transformers(exc: BaseException) -> bool:
-    import traceback
-
-    frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and f"{os.sep}transformers{os.sep}" in frames[-1].filename
-
-
-def load_base(plugins: ResolvedPlugins, request: ModelRequest, tokenizer: Any, registry: Any = None) -> Any:
-    """Load the base model through the quantizer. Unreadable or mismatched checkpoints are a
-    ModelError naming the model directory; anything else the quantizer raises is a PluginError
-    naming the quantizer and its distribution."""
-    from safetensors import SafetensorError
-
-    quantizer = plugins.quantizer
-    try:
-        model = quantizer.load_model(request)
-    except QloraError:
-        raise
-    except (OSError, SafetensorError) as exc:
-        raise ModelError(f"model.path: cannot load {request.path}: {_first_line(exc)}") from None
-    except Exception as exc:
-        if type(exc).__name__ == "UnpicklingError":  # torch's weights_only=True refused a pickle file
-            raise ModelError(f"model.path: {request.path}: pytorch_model.bin cannot be loaded safely (weights_only=True refused it): "
-                             f"{_first_line(exc)}; convert the checkpoint to safetensors") from None
-        streamed = str(getattr(quantizer, "load_path", "") or "")
-        if "shape" in streamed:
-            detail = streamed.partition("(")[2].rstrip(")")
-            raise ModelError(f"model.path: cannot load {request.path}: weight shapes do not match config.json ({detail})") from None
-        if _raised_by_transformers(exc):  # the checkpoint or its config, not the quantizer
-            raise ModelError(f"model.path: cannot load {request.path}: {_first_line(exc)}") from None
-        where = ""
-        if registry is not None:
-            where = f" ({registry.registration('quantizer', quantizer.name).source.describe()})"
-        raise PluginError(f"quantizer '{quantizer.name}'{where} failed while loading {request.path}: {type(exc).__name__}: {_first_line(exc)}") from exc
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def parameter_report(model: Any, footprint: Any) -> dict:
-    """Logical parameter counts: integer-typed parameters are packed quantized storage, whose
-    logical count comes from the quantizer's footprint."""
-    total = trainable = 0
-    for p in model.parameters():
-        if p.requires_grad:
-            trainable += p.numel()
-        if p.dtype.is_floating_point:
-            total += p.numel()
-    total += footprint.quantized_params
-    return {
-        "total": total,
-        "trainable": trainable,
-        "quantized": footprint.quantized_params,
-        "trainable_percent": 100.0 * trainable / total if total else 0.0,
-    }
-
-
-def plugin_report(registry: Any, plugins: ResolvedPlugins) -> dict:
-    """Name, distribution, version and options of each plugin used."""
-
-    def one(kind: str, plugin: Any) -> dict:
-        reg = registry.registration(kind, plugin.name)
-        return {"name": plugin.name, "distribution": reg.source.distribution, "version": reg.source.version, "options": options_to_dict(plugin.options)}
-
-    out = {
-        "quantizer": one("quantizer", plugins.quantizer),
-        "adapter": one("adapter", plugins.adapter),
-        "optimizer": one("optimizer", plugins.optimizer),
-    }
-    if plugins.data is not None:
-        out["data"] = one("data_format", plugins.data)
-    out["exporters"] = [one("exporter", e) for e in plugins.exporters]
-    return out
-
-
-def versions() -> dict:
-    """Versions of the libraries the run used."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "qlora-plugins"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def _scheduler(name: str, optimizer: Any, warmup: int, total: int) -> Any:
@@ -274,15 +185,18 @@ def check_output(out: Path, inputs: list[tuple[str, Path | None]], force: bool, 
         check_holds_no_input(out, inputs, "--output")
 
 
+def _marker(report: RunReport, status: str, signal: str | None = None) -> dict:
+    marker = {"tool": "qlora-plugins", "config": report.config, "status": status}
+    if signal:
+        marker["signal"] = signal
+    return marker
+
+
 def _failure(exc: BaseException) -> str:
     """How a failure reads in run.json: the one-line message of an input error, the exception's
     type too for anything else (``SystemExit: 0`` rather than ``0``)."""
     text = _first_line(exc)
     return (text if isinstance(exc, QloraError) else f"{type(exc).__name__}: {text}")[:500]
-
-
-def _marker(report: dict, status: str) -> dict:
-    return {"tool": "qlora-plugins", "config": report["config"], "status": status}
 
 
 def _checkpoint_finished_training(out: Path, state: TrainState, save: Callable[[TrainState], Any], log: Log) -> None:
@@ -312,206 +226,322 @@ def _restore_previous(out: Path, aside: Path | None, log: Log) -> None:
         log(f"The replaced run is kept in {aside}")
 
 
-def run(config: Config, registry: Any, output_dir: Path, force: bool = False, log: Log = lambda m: None, progress: bool = True,
-        resume: bool = False) -> dict:
-    """Run the whole pipeline into ``output_dir``; return the report. With ``resume``, continue the
-    run in ``output_dir`` from its latest complete checkpoint."""
-    import torch
 
-    started = time.perf_counter()
-    from safetensors import SafetensorError
-    checked = check(config, registry, materialize=True)
-    plugins, model_dir = checked.plugins, checked.model_dir
-    train_cfg = config.train
-    device = modeling.choose_device(train_cfg.device)
-    out = output_dir.resolve()
-    if model_dir is not None and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
-        raise ConfigError("--output", f"{out} is inside the model directory {model_dir}; choose another output")
-    inputs = run_inputs(config, plugins, model_dir)
-    check_output(out, inputs, force, resume)
+# --- what the stages hand each other -------------------------------------------------------
 
-    if train_cfg.threads:  # tiny models: one thread avoids OpenMP spin-waits on a busy machine
-        torch.set_num_threads(train_cfg.threads)
-    torch.manual_seed(train_cfg.seed)
-    tokenizer = modeling.load_tokenizer(model_dir, config.model.trust_remote_code)
-    splits = None
-    if train_cfg.enabled:
-        log(f"Loading data with '{plugins.data.name}'")
-        splits = plugins.data.load(DataContext(tokenizer, config.model.task, train_cfg.seed, config.base_dir, "data"))
-        if len(splits.train) == 0:
-            raise QloraError("data: the training split is empty")
-        if config.model.task == "causal_lm" and not any(label != IGNORE_INDEX for example in splits.train for label in example["labels"]):
-            raise QloraError(f"data: no token of the training split is trained (every label is masked; data.name={plugins.data.name})")
 
-    resolved = resolved_dict(config, plugins)
-    if config.model.source:  # the resolved config names the materialized checkpoint (report.json keeps the source)
-        resolved["model"]["path"], resolved["model"]["source"] = str(model_dir), None
-    if resume:
-        _check_resume(out, resolved)
+@attrs.define
+class Prepared:
+    """After ``prepare``: the checked config, where the run goes, the device, the tokenizer, the
+    tokenized data (None when not training) and the resolved config written to config.yaml."""
 
-    report: dict[str, Any] = {"status": "running", "run_dir": str(out), "config": str(config.source) if config.source else None}
-    notes: list[str] = []
-    if splits is not None and getattr(splits, "dropped", 0):
-        notes.append(f"data: {splits.dropped} of {splits.rows} rows dropped (no response left to learn within "
-                     f"data.max_length={getattr(plugins.data.options, 'max_length', '?')}, or an empty response)")
-        log(notes[-1])
-    report["model"] = {"path": str(model_dir), "source": config.model.source, "task": config.model.task, "dtype": config.model.dtype,
-                       "trust_remote_code": config.model.trust_remote_code}
-    report["plugins"] = plugin_report(registry, plugins)
-    report["versions"] = versions()
-    report["device"] = device
-    timings: dict[str, float] = {}
+    checked: Checked
+    out: Path
+    device: str
+    tokenizer: Any
+    splits: DataSplits | None
+    resolved: dict
+    inputs: list
+    notes: list[str] = attrs.field(factory=list)
 
-    log(f"Loading {model_dir} with quantizer '{plugins.quantizer.name}' on {device}")
-    t0 = time.perf_counter()
-    request = model_request(config, model_dir, device, splits.num_labels if splits else None)
-    limit_heap_fragmentation()  # for every run: freed activations go back to the OS (streaming.py)
-    model = load_base(plugins, request, tokenizer, registry)
-    footprint = plugins.quantizer.footprint(model)
-    timings["load_s"] = round(time.perf_counter() - t0, 3)
-    load_peak = peak_rss_bytes()
-    report["quantization"] = {
-        "quantized_params": footprint.quantized_params,
-        "quantized_bytes": footprint.quantized_bytes,
-        "bits_per_param": footprint.bits_per_param,
-        **plugins.quantizer.metadata(),
-    }
 
-    prepare_for_kbit_training(model, train_cfg.gradient_checkpointing and train_cfg.enabled)
-    adapter_context = AdapterContext(task=config.model.task, quantized=footprint.quantized_params > 0)
-    model = plugins.adapter.attach(model, adapter_context)
-    params = trainable_parameters(model)
-    report["parameters"] = parameter_report(model, footprint)
-    if not params:
-        raise TrainingError("adapter: the configuration leaves nothing trainable (check adapter.target_modules)")
+@attrs.define
+class Loaded:
+    """After ``load``: the base model (quantized by the quantizer), how it was requested, its
+    footprint, and the time and peak memory of loading."""
 
-    # everything a user can get wrong has been checked: only now is the run directory written
-    aside = None
-    if resume:
-        check_no_links(out, "--resume")
-        remove_stale_temporaries(out)
-    else:
-        aside = prepare_run_dir(out, force, inputs)
-    metrics, trained = None, None
-    try:
-        atomic_write_json(out / RUN_MARKER, _marker(report, "running"))  # first: the marker makes the directory ours
-        atomic_write_yaml(out / "config.yaml", resolved)
-        meta = {"config": resolved, "plugins": report["plugins"], "versions": report["versions"]}
+    model: Any
+    request: ModelRequest
+    footprint: Any
+    load_seconds: float
+    load_peak_rss_bytes: int
+
+
+@attrs.define
+class Attached:
+    """After ``attach``: the model with the adapter, its trainable parameters and the counts."""
+
+    model: Any
+    params: list
+    parameters: dict
+
+
+@attrs.define
+class RunDirectory:
+    """The opened run directory; ``aside`` is where ``--force`` moved the run it replaces."""
+
+    path: Path
+    aside: Path | None = None
+    resumed: bool = False
+
+
+@attrs.define
+class Trained:
+    """After ``train``: the loop's result (None when training is off), the step resumed from,
+    the training time and the optimizer notes."""
+
+    result: TrainResult | None = None
+    resumed_from: int | None = None
+    train_seconds: float | None = None
+    notes: list[str] = attrs.field(factory=list)
+
+
+class Pipeline:
+    """One run of a config, stage by stage (see the module docstring).
+
+    :param config: the parsed config.
+    :param registry: the plugin registry.
+    :param output_dir: the run directory.
+    :param force: replace a previous run in ``output_dir`` (docs/security.md says what may be).
+    :param resume: continue the run in ``output_dir`` from its newest intact checkpoint.
+    :param log: where progress lines go.
+    :param progress: show a progress bar while training.
+    """
+
+    stages = ("check", "prepare", "load", "attach", "open_run_dir", "train", "save_and_export", "finish")
+
+    def __init__(self, config: Config, registry: Any, output_dir: Path, *, force: bool = False, resume: bool = False,
+                 log: Log = lambda m: None, progress: bool = True) -> None:
+        self.config, self.registry, self.output_dir = config, registry, Path(output_dir)
+        self.force, self.resume, self.log, self.progress = force, resume, log, progress
+        self._interrupt_save: tuple[TrainState, Callable[[TrainState], Any]] | None = None
+
+    # --- stages that write nothing ---------------------------------------------------------
+
+    def check(self) -> Checked:
+        """Plugins, files, the model source, the exporters' checks (materializes a model source)."""
+        return check(self.config, self.registry, materialize=True)
+
+    def prepare(self, checked: Checked) -> Prepared:
+        """Output checks, device, threads and seed, tokenizer, data; the resolved config."""
+        import torch
+
+        config, plugins, model_dir = checked.config, checked.plugins, checked.model_dir
+        train_cfg = config.train
+        device = modeling.choose_device(train_cfg.device)
+        out = self.output_dir.resolve()
+        if model_dir is not None and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
+            raise ConfigError("--output", f"{out} is inside the model directory {model_dir}; choose another output")
+        inputs = run_inputs(config, plugins, model_dir)
+        check_output(out, inputs, self.force, self.resume)
+        if train_cfg.threads:  # tiny models: one thread avoids OpenMP spin-waits on a busy machine
+            torch.set_num_threads(train_cfg.threads)
+        torch.manual_seed(train_cfg.seed)
+        tokenizer = modeling.load_tokenizer(model_dir, config.model.trust_remote_code)
+        splits, notes = None, []
         if train_cfg.enabled:
-            steps = total_steps(train_cfg, len(splits.train))
-            optimizer = plugins.optimizer.create(params, torch.device(device))
-            note = plugins.optimizer.runtime_note(torch.device(device))
-            if note:
-                notes.append(note)
-                log(note)
-            scheduler = _scheduler(train_cfg.lr_scheduler, optimizer, train_cfg.warmup_steps, steps)
-            state, resumed_from = TrainState(), None
-            if resume:
-                checkpoint, restored = restore_latest(out, model, optimizer, scheduler, log)
-                if restored is not None:
-                    state, resumed_from = restored, restored.step
-                    log(f"Resuming from {checkpoint} (step {state.step})")
-            if resume:
-                _truncate_metrics(out / "metrics.jsonl", state.step)
-            metrics = MetricsWriter(out / "metrics.jsonl")
+            self.log(f"Loading data with '{plugins.data.name}'")
+            splits = plugins.data.load(DataContext(tokenizer, config.model.task, train_cfg.seed, config.base_dir, "data"))
+            if len(splits.train) == 0:
+                raise QloraError("data: the training split is empty")
+            if config.model.task == "causal_lm" and not any(label != IGNORE_INDEX for example in splits.train for label in example["labels"]):
+                raise QloraError(f"data: no token of the training split is trained (every label is masked; data.name={plugins.data.name})")
+            if getattr(splits, "dropped", 0):
+                notes.append(f"data: {splits.dropped} of {splits.rows} rows dropped (no response left to learn within "
+                             f"data.max_length={getattr(plugins.data.options, 'max_length', '?')}, or an empty response)")
+                self.log(notes[-1])
+        resolved = resolved_dict(config, plugins)
+        if config.model.source:  # the resolved config names the materialized checkpoint (report.json keeps the source)
+            resolved["model"]["path"], resolved["model"]["source"] = str(model_dir), None
+        if self.resume:
+            _check_resume(out, resolved)
+        return Prepared(checked, out, device, tokenizer, splits, resolved, inputs, notes)
 
-            def save(at: TrainState) -> None:
-                save_training_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
+    def load(self, prepared: Prepared) -> Loaded:
+        """The base model, loaded (and quantized) by the quantizer."""
+        checked = prepared.checked
+        plugins, model_dir = checked.plugins, checked.model_dir
+        self.log(f"Loading {model_dir} with quantizer '{plugins.quantizer.name}' on {prepared.device}")
+        started = time.perf_counter()
+        request = model_request(checked.config, model_dir, prepared.device, prepared.splits.num_labels if prepared.splits else None)
+        limit_heap_fragmentation()  # for every run: freed activations go back to the OS (streaming.py)
+        model = load_base(plugins, request, prepared.tokenizer, self.registry)
+        footprint = plugins.quantizer.footprint(model)
+        return Loaded(model, request, footprint, round(time.perf_counter() - started, 3), peak_rss_bytes())
 
-            def on_step_end(at: TrainState) -> None:
-                if train_cfg.checkpoint_every and at.step % train_cfg.checkpoint_every == 0:
-                    save(at)
+    def attach(self, prepared: Prepared, loaded: Loaded, saved_adapter: Path | None = None) -> Attached:
+        """Freeze the base, turn on gradient checkpointing when training, attach the adapter: a
+        new one, or the one saved in ``saved_adapter`` (``qlora export``)."""
+        config, plugins = prepared.checked.config, prepared.checked.plugins
+        model = loaded.model
+        training = config.train.enabled and saved_adapter is None
+        prepare_for_kbit_training(model, config.train.gradient_checkpointing and training)
+        context = AdapterContext(task=config.model.task, quantized=loaded.footprint.quantized_params > 0)
+        if saved_adapter is not None:
+            model = plugins.adapter.load(model, saved_adapter, context)
+            model.eval()
+            return Attached(model, [], parameter_report(model, loaded.footprint))
+        model = plugins.adapter.attach(model, context)
+        params = trainable_parameters(model)
+        parameters = parameter_report(model, loaded.footprint)
+        if not params:
+            raise TrainingError("adapter: the configuration leaves nothing trainable (check adapter.target_modules)")
+        return Attached(model, params, parameters)
 
-            def on_interrupt(at: TrainState) -> None:
-                if at.step > 0:
-                    save(at)
-                    log(f"Interrupted: checkpoint of step {at.step} saved; continue with --resume")
+    # --- stages that write the run directory --------------------------------------------------
 
-            log(f"Training {report['parameters']['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples")
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
+    def open_run_dir(self, prepared: Prepared) -> RunDirectory:
+        """Create (or, with ``--force``, replace; with ``--resume``, reopen) the run directory."""
+        out = prepared.out
+        if self.resume:
+            check_no_links(out, "--resume")
+            remove_stale_temporaries(out)
+            return RunDirectory(out, None, True)
+        return RunDirectory(out, prepare_run_dir(out, self.force, prepared.inputs), False)
 
-                bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
-            t0 = time.perf_counter()
-            try:
-                result = TrainLoop(
-                    model, optimizer, scheduler, train_cfg, splits.train, splits.eval, tokenizer.pad_token_id,
-                    config.model.task, device, steps, state=state, on_record=metrics.write, on_step_end=on_step_end,
-                    on_interrupt=on_interrupt, progress=bar,
-                ).run()
-            finally:
-                if bar is not None:
-                    bar.close()
-            timings["train_s"] = round(time.perf_counter() - t0, 3)
-            trained = (state, save)  # an interrupt from here on keeps the finished training (below)
-            times = result.step_times
-            report["training"] = {
-                "steps": result.steps,
-                "first_loss": result.first_loss,
-                "last_loss": result.last_loss,
-                "eval_loss": result.eval.get("eval_loss"),
-                "eval_accuracy": result.eval.get("eval_accuracy"),
-                "median_step_time_s": statistics.median(times) if times else None,
-                "mean_step_time_s": statistics.fmean(times) if times else None,
-                "train_examples": len(splits.train),
-                "eval_examples": len(splits.eval),
-                "data_rows": getattr(splits, "rows", None),
-                "dropped_rows": getattr(splits, "dropped", 0),
-                "resumed_from_step": resumed_from,
-            }
-        if metrics is None:  # no training: an empty metrics.jsonl, as every run directory has
-            metrics = MetricsWriter(out / "metrics.jsonl")
-        model.eval()
+    def train(self, prepared: Prepared, attached: Attached, run_dir: RunDirectory, meta: dict) -> Trained:
+        """The training loop with checkpoints (restored from the newest intact one on resume);
+        metrics go to metrics.jsonl. With training off, only an empty metrics.jsonl is written."""
+        import torch
+
+        config, plugins = prepared.checked.config, prepared.checked.plugins
+        train_cfg, out, device = config.train, run_dir.path, prepared.device
+        if not train_cfg.enabled:
+            MetricsWriter(out / "metrics.jsonl").close()
+            return Trained()
+        splits, model, trained = prepared.splits, attached.model, Trained()
+        steps = total_steps(train_cfg, len(splits.train))
+        optimizer = plugins.optimizer.create(attached.params, torch.device(device))
+        note = plugins.optimizer.runtime_note(torch.device(device))
+        if note:
+            trained.notes.append(note)
+            self.log(note)
+        scheduler = _scheduler(train_cfg.lr_scheduler, optimizer, train_cfg.warmup_steps, steps)
+        state = TrainState()
+        if run_dir.resumed:
+            checkpoint, restored = restore_latest(out, model, optimizer, scheduler, self.log)
+            if restored is not None:
+                state, trained.resumed_from = restored, restored.step
+                self.log(f"Resuming from {checkpoint} (step {state.step})")
+            _truncate_metrics(out / "metrics.jsonl", state.step)
+
+        def save(at: TrainState) -> None:
+            save_training_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
+
+        def on_step_end(at: TrainState) -> None:
+            if train_cfg.checkpoint_every and at.step % train_cfg.checkpoint_every == 0:
+                save(at)
+
+        def on_interrupt(at: TrainState) -> None:
+            if at.step > 0:
+                save(at)
+                self.log(f"Interrupted: checkpoint of step {at.step} saved; continue with --resume")
+
+        self.log(f"Training {attached.parameters['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples")
+        metrics = MetricsWriter(out / "metrics.jsonl")
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        started = time.perf_counter()
+        try:
+            trained.result = TrainLoop(
+                model, optimizer, scheduler, train_cfg, splits.train, splits.eval, prepared.tokenizer.pad_token_id,
+                config.model.task, device, steps, state=state, on_record=metrics.write, on_step_end=on_step_end,
+                on_interrupt=on_interrupt, progress=bar,
+            ).run()
+        finally:
+            metrics.close()
+            if bar is not None:
+                bar.close()
+        trained.train_seconds = round(time.perf_counter() - started, 3)
+        self._interrupt_save = (state, save)  # an interrupt from here on keeps the finished training
+        return trained
+
+    def save_and_export(self, prepared: Prepared, attached: Attached, run_dir: RunDirectory) -> tuple[dict, float]:
+        """Save the adapter to adapter/, then run every exporter into exports/ (verified)."""
+        from safetensors import SafetensorError
+
+        checked = prepared.checked
+        plugins, out = checked.plugins, run_dir.path
+        attached.model.eval()
         try:
             with atomic_directory(out / "adapter", force=True) as tmp:
-                plugins.adapter.save(model, tmp)
+                plugins.adapter.save(attached.model, tmp)
         except (OSError, SafetensorError) as exc:
             raise QloraError(f"cannot save the adapter to {out / 'adapter'}: {_first_line(exc)}") from None
+        splits = prepared.splits
         probe = list(splits.eval[:8] or splits.train[:8]) if splits else []
-        context = ExportContext(model, tokenizer, model_dir, config.model.task, plugins.quantizer, plugins.adapter, resolved, request, probe)
-        t0 = time.perf_counter()
-        report["exports"] = run_exports(context, plugins.exporters, out / "exports", registry, force or resume, log)
-        timings["export_s"] = round(time.perf_counter() - t0, 3)
-    except BaseException as exc:
-        from qlora_plugins.core.errors import Terminated
+        request = model_request(checked.config, checked.model_dir, prepared.device, splits.num_labels if splits else None)
+        context = ExportContext(attached.model, prepared.tokenizer, checked.model_dir, checked.config.model.task, plugins.quantizer,
+                                plugins.adapter, prepared.resolved, request, probe)
+        started = time.perf_counter()
+        exports = run_exports(context, plugins.exporters, out / "exports", self.registry, self.force or self.resume, self.log)
+        return exports, round(time.perf_counter() - started, 3)
 
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_failure(exc)}"
-        marker = _marker(report, status)
-        if isinstance(exc, Terminated):
-            marker["signal"] = "SIGTERM"
-        if isinstance(exc, KeyboardInterrupt) and trained is not None:
-            _checkpoint_finished_training(out, *trained, log)
-        with contextlib.suppress(QloraError):
-            atomic_write_json(out / RUN_MARKER, marker)
-        if metrics is not None:
-            metrics.close()
-            metrics = None
-        _restore_previous(out, aside, log)
-        raise
-    finally:
-        if metrics is not None:
-            metrics.close()
-
-    memory = {"peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": load_peak}
-    if device == "cuda":
-        memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    report["memory"] = memory
-    timings["total_s"] = round(time.perf_counter() - started, 3)
-    report["timings"] = timings
-    report["notes"] = notes
-    try:
-        if plot_loss(out / "metrics.jsonl", out / "loss.png", f"{model_dir.name}: {plugins.quantizer.name} + {plugins.adapter.name}"):
-            report["loss_plot"] = str(out / "loss.png")
-        report["status"] = "completed"
-        atomic_write_json(out / "report.json", report)
+    def finish(self, report: RunReport, run_dir: RunDirectory) -> RunReport:
+        """Loss plot, report.json and run.json (completed); the runs ``--force`` replaced are
+        deleted only now."""
+        out = run_dir.path
+        checked_name = report.model.get("path") or ""
+        title = f"{Path(checked_name).name}: {report.plugins['quantizer']['name']} + {report.plugins['adapter']['name']}"
+        if plot_loss(out / "metrics.jsonl", out / "loss.png", title):
+            report.loss_plot = str(out / "loss.png")
+        report.status = "completed"
+        atomic_write_json(out / "report.json", report.to_dict())
         atomic_write_json(out / RUN_MARKER, _marker(report, "completed"))
-    except BaseException as exc:
+        for old in ([run_dir.aside] if run_dir.aside is not None else []) + asides_of(out):
+            remove_aside(old)
+        return report
+
+    # --- the whole run ---------------------------------------------------------------------------
+
+    def run(self) -> RunReport:
+        """All stages in order; a failure or interrupt after the run directory is open marks it in
+        run.json, keeps a finished training as a checkpoint and puts back a run ``--force`` was
+        replacing when the new one left nothing to resume."""
+        import torch
+
+        started = time.perf_counter()
+        checked = self.check()
+        prepared = self.prepare(checked)
+        config, plugins = checked.config, checked.plugins
+        report = RunReport.start(prepared.out, config, checked.model_dir, plugin_report(self.registry, plugins), versions(), prepared.device)
+        report.notes += prepared.notes
+        loaded = self.load(prepared)
+        report.quantization = {
+            "quantized_params": loaded.footprint.quantized_params,
+            "quantized_bytes": loaded.footprint.quantized_bytes,
+            "bits_per_param": loaded.footprint.bits_per_param,
+            **plugins.quantizer.metadata(),
+        }
+        report.timings["load_s"] = loaded.load_seconds
+        attached = self.attach(prepared, loaded)
+        report.parameters = attached.parameters
+        # everything a user can get wrong has been checked: only now is the run directory written
+        run_dir = self.open_run_dir(prepared)
+        try:
+            atomic_write_json(run_dir.path / RUN_MARKER, _marker(report, "running"))  # first: the marker makes the directory ours
+            atomic_write_yaml(run_dir.path / "config.yaml", prepared.resolved)
+            meta = {"config": prepared.resolved, "plugins": report.plugins, "versions": report.versions}
+            trained = self.train(prepared, attached, run_dir, meta)
+            report.notes += trained.notes
+            if trained.result is not None:
+                report.training = TrainingFigures.of(trained.result, prepared.splits, trained.resumed_from)
+                report.timings["train_s"] = trained.train_seconds
+            report.exports, report.timings["export_s"] = self.save_and_export(prepared, attached, run_dir)
+            report.memory = {"peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": loaded.load_peak_rss_bytes}
+            if prepared.device == "cuda":
+                report.memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            report.timings["total_s"] = round(time.perf_counter() - started, 3)
+            return self.finish(report, run_dir)
+        except BaseException as exc:
+            self._record_failure(report, run_dir, exc)
+            raise
+
+    def _record_failure(self, report: RunReport, run_dir: RunDirectory, exc: BaseException) -> None:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_failure(exc)}"
         with contextlib.suppress(QloraError):
-            atomic_write_json(out / RUN_MARKER, _marker(report, "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {_failure(exc)}"))
-        _restore_previous(out, aside, log)
-        raise
-    # the new run is complete: only now are the runs it replaced deleted
-    for old in ([aside] if aside is not None else []) + asides_of(out):
-        remove_aside(old)
-    return report
+            atomic_write_json(run_dir.path / RUN_MARKER, _marker(report, status, "SIGTERM" if isinstance(exc, Terminated) else None))
+        if isinstance(exc, KeyboardInterrupt) and self._interrupt_save is not None:
+            _checkpoint_finished_training(run_dir.path, *self._interrupt_save, self.log)
+        _restore_previous(run_dir.path, run_dir.aside, self.log)
+
+
+def run(config: Config, registry: Any, output_dir: Path, force: bool = False, log: Log = lambda m: None, progress: bool = True,
+        resume: bool = False) -> dict:
+    """Run the whole pipeline into ``output_dir`` and return the report as a mapping (what
+    report.json holds). With ``resume``, continue the run in ``output_dir`` from its newest
+    intact checkpoint."""
+    return Pipeline(config, registry, output_dir, force=force, resume=resume, log=log, progress=progress).run().to_dict()
