@@ -243,6 +243,7 @@ class Prepared:
     resolved: dict
     inputs: list
     notes: list[str] = attrs.field(factory=list)
+    num_labels: int | None = None
 
 
 @attrs.define
@@ -345,7 +346,7 @@ class Pipeline:
             resolved["model"]["path"], resolved["model"]["source"] = str(model_dir), None
         if self.resume:
             _check_resume(out, resolved)
-        return Prepared(checked, out, device, tokenizer, splits, resolved, inputs, notes)
+        return Prepared(checked, out, device, tokenizer, splits, resolved, inputs, notes, splits.num_labels if splits else None)
 
     def load(self, prepared: Prepared) -> Loaded:
         """The base model, loaded (and quantized) by the quantizer."""
@@ -353,7 +354,7 @@ class Pipeline:
         plugins, model_dir = checked.plugins, checked.model_dir
         self.log(f"Loading {model_dir} with quantizer '{plugins.quantizer.name}' on {prepared.device}")
         started = time.perf_counter()
-        request = model_request(checked.config, model_dir, prepared.device, prepared.splits.num_labels if prepared.splits else None)
+        request = model_request(checked.config, model_dir, prepared.device, prepared.num_labels)
         limit_heap_fragmentation()  # for every run: freed activations go back to the OS (streaming.py)
         model = load_base(plugins, request, prepared.tokenizer, self.registry)
         footprint = plugins.quantizer.footprint(model)
@@ -463,7 +464,7 @@ class Pipeline:
             raise QloraError(f"cannot save the adapter to {out / 'adapter'}: {_first_line(exc)}") from None
         splits = prepared.splits
         probe = list(splits.eval[:8] or splits.train[:8]) if splits else []
-        request = model_request(checked.config, checked.model_dir, prepared.device, splits.num_labels if splits else None)
+        request = model_request(checked.config, checked.model_dir, prepared.device, prepared.num_labels)
         context = ExportContext(attached.model, prepared.tokenizer, checked.model_dir, checked.config.model.task, plugins.quantizer,
                                 plugins.adapter, prepared.resolved, request, probe)
         started = time.perf_counter()

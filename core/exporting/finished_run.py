@@ -12,7 +12,7 @@ from qlora_plugins.core.errors import ExportError, ModelError, OutputExistsError
 from qlora_plugins.core.exporting.fidelity import PROBE_MAX_EXAMPLES
 from qlora_plugins.core.exporting.paths import check_export_target, export_directory
 from qlora_plugins.core.exporting.runner import run_exports
-from qlora_plugins.core.interfaces import AdapterContext, ExportContext
+from qlora_plugins.core.interfaces import ExportContext
 from qlora_plugins.core.rundir import atomic_write_json
 from qlora_plugins.core.safety import check_holds_no_input, check_no_link_between, check_no_links
 
@@ -72,23 +72,75 @@ def _check_adapter_base(adapter: Any, adapter_dir: Path, model_dir: Path) -> Non
             raise ExportError(f"the adapter in {adapter_dir} was trained on a {trained} model ({recorded}), but the run's base model {model_dir} is a {now} model")
 
 
+class FinishedRun:
+    """The pipeline's stages applied to a finished run, for ``qlora export``: ``check`` (plugins
+    and files), ``prepare`` without output checks (the run directory is read, not written) and
+    with the data only for probe examples, ``load``, then ``attach`` of the saved adapter."""
+
+    def __init__(self, config: Any, registry: Any, run_dir: Path, resolved: dict, adapter_dir: Path, log: Log) -> None:
+        from qlora_plugins.core.pipeline import Pipeline
+
+        self.pipeline = Pipeline(config, registry, run_dir, log=log, progress=False)
+        self.resolved, self.adapter_dir, self.log = resolved, adapter_dir, log
+
+    def prepare(self, checked: Any) -> Any:
+        from qlora_plugins.core import modeling
+        from qlora_plugins.core.interfaces import DataContext
+        from qlora_plugins.core.pipeline import Prepared
+
+        config, plugins, model_dir = checked.config, checked.plugins, checked.model_dir
+        _check_adapter_base(plugins.adapter, self.adapter_dir, model_dir)
+        device = modeling.choose_device(config.train.device)
+        tokenizer = modeling.load_tokenizer(model_dir, config.model.trust_remote_code)
+        splits = None
+        if plugins.data is not None:
+            try:
+                splits = plugins.data.load(DataContext(tokenizer, config.model.task, config.train.seed, config.base_dir, "data"))
+            except QloraError as exc:
+                self.log(f"Probe: the run's data is not usable ({exc}); comparing on a built-in text")
+        num_labels = config.model.num_labels or (splits.num_labels if splits else None)
+        if config.model.task == "seq_cls" and num_labels is None:
+            num_labels = plugins.adapter.saved_info(self.adapter_dir).num_labels
+        return Prepared(checked, self.pipeline.output_dir, device, tokenizer, splits, self.resolved, [], [], num_labels)
+
+    def context(self) -> ExportContext:
+        """The trained model rebuilt from the run, as an :class:`ExportContext`."""
+        pipeline = self.pipeline
+        checked = pipeline.check()
+        prepared = self.prepare(checked)
+        model_dir = checked.model_dir
+        pipeline.log(f"Loading {model_dir} with quantizer '{checked.plugins.quantizer.name}' and the adapter in {self.adapter_dir}")
+        loaded = pipeline.load(prepared)
+        try:
+            attached = pipeline.attach(prepared, loaded, saved_adapter=self.adapter_dir)
+        except QloraError:
+            raise
+        except Exception as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            detail = next((line for line in lines if "size mismatch" in line or "not found" in line), lines[0])
+            raise ExportError(f"the adapter in {self.adapter_dir} does not match the base model {model_dir} "
+                              f"({_model_type(model_dir)}): {detail[:300]}") from None
+        splits = prepared.splits
+        probe = list(splits.eval[:PROBE_MAX_EXAMPLES] or splits.train[:PROBE_MAX_EXAMPLES]) if splits else []
+        plugins = checked.plugins
+        return ExportContext(attached.model, prepared.tokenizer, model_dir, checked.config.model.task, plugins.quantizer, plugins.adapter,
+                             self.resolved, loaded.request, probe)
+
+
 def load_run(run_dir: Path, registry: Any, log: Log = lambda m: None) -> ExportContext:
     """Load a finished run (``RUN_DIR/config.yaml`` + ``RUN_DIR/adapter``) back into the trained
-    model through the same plugins; the probe examples are the run's held-out examples when its
-    data file is still there.
+    model through the same plugins and pipeline stages; the probe examples are the run's
+    held-out examples when its data file is still there.
 
     :raises ExportError: no adapter, an adapter that does not fit the base, corrupt files.
     """
     import copy
 
-    from qlora_plugins.core import modeling, pipeline
-    from qlora_plugins.core.config import ResolvedPlugins, parse_config
-    from qlora_plugins.core.interfaces import DataContext
+    from qlora_plugins.core.config import parse_config
 
     run_dir = Path(run_dir)
     data = _read_run_config(run_dir)
     adapter_dir = _check_adapter_dir(run_dir)
-    resolved = copy.deepcopy(data)
     parse = copy.deepcopy(data)
     model = dict(parse["model"])
     if model.get("path") and model.get("source"):
@@ -99,53 +151,11 @@ def load_run(run_dir: Path, registry: Any, log: Log = lambda m: None) -> ExportC
     parse["model"] = model
     parse["train"] = {**(parse.get("train") or {}), "enabled": False}
     data_path = ((parse.get("data") or {}).get("path")) if isinstance(parse.get("data"), dict) else None
-    keep_data = bool(data_path) and Path(data_path).is_file()
-    if not keep_data:
+    if not (bool(data_path) and Path(data_path).is_file()):
         parse.pop("data", None)
     parse["export"] = []
     config = parse_config(parse, run_dir / "config.yaml")
-    checked_quantizer = registry.create("quantizer", config.quantizer.name, config.quantizer.options, "quantizer")
-    adapter = registry.create("adapter", config.adapter.name, config.adapter.options, "adapter")
-    if config.model.path is not None:
-        model_dir = config.resolve_path(config.model.path)
-        modeling.check_model_dir(model_dir)
-    else:
-        from qlora_plugins.core.sources import materialize_source
-
-        model_dir = materialize_source(registry, config.model.source)
-    _check_adapter_base(adapter, adapter_dir, model_dir)
-    device = modeling.choose_device(config.train.device)
-    tokenizer = modeling.load_tokenizer(model_dir, config.model.trust_remote_code)
-
-    probe: list = []
-    num_labels = config.model.num_labels
-    if keep_data and config.data is not None:
-        try:
-            data_plugin = registry.create("data_format", config.data.name, config.data.options, "data")
-            splits = data_plugin.load(DataContext(tokenizer, config.model.task, config.train.seed, config.base_dir, "data"))
-            probe = list(splits.eval[:PROBE_MAX_EXAMPLES] or splits.train[:PROBE_MAX_EXAMPLES])
-            num_labels = num_labels or splits.num_labels
-        except QloraError as exc:
-            log(f"Probe: the run's data is not usable ({exc}); comparing on a built-in text")
-    if config.model.task == "seq_cls" and num_labels is None:
-        num_labels = adapter.saved_info(adapter_dir).num_labels
-
-    log(f"Loading {model_dir} with quantizer '{checked_quantizer.name}' and the adapter in {adapter_dir}")
-    request = pipeline.model_request(config, model_dir, device, num_labels)
-    plugins = ResolvedPlugins(checked_quantizer, adapter, None, None, [])
-    base = pipeline.load_base(plugins, request, tokenizer)
-    quantized = checked_quantizer.footprint(base).quantized_params > 0
-    try:
-        trained = adapter.load(base, adapter_dir, AdapterContext(task=config.model.task, quantized=quantized))
-    except QloraError:
-        raise
-    except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        detail = next((line for line in lines if "size mismatch" in line or "not found" in line), lines[0])
-        raise ExportError(f"the adapter in {adapter_dir} does not match the base model {model_dir} "
-                          f"({_model_type(model_dir)}): {detail[:300]}") from None
-    trained.eval()
-    return ExportContext(trained, tokenizer, model_dir, config.model.task, checked_quantizer, adapter, resolved, request, probe)
+    return FinishedRun(config, registry, run_dir, copy.deepcopy(data), adapter_dir, log).context()
 
 
 def _exporter_options(run_config: dict, name: str, overrides: Sequence[str], names: Sequence[str] = ()) -> dict:
