@@ -169,9 +169,8 @@ def tradeoffs(config_path: Path, steps: int, overrides: tuple[str, ...], methods
     uses CONFIG's quantizer if it quantizes, else nf4 with double quantization; LoRA uses CONFIG's
     adapter if it is lora, else lora's defaults. Exports and checkpoints are skipped.
     """
-    from qlora_plugins.core.config import apply_overrides, load_config, read_config_file
-    from qlora_plugins.core.errors import ConfigError, QloraError
-    from qlora_plugins.core.pipeline import check
+    from qlora_plugins.api import apply_overrides, check, create_registry, load_config, read_config_file
+    from qlora_plugins.errors import ConfigError, QloraError
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in VARIANTS]
@@ -180,8 +179,6 @@ def tradeoffs(config_path: Path, steps: int, overrides: tuple[str, ...], methods
     root = click.get_current_context().find_root()
     registry = (root.obj or {}).get("registry")
     if registry is None:
-        from qlora_plugins.core.registry import create_registry
-
         registry = create_registry()
     check(load_config(config_path, list(overrides)), registry)  # the user's config must be valid as written
     raw = apply_overrides(read_config_file(config_path), list(overrides))

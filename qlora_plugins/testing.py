@@ -23,6 +23,20 @@ from qlora_plugins.core.options import build_options
 
 Check = Callable[[type, "dict | None"], None]
 
+__all__ = [
+    "Check",
+    "check_dtypes",
+    "check_lora_train_and_merge",
+    "check_quant_linear",
+    "check_rejects_bad_input",
+    "check_round_trip",
+    "make_registry",
+    "quantizer_checks",
+    "run_cli",
+    "run_quantizer_checks",
+    "tiny_model_dir",
+]
+
 
 def _make(cls: type, options: dict | None) -> Any:
     return cls(build_options(cls.Options, options or {}, "quantizer"))
@@ -193,3 +207,34 @@ def run_quantizer_checks(cls: type, options: dict | None = None) -> None:
             check(cls, options)
         except AssertionError as exc:
             raise AssertionError(f"{check.__name__}: {exc}") from exc
+
+
+# --- the testing kit for plugin authors ------------------------------------------------------
+
+
+def make_registry(plugins: list | None = None, blocked: list | None = None) -> Any:
+    """A fresh registry of the builtins plus ``plugins`` (modules or objects with ``@hookimpl``
+    functions), never the installed entry points, so a test sees exactly what it names."""
+    from qlora_plugins.core.registry import create_registry
+
+    return create_registry(plugins=list(plugins or []), blocked=list(blocked or []), load_entrypoints=False)
+
+
+def tiny_model_dir(source: str = "tiny-llama") -> Path:
+    """The checkpoint directory of a builtin tiny model source (``tiny-llama``, ``tiny-gpt2``,
+    ``tiny-bert``), created offline in ``$QLORA_PLUGINS_HOME`` on first use."""
+    from qlora_plugins.core.sources import materialize_source
+
+    return materialize_source(make_registry(), source)
+
+
+def run_cli(*args: Any, registry: Any = None) -> Any:
+    """Run the ``qlora`` CLI in-process with click's ``CliRunner`` and return its result
+    (``exit_code``, ``stdout``, ``stderr``); ``registry`` (e.g. from :func:`make_registry`)
+    replaces the installed plugins."""
+    from click.testing import CliRunner
+
+    from qlora_plugins.cli import cli
+
+    obj = {} if registry is None else {"registry": registry}
+    return CliRunner().invoke(cli, [str(a) for a in args], obj=obj)
