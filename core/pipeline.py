@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import attrs
 
-from qlora_plugins.core import modeling
+from qlora_plugins.core import modeling, progress
 from qlora_plugins.core.checkpointing import (
     config_changes,
     list_checkpoints,
@@ -332,7 +331,9 @@ class Pipeline:
         splits, notes = None, []
         if train_cfg.enabled:
             self.log(f"Loading data with '{plugins.data.name}'")
-            splits = plugins.data.load(DataContext(tokenizer, config.model.task, train_cfg.seed, config.base_dir, "data"))
+            with progress.current().stage("data", unit="example") as stage:
+                splits = plugins.data.load(DataContext(tokenizer, config.model.task, train_cfg.seed, config.base_dir, "data"))
+                stage.update(len(splits.train) + len(splits.eval))
             if len(splits.train) == 0:
                 raise QloraError("data: the training split is empty")
             if config.model.task == "causal_lm" and not any(label != IGNORE_INDEX for example in splits.train for label in example["labels"]):
@@ -356,7 +357,9 @@ class Pipeline:
         started = time.perf_counter()
         request = model_request(checked.config, model_dir, prepared.device, prepared.num_labels)
         limit_heap_fragmentation()  # for every run: freed activations go back to the OS (streaming.py)
-        model = load_base(plugins, request, prepared.tokenizer, self.registry)
+        total = sum(f.stat().st_size for f in modeling.safetensors_files(model_dir)) or None
+        with progress.current().stage("load", total=total, unit="B"):
+            model = load_base(plugins, request, prepared.tokenizer, self.registry)
         footprint = plugins.quantizer.footprint(model)
         return Loaded(model, request, footprint, round(time.perf_counter() - started, 3), peak_rss_bytes())
 
@@ -430,22 +433,16 @@ class Pipeline:
 
         self.log(f"Training {attached.parameters['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples")
         metrics = MetricsWriter(out / "metrics.jsonl")
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
         started = time.perf_counter()
         try:
-            trained.result = TrainLoop(
-                model, optimizer, scheduler, train_cfg, splits.train, splits.eval, prepared.tokenizer.pad_token_id,
-                config.model.task, device, steps, state=state, on_record=metrics.write, on_step_end=on_step_end,
-                on_interrupt=on_interrupt, progress=bar,
-            ).run()
+            with progress.current().stage("train", total=steps, unit="step", initial=state.step) as stage:
+                trained.result = TrainLoop(
+                    model, optimizer, scheduler, train_cfg, splits.train, splits.eval, prepared.tokenizer.pad_token_id,
+                    config.model.task, device, steps, state=state, on_record=metrics.write, on_step_end=on_step_end,
+                    on_interrupt=on_interrupt, progress=stage,
+                ).run()
         finally:
             metrics.close()
-            if bar is not None:
-                bar.close()
         trained.train_seconds = round(time.perf_counter() - started, 3)
         self._interrupt_save = (state, save)  # an interrupt from here on keeps the finished training
         return trained
@@ -492,6 +489,10 @@ class Pipeline:
         """All stages in order; a failure or interrupt after the run directory is open marks it in
         run.json, keeps a finished training as a checkpoint and puts back a run ``--force`` was
         replacing when the new one left nothing to resume."""
+        with progress.use(progress.Progress.for_terminal(self.progress, self.log)):
+            return self._run()
+
+    def _run(self) -> RunReport:
         import torch
 
         started = time.perf_counter()

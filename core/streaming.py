@@ -186,6 +186,11 @@ def linear_like_layers(model: Any, skip_modules: list[str]) -> dict[str, Any]:
     }
 
 
+def _nbytes(location: Any) -> int:
+    """Bytes of a tensor in its file (0 when its location is unknown), for the loading progress."""
+    return int(location[3] - location[2]) if location else 0
+
+
 def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_modules: list[str]) -> Any:
     """Load ``request.path`` into a fresh model, calling ``make_layer(name, module, weight)`` for
     each linear layer as soon as its weight is read; its return value replaces the module.
@@ -197,6 +202,7 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
     from transformers.initialization import no_init_weights
 
     from qlora_plugins.core.modeling import set_submodule
+    from qlora_plugins.core.progress import advance
 
     files = checkpoint_files(Path(request.path))
     limit_heap_fragmentation()
@@ -231,6 +237,7 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
                     if bias is not None:
                         params[f"{name}.bias"] = new.bias
                     seen.add(key)
+                    advance(_nbytes(locations.get(key)))
                     del weight, tensor
                     continue
                 target = params.get(key)
@@ -240,6 +247,7 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
                     raise StreamingUnsupported(f"checkpoint tensor {key} has no place in the model")
                 _copy_into(target, handle, key, raw.fileno(), locations.get(key))
                 seen.add(key)
+                advance(_nbytes(locations.get(key)))
     missing = {k for k in expected - seen if not k.endswith(".weight") or k not in weight_keys}
     tied = set()
     if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False):

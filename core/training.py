@@ -111,10 +111,13 @@ def evaluate(model: Any, data: Sequence[dict], batch_size: int, pad_id: int, tas
     was_training = model.training
     model.eval()
     total_loss, total_weight, correct, seen = 0.0, 0, 0, 0
+    from qlora_plugins.core.progress import advance
+
     with torch.no_grad():
         for b, start in enumerate(range(0, len(data), batch_size)):
             if max_batches is not None and b >= max_batches:
                 break
+            advance(1)
             batch = move_batch(collate(data[start : start + batch_size], pad_id, task), device)
             out = model(**batch)
             if task == "seq_cls":
@@ -175,7 +178,15 @@ class TrainLoop:
         self.on_record, self.on_step_end, self.on_interrupt, self.progress = on_record, on_step_end, on_interrupt, progress
 
     def _eval(self) -> dict:
-        figures = evaluate(self.model, self.eval_data, self.cfg.batch_size, self.pad_id, self.task, self.device, self.cfg.eval_max_batches)
+        from qlora_plugins.core.progress import current
+
+        batches = batches_per_epoch(len(self.eval_data), self.cfg.batch_size) if self.eval_data else 0
+        if self.cfg.eval_max_batches is not None:
+            batches = min(batches, self.cfg.eval_max_batches)
+        with current().stage("eval", total=batches, unit="batch") as stage:
+            figures = evaluate(self.model, self.eval_data, self.cfg.batch_size, self.pad_id, self.task, self.device, self.cfg.eval_max_batches)
+            if "eval_loss" in figures:
+                stage.set_postfix(loss=f"{figures['eval_loss']:.4f}")
         loss = figures.get("eval_loss")
         if loss is not None and not math.isfinite(loss):
             raise TrainingError(f"eval loss became {loss} at step {self.state.step}; stopping (lower optimizer.lr, check the data); "

@@ -340,9 +340,11 @@ def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output
         _warn_broken(registry)
         _quiet_libraries()
         from qlora_plugins.core.exporting import export_run
+        from qlora_plugins.core.progress import Progress, use
 
         log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
-        results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
+        with use(Progress.for_terminal(not as_json, log)):
+            results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
     from qlora_plugins.core.report import format_table, human_bytes
 
     if as_json:

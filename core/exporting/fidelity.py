@@ -13,6 +13,7 @@ from typing import Any, Callable
 from qlora_plugins.core.errors import ExportError, QloraError
 from qlora_plugins.core.exporting.tolerance import _bounds, _fmt, effective_tolerance, violations
 from qlora_plugins.core.interfaces import AdapterContext, ExportContext
+from qlora_plugins.core.progress import current as current_progress
 
 Log = Callable[[str], None]
 
@@ -143,7 +144,7 @@ def measure_fidelity(exporter: Any, directory: Path, context: ExportContext, ref
     expected = reference.logits(probe_text)  # before reloading: an adapter may be swapped into the trained model
     candidate = None
     try:
-        with reloaded_artifact(exporter, directory, context, registry) as model:
+        with current_progress().stage(f"fidelity {exporter.name}"), reloaded_artifact(exporter, directory, context, registry) as model:
             if model is not None:
                 candidate = model_logits(model, batch)
             del model

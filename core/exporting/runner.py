@@ -21,6 +21,7 @@ from qlora_plugins.core.exporting.fidelity import _Reference, measure_fidelity
 from qlora_plugins.core.exporting.manifest import build_manifest
 from qlora_plugins.core.exporting.paths import check_artifact, check_export_target, export_directory, remove_own_temporaries
 from qlora_plugins.core.interfaces import ExportContext
+from qlora_plugins.core.progress import current as current_progress
 from qlora_plugins.core.rundir import atomic_directory, atomic_write_json
 from qlora_plugins.core.safety import MANIFEST, not_an_export_because
 
@@ -64,7 +65,8 @@ def run_exports(context: ExportContext, exporters: list, exports_dir: Path, regi
         for exporter, final in zip(exporters, targets):
             log(f"Exporting with '{exporter.name}' to {final}")
             started = time.perf_counter()
-            with atomic_directory(final, force=force, not_ours=not_an_export_because) as tmp:
+            with current_progress().stage(f"export {exporter.name}", unit="file") as stage, \
+                    atomic_directory(final, force=force, not_ours=not_an_export_because) as tmp:
                 try:
                     info = exporter.export(context, tmp) or {}
                 except QloraError:
@@ -78,6 +80,7 @@ def run_exports(context: ExportContext, exporters: list, exports_dir: Path, regi
                 files = check_artifact(tmp, exporter.name)
                 manifest = build_manifest(exporter, context, tmp, files, info, fidelity, registry)
                 atomic_write_json(tmp / MANIFEST, manifest)
+                stage.update(len(files))
             label = next(x for x in (exporter.name, final.name, str(final)) if x not in results)
             results[label] = {
                 **{k: v for k, v in info.items() if k not in RESERVED_RESULT_KEYS},  # the host's own keys win
