@@ -37,8 +37,8 @@ PLUGIN_FLAGS = {
 }
 
 
-def _option_keys(registry, kind: str, name: str | None) -> set[str]:
-    """The option keys of plugin ``name`` (None: the kind's default); empty when unknown (the
+def _option_keys(registry, kind: str, name: str | None) -> set[str] | None:
+    """The option keys of plugin ``name`` (None: the kind's default); None when unknown (the
     planner then reports the name)."""
     import attrs
 
@@ -46,7 +46,7 @@ def _option_keys(registry, kind: str, name: str | None) -> set[str]:
     try:
         cls = registry.get(kind, name)
     except Exception:  # noqa: BLE001 - unknown names are the planner's error to report
-        return set()
+        return None
     return {f.alias or f.name for f in attrs.fields(cls.Options) if f.init}
 
 
@@ -67,9 +67,9 @@ def plan_settings(registry, *, quantizer: str | None = None, double_quant: bool 
     options: dict[str, dict] = {"quantizer": {}, "adapter": {}}
     for flag, (kind, key) in PLUGIN_FLAGS.items():
         keys = _option_keys(registry, kind, names[kind])
-        if key in keys:
+        if keys is not None and key in keys:
             options[kind][key] = values[flag]
-        elif flag in explicit and keys:
+        elif flag in explicit and keys is not None:
             shown = names[kind] or registry.default(kind)
             raise ConfigError(flag, f"{kind} '{shown}' has no option '{key}'")
     by_key = {f"{kind}.{key}": flag for flag, (kind, key) in PLUGIN_FLAGS.items()}

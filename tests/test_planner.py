@@ -202,3 +202,110 @@ def test_plan_cli_errors(tmp_path):
     assert_user_error(plan_cli("llama-2-7b", "--adapter", "full"), "--quantizer none")
     bad = plan_cli("llama-2-7b", "--device-memory", "lots")
     assert bad.exit_code == 2 and "not a size" in bad.output
+
+
+# --- plugins the planner knows only through their declared methods --------------------------
+
+
+def _hqq4_module():
+    """The example third-party quantizer package, imported from its source tree."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "plugins" / "qlora-hqq4"))
+    try:
+        return importlib.import_module("qlora_hqq4")
+    finally:
+        sys.path.pop(0)
+
+
+def test_a_third_party_quantizer_is_planned_through_its_declared_bytes(tiny_llama_dir):
+    """``qlora plan --quantizer hqq4``: the planner knows hqq4 only through planned_bytes (which
+    it inherits from the public BlockwiseQuantizer); its weight bytes equal its real footprint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hqq4 = _hqq4_module()
+    registry = new_registry(plugins=[hqq4])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    q = registry.create("quantizer", "hqq4", {"iterations": 1})
+    q.quantize_model(model, ["lm_head"])
+    arch = P.load_architecture(str(tiny_llama_dir))
+    plan = P.make_plan(arch, plan_settings(registry, quantizer="hqq4", device="cpu"))
+    rows = {r.key: r.host for r in plan.rows}
+    assert rows["base_weights"] + rows["quant_constants"] == q.footprint(model).quantized_bytes
+    table = {r["label"]: r for r in P.quantizer_table(arch, plan.settings)}
+    assert {"hqq4", "hqq4 + DQ", "nf4 + DQ", "none"} <= set(table)
+    assert table["hqq4"]["bits_per_param"] == table["int4_asym"]["bits_per_param"]  # two fp32 constants a block
+
+    from click.testing import CliRunner
+
+    from qlora_plugins.cli import cli
+
+    registry.add_commands(cli)
+    result = CliRunner().invoke(cli, ["plan", str(tiny_llama_dir), "--quantizer", "hqq4", "--device", "cpu", "--json"],
+                                obj={"registry": registry})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["settings"]["quantizer"] == "hqq4"
+
+
+def test_plugins_that_declare_nothing_are_refused_on_one_line():
+    import attrs
+
+    from qlora_plugins import Adapter, Optimizer, Quantizer, hookimpl
+
+    class Opaque(Quantizer):
+        """A quantizer that does not tell the planner how it stores weights."""
+
+        name = "opaque"
+
+    class Mystery(Adapter):
+        """An adapter without planned_* methods."""
+
+        name = "mystery"
+
+    class Silent(Optimizer):
+        """An optimizer without planned_state_bytes."""
+
+        name = "silent"
+
+    class Plugin:
+        @hookimpl
+        def register_quantizers(self, register):
+            register(Opaque)
+
+        @hookimpl
+        def register_adapters(self, register):
+            register(Mystery)
+
+        @hookimpl
+        def register_optimizers(self, register):
+            register(Silent)
+
+    registry = new_registry(plugins=[Plugin()])
+    for kwargs, option, name in (({"quantizer": "opaque"}, "--quantizer", "opaque"), ({"adapter": "mystery"}, "--adapter", "mystery"),
+                                 ({"optimizer": "silent"}, "--optimizer", "silent")):
+        with pytest.raises(P.ConfigError) as info:
+            plan_settings(registry, **kwargs)
+        assert info.value.path == option and f"'{name}' does not declare planned_" in info.value.message
+    # an undeclared plugin is neither in the table nor suggested
+    settings = plan_settings(registry)
+    assert "opaque" not in {r["quantizer"] for r in P.quantizer_table(P.load_architecture("llama-2-7b"), settings)}
+    verdict = P.check_budget(P.load_architecture("llama-2-7b"), attrs.evolve(settings, optimizer=registry.create("optimizer", "adamw")),
+                             P.parse_size("5GB"), None)
+    assert all(s["settings"].get("optimizer") is None or s["settings"]["optimizer"].name != "silent" for s in verdict["suggestions"])
+
+
+def test_plan_uses_the_registry_defaults():
+    """No name in the planner: omitted plugins are the registry's defaults (nf4, lora, paged_adamw)."""
+    settings = P.Settings.from_names(REGISTRY)
+    assert (settings.quantizer.name, settings.adapter.name, settings.optimizer.name) == (
+        REGISTRY.default("quantizer"), REGISTRY.default("adapter"), REGISTRY.default("optimizer")) == ("nf4", "lora", "paged_adamw")
+    assert P.make_plan(P.load_architecture("llama-2-7b"), settings).totals == P.make_plan(P.load_architecture("llama-2-7b"), S()).totals
+
+
+def test_flags_a_plugin_does_not_have_are_refused_when_given():
+    assert_user_error(plan_cli("llama-2-7b", "--quantizer", "none", "--blocksize", "128"), "--blocksize: quantizer 'none' has no option")
+    assert_user_error(plan_cli("llama-2-7b", "--adapter", "full", "--quantizer", "none", "--lora-r", "8"), "--lora-r: adapter 'full'")
+    assert plan_cli("llama-2-7b", "--adapter", "full", "--quantizer", "none").exit_code == 0
