@@ -42,6 +42,7 @@ class Plugin:
     - ``default``: set True to be the plugin a config gets when it omits the section (or its
       ``name``). The first registered class of a kind that sets it is the default (builtins
       register first); a later one takes the default over only if it also sets ``replaces``.
+      It is not inherited: a subclass of a default plugin sets it again to be a default.
     """
 
     kind: ClassVar[str] = ""

@@ -8,7 +8,8 @@ Rules (documented in docs/plugins.md):
   rejected and reported as a conflict, unless it sets ``replaces = True``, in which case it takes
   the name over (the replaced one is recorded). Nothing is ever silently shadowed.
 - The default of a kind (what a config that omits the section gets) is the name of the first
-  registered class that sets ``default = True``. A later class that sets it takes the default
+  registered class that sets ``default = True`` in its own body (not inherited: a subclass of a
+  default plugin is not a default unless it says so). A later class that sets it takes the default
   over only if it also sets ``replaces = True``; otherwise its claim is reported as a conflict
   (the class itself stays registered under its name).
 - A plugin that fails to import, raises in a hook, implements a misspelt hook or registers an
@@ -385,7 +386,7 @@ class Registry:
                 )
             )
             return
-        if getattr(cls, "default", False) is True:
+        if vars(cls).get("default") is True:  # declared by the class itself: a subclass of a default is not one
             self._claim_default(kind, name, cls, source)
 
     def _claim_default(self, kind: str, name: str, cls: type, source: PluginSource) -> None:
