@@ -301,6 +301,19 @@ def test_a_default_is_taken_over_only_with_replaces():
     assert [e.name for e in plugins.exporters] == ["adapter"]
 
 
+def test_a_subclass_of_a_default_is_not_a_default():
+    lora = new_registry().get("adapter", "lora")
+    narrow = type("NarrowLora", (lora,), {"name": "narrow_lora", "__doc__": "LoRA on fewer layers."})
+
+    class Subclassing:
+        @hookimpl
+        def register_adapters(self, register):
+            register(narrow)
+
+    reg = new_registry(plugins=[Subclassing()])
+    assert reg.default("adapter") == "lora" and reg.broken == []
+
+
 def test_blocking_the_default_leaves_no_default():
     reg = new_registry(blocked=["qlora_plugins.builtin_plugins.adapter_lora"])
     assert reg.default("adapter") is None
