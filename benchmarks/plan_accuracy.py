@@ -66,10 +66,14 @@ CONFIGS: list[tuple[str, str, int, int]] = [
 
 def settings_for(mode: str, batch: int, seq: int):
     from qlora_plugins.core.planner import Settings
+    from qlora_plugins.core.registry import create_registry
 
-    return Settings(quantizer="none" if mode.startswith("lora") else "nf4", double_quant=True, blocksize=64,
-                    dtype="bfloat16" if "bf16" in mode else "float32", adapter="lora", lora_r=16, lora_dropout=0.05,
-                    optimizer="adamw", batch=batch, seq=seq, gradient_checkpointing=not mode.endswith("_nogc"), device="cpu")
+    lora = mode.startswith("lora")
+    return Settings.from_names(create_registry(load_entrypoints=False), quantizer="none" if lora else "nf4",
+                               quantizer_options={} if lora else {"double_quant": True, "blocksize": 64},
+                               adapter="lora", adapter_options={"r": 16, "dropout": 0.05}, optimizer="adamw",
+                               dtype="bfloat16" if "bf16" in mode else "float32", batch=batch, seq=seq,
+                               gradient_checkpointing=not mode.endswith("_nogc"), device="cpu")
 
 
 def predict(path: Path, mode: str, batch: int, seq: int, constants: dict | None = None) -> dict:

@@ -10,16 +10,46 @@ freshly loaded base.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import attrs
 
 from qlora_plugins import Adapter, AdapterContext, hookimpl
 from qlora_plugins.errors import ConfigError
+from qlora_plugins.planning import ActivationCoefficients, Architecture, LinearShape
+
+#: Bytes a decoder layer saves for backward per token (``h * hidden + i * intermediate +
+#: kv * kv_width + c``) without adapters' dropout, by compute dtype: the same measurement as the
+#: lora adapter's table (docs/memory.md), whose adapters save the inputs the base layers save.
+#: Full fine-tuning adds ``7 * dtype bytes`` per hidden unit (the weight gradients' inputs).
+BASE_ACTIVATION_BYTES = {
+    "float32": ActivationCoefficients(h=24.0, i=16.0, kv=8.0, c=300.0),
+    "bfloat16": ActivationCoefficients(h=36.0, i=10.0, kv=4.0, c=265.0),
+}
 
 
 class FullFineTuning(Adapter):
     """Full fine-tuning: every floating-point weight of the unquantized model is trainable."""
 
     name = "full"
+    needs_full_precision_base = True
+
+    # --- planning (``qlora plan``) ------------------------------------------------------------
+
+    def planned_trainable(self, layers: Sequence[LinearShape], arch: Architecture) -> int:
+        """Every parameter of the model."""
+        return arch.total_params
+
+    def planned_weight_bytes(self, trainable: int, dtype_bytes: int) -> tuple[float, float]:
+        """The trained weights are the base weights (nothing added); gradients in the model dtype."""
+        return 0, trainable * dtype_bytes
+
+    def planned_activations(self, compute_dtype: str, dtype_bytes: int) -> ActivationCoefficients:
+        base = BASE_ACTIVATION_BYTES[compute_dtype]
+        return attrs.evolve(base, h=base.h + 7 * dtype_bytes)
+
+    def planned_label(self) -> str:
+        return "trainable weights (full fine-tuning)"
 
     @staticmethod
     def _check(model: Any, context: AdapterContext) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal, Union
+from typing import Any, Iterator, Literal, Sequence, Union
 
 import attrs
 
@@ -13,8 +13,22 @@ from qlora_plugins import Adapter, AdapterContext, MergeTarget, SavedAdapter, ho
 from qlora_plugins.errors import ConfigError, ExportError, short_repr
 from qlora_plugins.modeling import DEFAULT_SKIP_MODULES, is_skipped
 from qlora_plugins.options import in_range, positive
+from qlora_plugins.planning import ActivationCoefficients, Architecture, LinearShape
 
 _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
+
+#: Bytes saved for backward per token and per decoder layer, ``h * hidden + i * intermediate +
+#: kv * (kv_heads * head_dim) + c``, by compute dtype and whether LoRA dropout is on. Measured with
+#: ``torch.autograd.graph.saved_tensors_hooks`` on transformers 5 ``LlamaForCausalLM`` (sdpa) with
+#: peft LoRA on every linear layer (QuantLinear and nn.Linear bases save the same): exact to a few
+#: bytes per token on 12 shapes. Dropout doubles the adapters' inputs (mask + dropped copy).
+#: (The memory planner's table; docs/memory.md.)
+ACTIVATION_BYTES = {
+    ("float32", True): ActivationCoefficients(h=64.0, i=20.0, kv=8.0, c=300.0),
+    ("float32", False): ActivationCoefficients(h=24.0, i=16.0, kv=8.0, c=300.0),
+    ("bfloat16", True): ActivationCoefficients(h=60.0, i=14.0, kv=4.0, c=265.0),
+    ("bfloat16", False): ActivationCoefficients(h=36.0, i=10.0, kv=4.0, c=265.0),
+}
 
 
 @attrs.define
@@ -65,6 +79,21 @@ class Lora(Adapter):
 
     name = "lora"
     Options = LoraOptions
+    default = True  # what a config without an adapter section gets
+
+    # --- planning (``qlora plan``) ------------------------------------------------------------
+
+    def planned_trainable(self, layers: Sequence[LinearShape], arch: Architecture) -> int:
+        """``r * (in + out)`` per targeted linear layer (``all-linear``: every one)."""
+        targets = self.options.target_modules
+        chosen = layers if targets == "all-linear" else [l for l in layers if l.name in targets]
+        return sum(self.options.r * (l.in_features + l.out_features) * l.count for l in chosen)
+
+    def planned_activations(self, compute_dtype: str, dtype_bytes: int) -> ActivationCoefficients:
+        return ACTIVATION_BYTES[(compute_dtype, self.options.dropout > 0)]
+
+    def planned_label(self) -> str:
+        return f"LoRA adapters (r={self.options.r}, fp32)"
 
     def attach(self, model: Any, context: AdapterContext) -> Any:
         import torch

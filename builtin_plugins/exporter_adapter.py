@@ -14,6 +14,7 @@ class AdapterExporter(Exporter):
     """The adapter alone (adapter_config.json + adapter_model.safetensors for LoRA)."""
 
     name = "adapter"
+    default = True  # what a config without an export section gets
 
     def export(self, context: ExportContext, output_dir: Path) -> dict:
         context.adapter.save(context.model, output_dir)

@@ -14,6 +14,7 @@ import functools
 from typing import Any
 
 from qlora_plugins import Optimizer, hookimpl
+from qlora_plugins.planning import StateBytes
 
 
 def _adamw_kwargs(options: Any) -> dict:
@@ -118,6 +119,14 @@ class OffloadAdamW(Optimizer):
         if getattr(device, "type", str(device)) != "cuda":
             return "offload_adamw: the device is the CPU, so the states are in host memory anyway; the update is AdamW"
         return None
+
+    def planned_state_bytes(self, trainable: int, device: str) -> StateBytes:
+        """Two fp32 states per parameter on the host, plus fp32 host copies of the gradients
+        and (on CUDA) of the parameters; on a CPU an fp32 parameter is its own copy."""
+        states = trainable * 8.0
+        if device == "cpu":
+            return StateBytes(host_bytes=states + trainable * 4)
+        return StateBytes(host_bytes=states + trainable * 4 * 2, note="on the host; steps there")
 
 
 @hookimpl(trylast=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from qlora_plugins import Optimizer, hookimpl
+from qlora_plugins.planning import StateBytes
 
 
 def _kwargs(options: Any) -> dict:
@@ -21,11 +22,16 @@ class AdamW(Optimizer):
 
         return torch.optim.AdamW(params, **_kwargs(self.options))
 
+    def planned_state_bytes(self, trainable: int, device: str) -> StateBytes:
+        """Two fp32 states per parameter, on the device."""
+        return StateBytes(device_bytes=trainable * 8.0)
+
 
 class PagedAdamW(Optimizer):
     """bitsandbytes PagedAdamW: states in CUDA unified memory, paged to host RAM under pressure."""
 
     name = "paged_adamw"
+    default = True  # what a config without an optimizer section gets
 
     def create(self, params, device):
         import bitsandbytes as bnb
@@ -37,6 +43,11 @@ class PagedAdamW(Optimizer):
             return "paged_adamw: no CUDA device, so states are ordinary host memory (paging is CUDA-only); the update is AdamW"
         return None
 
+    def planned_state_bytes(self, trainable: int, device: str) -> StateBytes:
+        """Two fp32 states per parameter in CUDA unified memory: on the device until it pages
+        to the host."""
+        return StateBytes(device_bytes=trainable * 8.0, pageable=True, note="paged: moves to the host under pressure")
+
 
 class AdamW8bit(Optimizer):
     """bitsandbytes AdamW8bit: blockwise 8-bit optimizer states."""
@@ -47,6 +58,10 @@ class AdamW8bit(Optimizer):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **_kwargs(self.options))
+
+    def planned_state_bytes(self, trainable: int, device: str) -> StateBytes:
+        """Two uint8 states per parameter plus an fp32 absmax per 256, on the device."""
+        return StateBytes(device_bytes=trainable * (2.0 + 8.0 / 256))
 
 
 @hookimpl(trylast=True)

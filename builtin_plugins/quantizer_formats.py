@@ -76,6 +76,7 @@ class NF4(_LutFormat):
 
     name = "nf4"
     quant_type = "nf4"
+    default = True  # what a config without a quantizer section gets
 
     def code(self):
         return _kernels().nf4_code()

@@ -18,6 +18,10 @@ class NoQuantization(Quantizer):
     def metadata(self) -> dict:
         return {"format": "none"}
 
+    def planned_bytes(self, numel: int) -> None:
+        """Full precision: the planner counts the weights in the model dtype."""
+        return None
+
 
 @hookimpl(trylast=True)
 def register_quantizers(register):

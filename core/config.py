@@ -3,8 +3,11 @@
 A config has the sections ``model``, ``quantizer``, ``adapter``, ``optimizer``, ``data``, ``train``
 and ``export``. ``model`` and ``train`` are fixed attrs classes; every other section names a plugin
 (``name: nf4``) and its remaining keys are that plugin's options, validated by the plugin's own
-Options class once the registry is known (:func:`resolve_plugins`). Relative paths in a config
-file are resolved against the file's directory.
+Options class once the registry is known (:func:`resolve_plugins`). A ``quantizer``, ``adapter``
+or ``optimizer`` section that is omitted (or gives no ``name``), and an omitted ``export``
+section, get the registry's default plugin of the kind (a plugin class that sets
+``default = True``; see :meth:`~qlora_plugins.core.registry.Registry.default`): this module names
+no plugin. Relative paths in a config file are resolved against the file's directory.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from qlora_plugins.core.options import build_options, did_you_mean, in_range, ke
 
 SECTIONS = ("model", "quantizer", "adapter", "optimizer", "data", "train", "export")
 
-DEFAULT_PLUGINS = {"quantizer": "nf4", "adapter": "lora", "optimizer": "paged_adamw"}
+#: Sections that take the registry's default plugin of their kind when omitted (``data`` names
+#: its files, so it has no default; ``export`` defaults to a list of the default exporter).
+DEFAULTED_SECTIONS = ("quantizer", "adapter", "optimizer")
 PLUGIN_KINDS = {"quantizer": "quantizer", "adapter": "adapter", "optimizer": "optimizer", "data": "data_format"}
 
 
@@ -71,9 +76,10 @@ class TrainSection:
 
 @attrs.define
 class PluginSpec:
-    """A plugin section as written: the plugin's name, its raw options and its config path."""
+    """A plugin section as written: the plugin's name (None: the registry's default of the
+    kind, chosen by :func:`resolve_plugins`), its raw options and its config path."""
 
-    name: str
+    name: Optional[str]
     options: dict
     path: str
 
@@ -324,15 +330,19 @@ def _list_index(node: list, part: str, path: str, allow_append: bool = False) ->
     return int(part)
 
 
-def _plugin_spec(section: str, value: Any, default: str | None) -> PluginSpec | None:
+def _plugin_spec(section: str, value: Any, defaulted: bool) -> PluginSpec | None:
+    """The section as written; a ``defaulted`` section without a name gets ``name=None`` (the
+    registry's default), any other one needs a name."""
     if value is None:
-        return PluginSpec(default, {}, section) if default else None
+        return PluginSpec(None, {}, section) if defaulted else None
     if isinstance(value, str):  # shorthand: `quantizer: nf4`
         return PluginSpec(value, {}, section)
     if not isinstance(value, Mapping):
         raise ConfigError(section, f"must be a mapping with a 'name' key, got {short_repr(value)}")
     options = dict(value)
-    name = options.pop("name", default)
+    if "name" not in options and defaulted:
+        return PluginSpec(None, options, section)
+    name = options.pop("name", None)
     if name is None:
         raise ConfigError(f"{section}.name", "is required")
     if not isinstance(name, str):
@@ -355,15 +365,18 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         if isinstance(train_raw, Mapping) and train_raw.get("epochs") is not None and "max_steps" not in train_raw:
             train_raw = {**train_raw, "max_steps": None}  # epochs alone: do not let the max_steps default win
         train = _section(TrainSection, train_raw, "train")
-        specs = {s: _plugin_spec(s, data.get(s), DEFAULT_PLUGINS.get(s)) for s in ("quantizer", "adapter", "optimizer", "data")}
-        export_raw = data.get("export", [{"name": "adapter"}])
-        if export_raw is None:
-            export_raw = []
-        if isinstance(export_raw, (str, Mapping)):
-            export_raw = [export_raw]
-        if not isinstance(export_raw, list):
-            raise ConfigError("export", f"must be a list of exporters, got {short_repr(export_raw)}")
-        exports = [_plugin_spec(f"export[{i}]", item, None) for i, item in enumerate(export_raw)]
+        specs = {s: _plugin_spec(s, data.get(s), s in DEFAULTED_SECTIONS) for s in ("quantizer", "adapter", "optimizer", "data")}
+        if "export" not in data:  # the default exporter (resolve_plugins drops it when there is none)
+            exports: list = [PluginSpec(None, {}, "export[0]")]
+        else:
+            export_raw = data["export"]
+            if export_raw is None:
+                export_raw = []
+            if isinstance(export_raw, (str, Mapping)):
+                export_raw = [export_raw]
+            if not isinstance(export_raw, list):
+                raise ConfigError("export", f"must be a list of exporters, got {short_repr(export_raw)}")
+            exports = [_plugin_spec(f"export[{i}]", item, False) for i, item in enumerate(export_raw)]
         for i, spec in enumerate(exports):
             if spec is None:
                 raise ConfigError(f"export[{i}]", "must name an exporter (e.g. `- name: adapter`), got null")
@@ -406,8 +419,12 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
         except PluginError as exc:
             raise PluginError(f"{src}: {exc}" if src else str(exc)) from None
 
+    export = config.export
+    if any(spec.name is None for spec in export):  # `export` omitted: the default exporter, if any
+        default = registry.default("exporter")
+        export = [attrs.evolve(spec, name=default) for spec in export if default is not None]
     seen: set[str] = set()
-    for i, name in enumerate(spec.name for spec in config.export):
+    for i, name in enumerate(spec.name for spec in export):
         if name in seen:
             raise ConfigError(f"export[{i}].name", f"duplicate exporter '{name}' (each exporter writes exports/{name}/)", source=src)
         seen.add(name)
@@ -416,7 +433,7 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
         adapter=make("adapter", config.adapter),
         optimizer=make("optimizer", config.optimizer),
         data=make("data_format", config.data) if config.data else None,
-        exporters=[make("exporter", spec) for spec in config.export],
+        exporters=[make("exporter", spec) for spec in export],
     )
 
 

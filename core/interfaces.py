@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 import attrs
 
 from qlora_plugins.core.options import in_range, positive
+from qlora_plugins.core.planning import ActivationCoefficients, Architecture, LinearShape, StateBytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -36,7 +37,12 @@ class Plugin:
     - ``name``: how configs refer to it (``quantizer: {name: nf4}``).
     - ``description``: one line for ``qlora plugins`` (defaults to the docstring's first line).
     - ``Options``: an ``@attrs.define`` class; the host builds it from the config section.
-    - ``replaces``: set True to take over a name another plugin (e.g. a builtin) registered.
+    - ``replaces``: set True to take over a name another plugin (e.g. a builtin) registered,
+      or, with ``default``, the default of its kind.
+    - ``default``: set True to be the plugin a config gets when it omits the section (or its
+      ``name``). The first registered class of a kind that sets it is the default (builtins
+      register first); a later one takes the default over only if it also sets ``replaces``.
+      It is not inherited: a subclass of a default plugin sets it again to be a default.
     """
 
     kind: ClassVar[str] = ""
@@ -44,6 +50,7 @@ class Plugin:
     description: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     replaces: ClassVar[bool] = False
+    default: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -146,6 +153,36 @@ class Quantizer(Plugin):
         """Facts for the run report (format, blocksize, double quantization, backend...)."""
         return {}
 
+    # --- planning (``qlora plan``) ------------------------------------------------------------
+
+    def planned_bytes(self, numel: int) -> tuple[int, int] | None:
+        """How this quantizer, with its options, stores one linear weight of ``numel`` parameters:
+        ``(packed payload bytes, constant bytes)`` (codes; scales, offsets and any
+        double-quantization state), or None when it keeps weights in full precision (the model
+        dtype). The answer must not depend on anything but ``numel`` and the options.
+
+        The default raises ``NotImplementedError``: the planner then refuses the quantizer with
+        one line naming it."""
+        raise NotImplementedError(f"quantizer {self.name!r} does not declare planned_bytes")
+
+    def planned_encode_bytes(self, numel: int, dtype_bytes: int) -> float:
+        """Bytes quantizing one weight of ``numel`` parameters (held in a dtype of
+        ``dtype_bytes`` bytes) allocates on top of that weight, its codes included: the planner's
+        loading peak. The default, 0, counts nothing."""
+        return 0.0
+
+    def planned_label(self) -> str:
+        """A few words for the plan's base-weights row and settings line (the builtin blockwise
+        formats say ``nf4 + DQ, blocksize 64``). The default is the name."""
+        return self.name
+
+    def planned_variants(self) -> Sequence[tuple[str, "Quantizer"]]:
+        """``(label, quantizer)`` pairs: this quantizer with the option values worth comparing in
+        the plan's table of base weights (e.g. with and without double quantization). The planner
+        also suggests a variant that stores the model in fewer bytes when a plan does not fit.
+        The default is the quantizer itself under its name."""
+        return [(self.name, self)]
+
 
 # --- adapters ------------------------------------------------------------------------------
 
@@ -192,9 +229,14 @@ class SavedAdapter:
 
 
 class Adapter(Plugin):
-    """Makes a small set of weights trainable on top of a frozen (quantized) base model."""
+    """Makes a small set of weights trainable on top of a frozen (quantized) base model.
+
+    ``needs_full_precision_base``: set True when the adapter trains the base weights themselves
+    (4-bit codes cannot be trained); the planner then refuses a quantizer that quantizes.
+    """
 
     kind: ClassVar[str] = "adapter"
+    needs_full_precision_base: ClassVar[bool] = False
 
     def attach(self, model: "nn.Module", context: AdapterContext) -> "nn.Module":
         """Return the model with the adapter attached; only adapter weights require grad."""
@@ -237,6 +279,37 @@ class Adapter(Plugin):
         used by ``qlora export`` to refuse an adapter of another model. Default: nothing."""
         return SavedAdapter()
 
+    # --- planning (``qlora plan``) ------------------------------------------------------------
+
+    def planned_trainable(self, layers: Sequence[LinearShape], arch: Architecture) -> int:
+        """How many parameters this adapter, with its options, trains on a model of architecture
+        ``arch`` whose linear layers (output heads excluded) are ``layers``.
+
+        The default raises ``NotImplementedError``: the planner then refuses the adapter with one
+        line naming it."""
+        raise NotImplementedError(f"adapter {self.name!r} does not declare planned_trainable")
+
+    def planned_weight_bytes(self, trainable: int, dtype_bytes: int) -> tuple[float, float]:
+        """``(weight bytes, gradient bytes)`` of ``trainable`` trained parameters in a model whose
+        dtype has ``dtype_bytes`` bytes: weight bytes are what the adapter adds next to the base
+        (0 when it trains the base weights themselves). The default is fp32 weights and
+        gradients beside the base: ``(4 * trainable, 4 * trainable)``."""
+        return 4 * trainable, 4 * trainable
+
+    def planned_activations(self, compute_dtype: str, dtype_bytes: int) -> ActivationCoefficients:
+        """Bytes saved for backward per token and per decoder layer when training with this
+        adapter in ``compute_dtype`` (``float32`` or ``bfloat16``; the model dtype has
+        ``dtype_bytes`` bytes), without gradient checkpointing.
+
+        The default raises ``NotImplementedError``: the planner then refuses the adapter with one
+        line naming it."""
+        raise NotImplementedError(f"adapter {self.name!r} does not declare planned_activations")
+
+    def planned_label(self) -> str:
+        """A few words for the plan's trainable-weights row (e.g. ``LoRA adapters (r=16, fp32)``).
+        The default names the adapter."""
+        return f"trainable weights ({self.name})"
+
 
 # --- optimizers ----------------------------------------------------------------------------
 
@@ -270,6 +343,15 @@ class Optimizer(Plugin):
         """A line for the report when the optimizer behaves differently on ``device``
         (e.g. paging is CUDA-only)."""
         return None
+
+    def planned_state_bytes(self, trainable: int, device: str) -> StateBytes:
+        """Where the states (and any host copies) for ``trainable`` fp32 parameters live when
+        training on ``device`` (``cuda`` or ``cpu``; on a CPU the planner counts device and
+        host bytes as host memory).
+
+        The default raises ``NotImplementedError``: the planner then refuses the optimizer with
+        one line naming it."""
+        raise NotImplementedError(f"optimizer {self.name!r} does not declare planned_state_bytes")
 
 
 # --- exporters -----------------------------------------------------------------------------

@@ -9,11 +9,18 @@ rank, optimizer, batch, sequence length, gradient checkpointing, device):
 - weights are counted exactly, layer by layer (packed 4-bit codes, per-block constants with or
   without double quantization, unquantized embeddings/norms/head in the model dtype);
 - adapters, their gradients and the optimizer states follow from the trainable parameter count;
-- activations use per-token, per-layer byte coefficients measured with saved-tensor hooks on
-  transformers' Llama (sdpa attention) with peft LoRA (see :data:`ACTIVATION_BYTES`), plus the
+- activations use per-token, per-layer byte coefficients the adapter declares (the builtins'
+  were measured with saved-tensor hooks on transformers' Llama with peft LoRA), plus the
   logits/loss tensors and one layer's transient dequantized weight;
 - on a CPU, a few constants calibrated against peak RSS by ``benchmarks/plan_accuracy.py`` add
   the allocator's overhead (:data:`CPU`); on CUDA, a fixed context size is assumed (:data:`CUDA`).
+
+The planner knows no plugin by name: :class:`Settings` holds plugin *instances* (built from the
+registry by name and options) and every plugin-specific figure comes from their declared
+``planned_*`` methods (docs/plugins.md): the quantizer's storage of one weight, the adapter's
+trainable parameters, weight and gradient bytes and activation coefficients, the optimizer's
+state bytes. Suggestions ask the registry (its default quantizer, the other optimizers) and the
+quantizer (its variants) rather than a table of names.
 
 Nothing here imports torch unless an architecture that is not Llama-like has to be inspected on
 the meta device.
@@ -25,11 +32,17 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import attrs
 
-from qlora_plugins.core.errors import ConfigError, ModelError, short_repr
+from qlora_plugins.core.errors import ConfigError, ModelError, PluginError, short_repr
+from qlora_plugins.core.interfaces import Adapter, Optimizer, Plugin, Quantizer
+from qlora_plugins.core.options import build_options, options_to_dict
+from qlora_plugins.core.planning import Architecture, LinearShape
+
+__all__ = ["Architecture", "LinearShape", "Plan", "Row", "Settings", "check_budget", "format_plan", "load_architecture",
+           "make_plan", "parse_size", "plan_dict", "quantizer_table"]
 
 GB = 10**9
 GiB = 2**30
@@ -54,29 +67,6 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ST_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
-#: Quantizer -> number of fp32 per-block constants (0: not quantized).
-QUANTIZERS = {"nf4": 1, "fp4": 1, "int4_sym": 1, "int4_asym": 2, "none": 0}
-
-#: Optimizer -> (bytes of state per trainable parameter, where the states live).
-OPTIMIZERS = {
-    "adamw": (8.0, "device"),
-    "paged_adamw": (8.0, "paged"),  # CUDA unified memory: on the device until it pages to the host
-    "adamw_8bit": (2.0 + 8.0 / 256, "device"),  # two uint8 states + an fp32 absmax per 256
-    "offload_adamw": (8.0, "host"),  # plus an fp32 host copy of the gradients (and params on CUDA)
-}
-
-#: Bytes saved for backward per token and per decoder layer, ``h * hidden + i * intermediate +
-#: kv * (kv_heads * head_dim) + c``, by compute dtype and whether LoRA dropout is on. Measured with
-#: ``torch.autograd.graph.saved_tensors_hooks`` on transformers 5 ``LlamaForCausalLM`` (sdpa) with
-#: peft LoRA on every linear layer (QuantLinear and nn.Linear bases save the same): exact to a few
-#: bytes per token on 12 shapes. Dropout doubles the adapters' inputs (mask + dropped copy).
-ACTIVATION_BYTES = {
-    ("float32", True): dict(h=64.0, i=20.0, kv=8.0, c=300.0),
-    ("float32", False): dict(h=24.0, i=16.0, kv=8.0, c=300.0),
-    ("bfloat16", True): dict(h=60.0, i=14.0, kv=4.0, c=265.0),
-    ("bfloat16", False): dict(h=36.0, i=10.0, kv=4.0, c=265.0),
-}
-
 #: CPU constants, calibrated against measured peak RSS minus the import baseline by
 #: ``benchmarks/plan_accuracy.py`` (see docs/memory.md for the fit and its residuals).
 #: ``baseline``: RSS of a process that imported torch, transformers, peft and bitsandbytes.
@@ -85,11 +75,6 @@ ACTIVATION_BYTES = {
 #: (the allocator's fragmentation and the backward pass's short-lived gradients come on top of
 #: what autograd keeps; the excess appears in the "runtime + allocator overhead" row).
 CPU = {"baseline": 460e6, "fixed": 32e6, "transient": 1.0, "logits_copies": 3.0}
-
-#: Bytes per parameter the builtin formats' ``encode`` allocates on top of its input while
-#: quantizing one weight (the codes included), by model-dtype bytes: measured with VmHWM on
-#: 11.5M- and 70.8M-parameter weights, the same for nf4, fp4 and int4.
-ENCODE_TEMPORARY_BYTES = {4: 7.0, 2: 5.0}
 
 #: While loading, an unquantized tensor is read whole when small, else in row chunks of 32 MiB
 #: (``streaming.COPY_CHUNK_BYTES``), and copied into its parameter with the dtype conversion.
@@ -101,50 +86,6 @@ CUDA = {"context": 0.6e9, "transient": 1.2, "logits_copies": 3.0, "host_baseline
 
 
 # --- architectures ------------------------------------------------------------------------
-
-
-@attrs.define(frozen=True)
-class LinearShape:
-    """A group of ``count`` identical linear layers (e.g. every layer's ``q_proj``)."""
-
-    name: str
-    in_features: int
-    out_features: int
-    count: int = 1
-
-    @property
-    def numel(self) -> int:
-        return self.in_features * self.out_features
-
-
-@attrs.define
-class Architecture:
-    """What the planner needs to know about a model."""
-
-    name: str
-    model_type: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    linears: list[LinearShape]
-    other_params: int
-    checkpoint_dtype: Optional[str] = None
-    checkpoint_bytes: Optional[int] = None
-    largest_tensor: int = 0
-    source: str = "preset"
-
-    @property
-    def linear_params(self) -> int:
-        return sum(l.numel * l.count for l in self.linears)
-
-    @property
-    def total_params(self) -> int:
-        return self.linear_params + self.other_params
 
 
 def _get(config: dict, *keys: str, default: Any = None) -> Any:
@@ -276,57 +217,129 @@ def load_architecture(source: str) -> Architecture:
 # --- settings and the plan ----------------------------------------------------------------
 
 
+#: The CLI option that names each plugin kind the planner asks (errors name the option).
+KIND_OPTIONS = {"quantizer": "--quantizer", "adapter": "--adapter", "optimizer": "--optimizer"}
+
+
+def _declared(option: str, plugin: Plugin, method: str, *args: Any) -> Any:
+    """Call a ``planned_*`` method; a plugin that does not declare it is refused on one line."""
+    try:
+        return getattr(plugin, method)(*args)
+    except NotImplementedError:
+        raise ConfigError(option, f"{plugin.kind} '{plugin.name}' does not declare {method}(), so the planner "
+                                  f"cannot plan it (see docs/plugins.md)") from None
+
+
+def _keeps_full_precision(quantizer: Quantizer) -> bool:
+    return _declared("--quantizer", quantizer, "planned_bytes", 64) is None
+
+
 @attrs.define
 class Settings:
-    """The choices a plan is made for."""
+    """The choices a plan is made for: plugin instances (with their options) and the run's
+    shape. Build one from names with :meth:`from_names`.
 
-    quantizer: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
+    :param registry: where the planner finds alternatives to suggest and the quantizers of its
+        comparison table.
+    """
+
+    quantizer: Quantizer
+    adapter: Adapter
+    optimizer: Optimizer
+    registry: Any = attrs.field(eq=False, repr=False)
     dtype: str = "float32"
-    adapter: str = "lora"
-    lora_r: int = 16
-    lora_dropout: float = 0.05
-    targets: Optional[list[str]] = None  # None: all linear layers
-    optimizer: str = "paged_adamw"
     batch: int = 1
     seq: int = 512
     gradient_checkpointing: bool = True
     device: str = "cuda"
 
     def __attrs_post_init__(self) -> None:
-        if self.quantizer not in QUANTIZERS:
-            raise ConfigError("--quantizer", f"unknown quantizer '{self.quantizer}'; the planner knows {', '.join(QUANTIZERS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError("--optimizer", f"unknown optimizer '{self.optimizer}'; the planner knows {', '.join(OPTIMIZERS)}")
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError("--dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        if self.adapter not in ("lora", "full"):
-            raise ConfigError("--adapter", f"must be lora or full, got {self.adapter!r}")
-        if self.adapter == "full" and self.quantizer != "none":
-            raise ConfigError("--adapter", "full fine-tuning needs an unquantized base (--quantizer none)")
         if self.device not in ("cuda", "cpu"):
             raise ConfigError("--device", f"must be cuda or cpu, got {self.device!r}")
-        for option, value in (("--batch", self.batch), ("--seq", self.seq), ("--lora-r", self.lora_r)):
+        for option, value in (("--batch", self.batch), ("--seq", self.seq)):
             if value < 1:  # each error names its own option
                 raise ConfigError(option, f"must be at least 1, got {value}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError("--lora-dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        if self.blocksize < 32 or self.blocksize > 4096 or self.blocksize & (self.blocksize - 1):
-            raise ConfigError("--blocksize", f"must be a power of two in [32, 4096], got {self.blocksize}")
+        full_precision = _keeps_full_precision(self.quantizer)
+        probe = [LinearShape("probe", 64, 64)]
+        _declared("--adapter", self.adapter, "planned_trainable", probe, _probe_arch(probe))
+        _declared("--adapter", self.adapter, "planned_activations", "float32", 4)
+        _declared("--optimizer", self.optimizer, "planned_state_bytes", 1, self.device)
+        if self.adapter.needs_full_precision_base and not full_precision:
+            keep = [n for n in _names_in_order(self.registry, "quantizer") if _quantizes_nothing(self.registry, n)]
+            hint = f" (--quantizer {keep[0]})" if keep else ""
+            raise ConfigError("--adapter", f"adapter '{self.adapter.name}' trains the base weights and needs an "
+                                           f"unquantized base{hint}")
+
+    @classmethod
+    def from_names(cls, registry: Any, *, quantizer: Optional[str] = None, quantizer_options: Optional[Mapping] = None,
+                   adapter: Optional[str] = None, adapter_options: Optional[Mapping] = None, optimizer: Optional[str] = None,
+                   optimizer_options: Optional[Mapping] = None, **fields: Any) -> "Settings":
+        """Settings with plugins built from ``registry`` by name (None: the kind's default) and
+        options. ``fields`` are the other :class:`Settings` fields (dtype, batch, ...).
+
+        :raises ConfigError: ``--quantizer: unknown quantizer 'x' (did you mean ...)`` and the
+            like for names; ``quantizer.blocksize: ...`` (the kind, then the key) for options.
+        """
+        plugins = {kind: build_plugin(registry, kind, name, options)
+                   for kind, name, options in (("quantizer", quantizer, quantizer_options), ("adapter", adapter, adapter_options),
+                                               ("optimizer", optimizer, optimizer_options))}
+        return cls(registry=registry, **plugins, **fields)
 
 
-def quantized_bytes(numel: int, quantizer: str, double_quant: bool, blocksize: int) -> tuple[int, int]:
-    """(packed code bytes, constant bytes) of one quantized tensor, as our quantizers store it:
-    two codes a byte; per block one fp32 constant per scale key, or with double quantization one
-    uint8 code per block plus an fp32 absmax per 256 blocks and one fp32 offset."""
-    keys = QUANTIZERS[quantizer]
-    blocks = -(-numel // blocksize)
-    if double_quant:
-        constants = keys * (blocks + 4 * -(-blocks // 256) + 4)
-    else:
-        constants = keys * 4 * blocks
-    return (numel + 1) // 2, constants
+def build_plugin(registry: Any, kind: str, name: Optional[str], options: Optional[Mapping] = None) -> Plugin:
+    """The ``kind`` plugin ``name`` (None: the registry's default of the kind) with ``options``,
+    errors naming the planner's option (``--quantizer``) or the option key (``quantizer.r``)."""
+    option = KIND_OPTIONS.get(kind, f"--{kind}")
+    if name is None:
+        name = registry.default(kind)
+        if name is None:
+            raise ConfigError(option, f"no plugin declares itself the default {kind}; name one "
+                                      f"(available: {', '.join(_names_in_order(registry, kind)) or 'none'})")
+    try:
+        plugin_class = registry.get(kind, name)
+    except PluginError as exc:
+        raise ConfigError(option, str(exc)) from None
+    return plugin_class(build_options(plugin_class.Options, dict(options or {}), kind))
+
+
+def _names_in_order(registry: Any, kind: str) -> list[str]:
+    return [r.name for r in registry.in_order(kind)]
+
+
+def _quantizes_nothing(registry: Any, name: str) -> bool:
+    try:
+        return registry.create("quantizer", name).planned_bytes(64) is None
+    except Exception:  # noqa: BLE001 - a quantizer that cannot say is not one to suggest
+        return False
+
+
+def _probe_arch(layers: list[LinearShape]) -> Architecture:
+    return Architecture("probe", "probe", 64, 64, 1, 1, 1, 64, 64, True, layers, 0)
+
+
+def _carried(plugin_class: type, options: Any) -> Optional[Plugin]:
+    """An instance of ``plugin_class`` with the option values of ``options`` that it also has
+    (same key), the rest at their defaults; None when those options do not build."""
+    fields = {f.alias or f.name for f in attrs.fields(plugin_class.Options) if f.init}
+    given = {k: v for k, v in options_to_dict(options).items() if k in fields}
+    try:
+        return plugin_class(build_options(plugin_class.Options, given, ""))
+    except Exception:  # noqa: BLE001 - the other plugin's own validators disagree: skip it
+        return None
+
+
+def weight_bytes(arch: Architecture, quantizer: Quantizer) -> Optional[tuple[int, int]]:
+    """(packed bytes, constant bytes) of every linear weight of ``arch`` as ``quantizer``
+    stores them, or None when it keeps them in full precision."""
+    packed = const = 0
+    for lin in arch.linears:
+        stored = quantizer.planned_bytes(lin.numel)
+        if stored is None:
+            return None
+        packed, const = packed + stored[0] * lin.count, const + stored[1] * lin.count
+    return packed, const
 
 
 @attrs.define
@@ -352,12 +365,6 @@ class Plan:
     trainable_params: int
 
 
-def _targets(arch: Architecture, settings: Settings) -> list[LinearShape]:
-    if settings.targets is None:
-        return arch.linears
-    return [l for l in arch.linears if l.name in settings.targets]
-
-
 def device_constants(settings: Settings, constants: Optional[dict] = None) -> dict:
     """:data:`CPU` or :data:`CUDA` for ``settings.device``, with ``constants`` overriding entries
     (the calibration in ``benchmarks/plan_accuracy.py`` uses this)."""
@@ -369,12 +376,10 @@ def activation_bytes(arch: Architecture, settings: Settings, checkpointing: bool
     of the backward pass on top of it (the logits' gradients, or one recomputed layer)."""
     compute = "float32" if settings.dtype == "float32" else "bfloat16"
     dbytes = DTYPE_BYTES[settings.dtype]
-    coef = ACTIVATION_BYTES[(compute, settings.lora_dropout > 0 and settings.adapter == "lora")]
-    if settings.adapter == "full":
-        coef = {**ACTIVATION_BYTES[(compute, False)], "h": ACTIVATION_BYTES[(compute, False)]["h"] + 7 * dbytes}
+    coef = _declared("--adapter", settings.adapter, "planned_activations", compute, dbytes)
     tokens = settings.batch * settings.seq
     kv = arch.kv_heads * arch.head_dim
-    per_layer = tokens * (coef["h"] * arch.hidden + coef["i"] * arch.intermediate + coef["kv"] * kv + coef["c"])
+    per_layer = tokens * (coef.h * arch.hidden + coef.i * arch.intermediate + coef.kv * kv + coef.c)
     head = tokens * (4 * arch.vocab + 4 * arch.hidden)  # fp32 log-softmax of the loss + final norm
     consts = device_constants(settings, constants)
     logits = consts["logits_copies"] * tokens * arch.vocab * 4  # logits, their fp32 copy and gradient
@@ -391,47 +396,36 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
     """Predict memory for ``arch`` trained with ``settings`` (``constants`` overrides entries of
     :data:`CPU` / :data:`CUDA`)."""
     s = settings
+    q, a, o = s.quantizer, s.adapter, s.optimizer
     dbytes = DTYPE_BYTES[s.dtype]
     cpu = s.device == "cpu"
     rows: list[Row] = []
-    quantized = s.quantizer != "none"
-    packed = const_bytes = 0
-    if quantized:
-        for lin in arch.linears:
-            p, c = quantized_bytes(lin.numel, s.quantizer, s.double_quant, s.blocksize)
-            packed += p * lin.count
-            const_bytes += c * lin.count
+    stored = None if _keeps_full_precision(q) else weight_bytes(arch, q)
+    quantized = stored is not None
+    if stored is not None:
+        packed, const_bytes = stored
         bits = 8 * (packed + const_bytes) / max(arch.linear_params, 1)
-        label = f"base weights ({s.quantizer}{' + DQ' if s.double_quant else ''}, blocksize {s.blocksize})"
-        rows.append(Row("base_weights", label, packed, note=f"{arch.linear_params / 1e9:.2f}B linear params, 4 bits"))
+        code_bits = 8 * packed / max(arch.linear_params, 1)
+        rows.append(Row("base_weights", f"base weights ({q.planned_label()})", packed,
+                        note=f"{arch.linear_params / 1e9:.2f}B linear params, {round(code_bits, 2):g} bits"))
         rows.append(Row("quant_constants", "quantization constants", const_bytes, note=f"{bits:.3f} bits/param with constants"))
     else:
         rows.append(Row("base_weights", f"base weights ({s.dtype})", arch.linear_params * dbytes, note=f"{arch.linear_params / 1e9:.2f}B linear params"))
     rows.append(Row("other_weights", f"embeddings, norms, head ({s.dtype})", arch.other_params * dbytes,
                     note=f"{arch.other_params / 1e6:.0f}M params, not quantized"))
 
-    if s.adapter == "full":
-        trainable = arch.total_params
-        rows.append(Row("adapters", "trainable weights (full fine-tuning)", 0, note="the base weights themselves"))
-        grad_bytes = trainable * dbytes
-    else:
-        trainable = sum(s.lora_r * (l.in_features + l.out_features) * l.count for l in _targets(arch, s))
-        rows.append(Row("adapters", f"LoRA adapters (r={s.lora_r}, fp32)", trainable * 4, note=f"{trainable / 1e6:.1f}M params"))
-        grad_bytes = trainable * 4
+    trainable = _declared("--adapter", a, "planned_trainable", arch.linears, arch)
+    adapter_bytes, grad_bytes = a.planned_weight_bytes(trainable, dbytes)
+    rows.append(Row("adapters", a.planned_label(), adapter_bytes,
+                    note=f"{trainable / 1e6:.1f}M params" if adapter_bytes else "the base weights themselves"))
     rows.append(Row("adapter_grads", "gradients of the trainable weights", grad_bytes))
 
-    per_param, where = OPTIMIZERS[s.optimizer]
-    states = trainable * per_param
+    states = _declared("--optimizer", o, "planned_state_bytes", trainable, s.device)
     if cpu:
-        rows.append(Row("optimizer", f"optimizer states ({s.optimizer})", host=states + (trainable * 4 if where == "host" else 0),
+        rows.append(Row("optimizer", f"optimizer states ({o.name})", host=states.device_bytes + states.host_bytes,
                         note="host memory (the device is the CPU)"))
-    elif where == "host":
-        extra = trainable * 4 * 2  # fp32 gradient and parameter copies on the host
-        rows.append(Row("optimizer", f"optimizer states ({s.optimizer})", host=states + extra, note="on the host; steps there"))
-    elif where == "paged":
-        rows.append(Row("optimizer", f"optimizer states ({s.optimizer})", states, note="paged: moves to the host under pressure"))
     else:
-        rows.append(Row("optimizer", f"optimizer states ({s.optimizer})", states))
+        rows.append(Row("optimizer", f"optimizer states ({o.name})", states.device_bytes, states.host_bytes, note=states.note))
 
     act_on = activation_bytes(arch, s, True, constants)
     act_off = activation_bytes(arch, s, False, constants)
@@ -464,7 +458,7 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
     ckpt_bytes = DTYPE_BYTES.get(ckpt_dtype, dbytes)
     convert = dbytes if ckpt_dtype != s.dtype else 0
     resident_weights = sum(r.device + r.host for r in rows if r.key in ("base_weights", "quant_constants", "other_weights"))
-    one_linear = largest_linear * (ckpt_bytes + convert + ENCODE_TEMPORARY_BYTES[dbytes])
+    one_linear = largest_linear * (ckpt_bytes + convert) + q.planned_encode_bytes(largest_linear, dbytes)
     one_copy = min((arch.largest_tensor or largest_linear) * ckpt_bytes, LOAD_CHUNK_BYTES)
     load_over = resident_weights + (max(one_linear, one_copy) if quantized else 0)
     totals = {
@@ -473,7 +467,7 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
         "host_baseline_bytes": baseline,
         "host_peak_bytes": baseline + max(host_over, load_over),
         "load_peak_over_baseline_bytes": load_over,
-        "paged_bytes": states if (where == "paged" and not cpu) else 0.0,
+        "paged_bytes": states.device_bytes if (states.pageable and not cpu) else 0.0,
         "weights_bytes": resident_weights,
         "checkpoint_bytes": arch.checkpoint_bytes,
     }
@@ -523,20 +517,7 @@ def check_budget(arch: Architecture, settings: Settings, device_budget: Optional
     result: dict = {"fits": ok, "problems": problems, "suggestions": []}
     if ok:
         return result
-    candidates: list[tuple[str, dict]] = []
-    if not settings.gradient_checkpointing:
-        candidates.append(("turn on gradient checkpointing", {"gradient_checkpointing": True}))
-    if settings.quantizer == "none" and settings.adapter == "lora":
-        candidates.append(("quantize the base with nf4 + double quantization", {"quantizer": "nf4", "double_quant": True}))
-    if settings.quantizer != "none" and not settings.double_quant:
-        candidates.append(("turn on double quantization", {"double_quant": True}))
-    if settings.optimizer in ("adamw", "paged_adamw"):
-        candidates.append(("use the 8-bit optimizer (adamw_8bit)", {"optimizer": "adamw_8bit"}))
-    if settings.optimizer != "offload_adamw" and settings.device == "cuda":
-        candidates.append(("offload the optimizer states to the host (offload_adamw)", {"optimizer": "offload_adamw"}))
-    if settings.dtype == "float32":
-        candidates.append(("compute in bfloat16 (model.dtype: bfloat16)", {"dtype": "bfloat16"}))
-
+    candidates = _candidates(arch, settings, plan)
     def suggest(label: str, change: dict) -> None:
         trial = make_plan(arch, attrs.evolve(settings, **change))
         result["suggestions"].append({"change": label, "settings": change, "totals": _gb(trial.totals)})
@@ -582,6 +563,51 @@ def check_budget(arch: Architecture, settings: Settings, device_budget: Optional
     return result
 
 
+def _candidates(arch: Architecture, settings: Settings, plan: Plan) -> list[tuple[str, dict]]:
+    """Single changes that save memory, in order: gradient checkpointing; a quantized base (the
+    registry's default quantizer when the base is in full precision and the adapter allows it,
+    else a variant of the quantizer that stores fewer bytes); each other registered optimizer
+    whose states take less of the device (of the host, on a CPU); bfloat16 compute."""
+    registry = settings.registry
+    candidates: list[tuple[str, dict]] = []
+    if not settings.gradient_checkpointing:
+        candidates.append(("turn on gradient checkpointing", {"gradient_checkpointing": True}))
+    current = None if _keeps_full_precision(settings.quantizer) else weight_bytes(arch, settings.quantizer)
+    if current is None:
+        default = registry.default("quantizer") if registry is not None else None
+        if default is not None and not settings.adapter.needs_full_precision_base:
+            quantizer = _quietly(lambda: registry.create("quantizer", default))
+            if quantizer is not None and _quietly(lambda: weight_bytes(arch, quantizer)) is not None:
+                candidates.append((f"quantize the base with {quantizer.planned_label()}", {"quantizer": quantizer}))
+    else:
+        for label, variant in settings.quantizer.planned_variants():
+            smaller = _quietly(lambda: weight_bytes(arch, variant))
+            if smaller is not None and sum(smaller) < sum(current):
+                candidates.append((f"quantize the base with {label}", {"quantizer": variant}))
+    if registry is not None:
+        where = (lambda b: b.device_bytes + b.host_bytes) if settings.device == "cpu" else (lambda b: b.device_bytes)
+        now = where(settings.optimizer.planned_state_bytes(plan.trainable_params, settings.device))
+        for registration in registry.in_order("optimizer"):
+            if registration.name == settings.optimizer.name:
+                continue
+            other = _carried(registration.cls, settings.optimizer.options)
+            states = _quietly(lambda: other.planned_state_bytes(plan.trainable_params, settings.device)) if other else None
+            if states is not None and where(states) < now:
+                candidates.append((f"use the {registration.name} optimizer", {"optimizer": other}))
+    if settings.dtype == "float32":
+        candidates.append(("compute in bfloat16 (model.dtype: bfloat16)", {"dtype": "bfloat16"}))
+    return candidates
+
+
+def _quietly(call: Any) -> Any:
+    """``call()``, or None when the plugin cannot answer (it declares no ``planned_*`` method, or
+    raises): such a plugin is not suggested."""
+    try:
+        return call()
+    except Exception:  # noqa: BLE001 - a plugin's own failure must not break the plan
+        return None
+
+
 def _largest_fitting(arch: Architecture, settings: Settings, field: str, device_budget, host_budget) -> int:
     """The largest value of ``field`` (batch or seq) up to the current one that fits (0: none)."""
     lo, hi = 0, getattr(settings, field)
@@ -597,22 +623,33 @@ def _largest_fitting(arch: Architecture, settings: Settings, field: str, device_
 # --- tables -------------------------------------------------------------------------------
 
 
-def quantizer_table(arch: Architecture, blocksize: int = 64, dtype: str = "float32") -> list[dict]:
-    """Weights of ``arch`` under every quantizer, with and without double quantization."""
+def quantizer_table(arch: Architecture, settings: Settings) -> list[dict]:
+    """Weights of ``arch`` under every registered quantizer that declares
+    :meth:`~qlora_plugins.core.interfaces.Quantizer.planned_bytes`, in registration order, each in
+    its :meth:`~qlora_plugins.core.interfaces.Quantizer.planned_variants` (the builtin blockwise
+    formats: with and without double quantization), with the option values it shares with the
+    plan's quantizer (e.g. the blocksize) and unquantized weights in the plan's dtype."""
+    dbytes = DTYPE_BYTES[settings.dtype]
+    other = arch.other_params * dbytes
     rows = []
-    for name in QUANTIZERS:
-        for dq in ((False,) if name == "none" else (False, True)):
-            packed = const = 0
-            for lin in arch.linears:
-                if name == "none":
-                    packed += lin.numel * lin.count * DTYPE_BYTES[dtype]
-                else:
-                    p, c = quantized_bytes(lin.numel, name, dq, blocksize)
-                    packed, const = packed + p * lin.count, const + c * lin.count
-            other = arch.other_params * DTYPE_BYTES[dtype]
-            rows.append({"quantizer": name, "double_quant": dq, "codes_bytes": packed, "constants_bytes": const,
-                         "bits_per_param": 8 * (packed + const) / max(arch.linear_params, 1), "unquantized_bytes": other,
-                         "total_bytes": packed + const + other})
+    registrations = settings.registry.in_order("quantizer") if settings.registry is not None else []
+    for registration in registrations:
+        if registration.name == settings.quantizer.name:
+            base = settings.quantizer
+        else:
+            base = _carried(registration.cls, settings.quantizer.options)
+        variants = _quietly(base.planned_variants) if base is not None else None
+        for label, variant in variants or ():
+            try:
+                stored = None if variant.planned_bytes(64) is None else weight_bytes(arch, variant)
+            except Exception:  # noqa: BLE001 - undeclared (or failing): not in the table
+                continue
+            packed, const = stored if stored is not None else (arch.linear_params * dbytes, 0)
+            options = options_to_dict(variant.options)
+            rows.append({"quantizer": registration.name, "label": label, "options": options,
+                         "double_quant": bool(options.get("double_quant", False)), "codes_bytes": packed,
+                         "constants_bytes": const, "bits_per_param": 8 * (packed + const) / max(arch.linear_params, 1),
+                         "unquantized_bytes": other, "total_bytes": packed + const + other})
     return rows
 
 
@@ -620,21 +657,46 @@ def _gb(totals: dict) -> dict:
     return {k: (round(v / GB, 3) if isinstance(v, (int, float)) else v) for k, v in totals.items()}
 
 
+def settings_dict(settings: Settings) -> dict:
+    """The settings as JSON-ready data: each plugin's name and options, then the other fields."""
+    out: dict[str, Any] = {}
+    for kind in ("quantizer", "adapter", "optimizer"):
+        plugin = getattr(settings, kind)
+        out[kind], out[f"{kind}_options"] = plugin.name, options_to_dict(plugin.options)
+    for field in ("dtype", "batch", "seq", "gradient_checkpointing", "device"):
+        out[field] = getattr(settings, field)
+    return out
+
+
+def _change_json(change: dict) -> dict:
+    """A suggestion's change as JSON-ready data (a plugin as its name and ``<kind>_options``,
+    like :func:`settings_dict`)."""
+    out: dict[str, Any] = {}
+    for key, value in change.items():
+        if isinstance(value, Plugin):
+            out[key], out[f"{key}_options"] = value.name, options_to_dict(value.options)
+        else:
+            out[key] = value
+    return out
+
+
 def plan_dict(plan: Plan, budget: Optional[dict] = None) -> dict:
     """The plan as JSON-ready data (bytes, plus GB for reading)."""
     a, s = plan.arch, plan.settings
+    if budget is not None:
+        budget = {**budget, "suggestions": [{**sug, "settings": _change_json(sug["settings"])} for sug in budget["suggestions"]]}
     return {
         "model": {"name": a.name, "source": a.source, "model_type": a.model_type, "params": a.total_params,
                   "linear_params": a.linear_params, "hidden": a.hidden, "intermediate": a.intermediate, "layers": a.layers,
                   "heads": a.heads, "kv_heads": a.kv_heads, "vocab": a.vocab, "tied_embeddings": a.tied,
                   "checkpoint_dtype": a.checkpoint_dtype, "checkpoint_bytes": a.checkpoint_bytes},
-        "settings": attrs.asdict(s),
+        "settings": settings_dict(s),
         "trainable_params": plan.trainable_params,
         "rows": [{"component": r.key, "label": r.label, "device_bytes": r.device, "host_bytes": r.host, "note": r.note} for r in plan.rows],
         "activations": plan.activations,
         "totals": plan.totals,
         "totals_gb": _gb(plan.totals),
-        "quantizers": quantizer_table(a, s.blocksize, s.dtype),
+        "quantizers": quantizer_table(a, s),
         "budget": budget,
     }
 
@@ -644,9 +706,8 @@ def format_plan(plan: Plan, budget: Optional[dict] = None, budgets: Optional[dic
     a, s = plan.arch, plan.settings
     fmt = lambda b: "-" if not b else f"{b / GB:8.2f} GB"  # noqa: E731
     lines = [f"qlora plan: {a.name} ({a.total_params / 1e9:.2f}B params, {a.model_type}; {a.source})",
-             f"settings: quantizer={s.quantizer}{'+dq' if s.double_quant and s.quantizer != 'none' else ''} blocksize={s.blocksize} "
-             f"dtype={s.dtype} adapter={s.adapter}{f' r={s.lora_r}' if s.adapter == 'lora' else ''} optimizer={s.optimizer} "
-             f"batch={s.batch} seq={s.seq} checkpointing={'on' if s.gradient_checkpointing else 'off'} device={s.device}", ""]
+             f"settings: quantizer {s.quantizer.planned_label()}; adapter {s.adapter.planned_label()}; optimizer {s.optimizer.name}; "
+             f"dtype={s.dtype} batch={s.batch} seq={s.seq} checkpointing={'on' if s.gradient_checkpointing else 'off'} device={s.device}", ""]
     width = max(len(r.label) for r in plan.rows)
     head_dev = "device" if s.device == "cuda" else ""
     lines.append(f"{'component'.ljust(width)}  {head_dev:>11}  {'host':>11}  note")
@@ -662,9 +723,8 @@ def format_plan(plan: Plan, budget: Optional[dict] = None, budgets: Optional[dic
     lines += ["", f"activations at batch {s.batch} x {s.seq}: checkpointing on {on['peak'] / GB:.2f} GB "
                   f"(stored {on['stored'] / GB:.2f}), off {off['peak'] / GB:.2f} GB (stored {off['stored'] / GB:.2f})"]
     lines += ["", "base weights by quantizer (linear layers quantized; embeddings/norms/head in " + s.dtype + "):"]
-    for row in quantizer_table(a, s.blocksize, s.dtype):
-        name = row["quantizer"] + (" + DQ" if row["double_quant"] else "")
-        lines.append(f"  {name:<16} {row['bits_per_param']:6.3f} bits/param  codes {fmt(row['codes_bytes'])}  "
+    for row in quantizer_table(a, s):
+        lines.append(f"  {row['label']:<16} {row['bits_per_param']:6.3f} bits/param  codes {fmt(row['codes_bytes'])}  "
                      f"constants {fmt(row['constants_bytes'])}  total with unquantized {fmt(row['total_bytes'])}")
     if budget is not None:
         lines.append("")

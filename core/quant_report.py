@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import attrs
+
 from qlora_plugins.core import modeling
 from qlora_plugins.core.errors import ModelError, QloraError
 from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, iter_linear_layers
@@ -116,7 +118,8 @@ def run_report(model_dir: Path, quantizer_names: Sequence[str], registry: Any, d
         ref_hidden = hidden_states(reference, windows)
     rows = []
     for name in quantizer_names:
-        options = {"blocksize": blocksize, "double_quant": double_quant} if name != "none" else {}
+        fields = {f.alias or f.name for f in attrs.fields(registry.get("quantizer", name).Options) if f.init}
+        options = {k: v for k, v in (("blocksize", blocksize), ("double_quant", double_quant)) if k in fields}
         quantizer = registry.create("quantizer", name, options, "quantizer")
         layers = weight_errors(quantizer, reference)
         model = copy.deepcopy(reference)

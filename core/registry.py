@@ -7,6 +7,11 @@ Rules (documented in docs/plugins.md):
 - A name is taken by the first class that registers it. A later class with the same name is
   rejected and reported as a conflict, unless it sets ``replaces = True``, in which case it takes
   the name over (the replaced one is recorded). Nothing is ever silently shadowed.
+- The default of a kind (what a config that omits the section gets) is the name of the first
+  registered class that sets ``default = True`` in its own body (not inherited: a subclass of a
+  default plugin is not a default unless it says so). A later class that sets it takes the default
+  over only if it also sets ``replaces = True``; otherwise its claim is reported as a conflict
+  (the class itself stays registered under its name).
 - A plugin that fails to import, raises in a hook, implements a misspelt hook or registers an
   invalid class is recorded as broken with the distribution and entry point; the rest still load.
 - ``QLORA_PLUGINS_DISABLE_AUTOLOAD=1`` skips entry points; ``QLORA_PLUGINS_BLOCK=a,b`` (or
@@ -227,6 +232,7 @@ class Registry:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self.tables: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        self.defaults: dict[str, str] = {}
         self.broken: list[BrokenPlugin] = []
         self.blocked: list[str] = []
         self.sources: dict[str, PluginSource] = {}
@@ -241,6 +247,18 @@ class Registry:
         """All registrations (of one kind, if given), sorted by kind then name."""
         kinds = [kind] if kind else list(self.tables)
         return [self.tables[k][n] for k in kinds for n in sorted(self.tables[k])]
+
+    def in_order(self, kind: str) -> list[Registration]:
+        """Registrations of ``kind`` in the order their names were first registered (builtins
+        first, then entry points, then plugins passed in); a replacement keeps the name's place."""
+        return list(self.tables[kind].values())
+
+    def default(self, kind: str) -> str | None:
+        """The name of ``kind``'s default plugin (the first registered class with
+        ``default = True``, unless a later one took it over with ``replaces = True``), or None
+        when no registered class claims it."""
+        name = self.defaults.get(kind)
+        return name if name in self.tables.get(kind, {}) else None
 
     def get(self, kind: str, name: str, config_path: str | None = None) -> type[Plugin]:
         """The class registered as ``name`` for ``kind``.
@@ -268,11 +286,20 @@ class Registry:
         self.get(kind, name)
         return self.tables[kind][name]
 
-    def create(self, kind: str, name: str, options: dict | None = None, config_path: str = "") -> Plugin:
-        """Instantiate plugin ``name`` of ``kind`` with ``options`` validated by its Options class.
+    def create(self, kind: str, name: str | None, options: dict | None = None, config_path: str = "") -> Plugin:
+        """Instantiate plugin ``name`` of ``kind`` (None: the kind's :meth:`default`) with
+        ``options`` validated by its Options class.
 
-        :raises PluginError: unknown name. :raises ConfigError: bad options (path-qualified).
+        :raises PluginError: unknown name, or no default. :raises ConfigError: bad options
+            (path-qualified).
         """
+        if name is None:
+            name = self.default(kind)
+            if name is None:
+                where = f"{config_path}.name: " if config_path else ""
+                label = kind.replace("_", " ")
+                raise PluginError(f"{where}no {label} plugin declares itself the default; name one "
+                                  f"(available: {', '.join(sorted(self.tables.get(kind, {}))) or 'none'})")
         cls = self.get(kind, name, f"{config_path}.name" if config_path else None)
         built = build_options(cls.Options, options or {}, config_path)
         return cls(built)
@@ -358,6 +385,21 @@ class Registry:
                     name,
                 )
             )
+            return
+        if vars(cls).get("default") is True:  # declared by the class itself: a subclass of a default is not one
+            self._claim_default(kind, name, cls, source)
+
+    def _claim_default(self, kind: str, name: str, cls: type, source: PluginSource) -> None:
+        current = self.defaults.get(kind)
+        if current is None or current == name or getattr(cls, "replaces", False):
+            self.defaults[kind] = name
+            return
+        holder = self.tables[kind][current].source.describe()
+        self.broken.append(BrokenPlugin(
+            source, "conflict",
+            f"claims to be the default {kind.replace('_', ' ')}, which '{current}' from {holder} already is; "
+            f"set `replaces = True` on the class to take the default over (it stays registered as '{name}')",
+            kind, name))
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:

@@ -236,5 +236,9 @@ def run_cli(*args: Any, registry: Any = None) -> Any:
 
     from qlora_plugins.cli import cli
 
-    obj = {} if registry is None else {"registry": registry}
-    return CliRunner().invoke(cli, [str(a) for a in args], obj=obj)
+    if registry is None:
+        from qlora_plugins.core.registry import create_registry
+
+        registry = create_registry()
+    registry.add_commands(cli)  # plugin commands (qlora plan, qlora bench, a third party's)
+    return CliRunner().invoke(cli, [str(a) for a in args], obj={"registry": registry})

@@ -38,6 +38,10 @@ class Int8Rows(BlockwiseQuantizer):
         block = torch.arange(numel, device=codes.device) // blocksize
         return (codes / 127 * state["absmax"].float()[block]).to(dtype)
 
+    def planned_bytes(self, numel):
+        """One byte a weight, an fp32 absmax a block (double quantization is off in these tests)."""
+        return numel, 4 * -(-numel // self.options.blocksize)
+
 
 class LowRankLayer(torch.nn.Module):
     """``base(x) + x A^T B^T``, written from scratch (B starts at zero, so training starts at the base)."""
@@ -94,6 +98,15 @@ class FakeLowRank(Adapter):
 
     def saved_info(self, directory):
         return SavedAdapter(base_model=None)
+
+    def planned_trainable(self, layers, arch):
+        return sum(self.RANK * (shape.in_features + shape.out_features) * shape.count for shape in layers
+                   if shape.name.rsplit(".", 1)[-1] in self.TARGETS)
+
+    def planned_activations(self, compute_dtype, dtype_bytes):
+        from qlora_plugins.planning import ActivationCoefficients
+
+        return ActivationCoefficients(h=40.0, i=12.0, kv=8.0, c=0.0)
 
 
 class FakePlugins:
@@ -171,3 +184,17 @@ def test_checkpoints_and_resume_through_the_contract(runs):
     resumed = load_file(str(runs["root"] / "resumed" / "adapter" / "lowrank.safetensors"))
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)  # bit for bit: the resume is exact
+
+
+def test_plan_through_the_contract(runs):
+    """qlora plan asks the fake plugins (planned_bytes, planned_trainable): its figures are the
+    ones the run measured."""
+    model = yaml.safe_load((runs["root"] / "full.yaml").read_text())["model"]["path"]
+    result = run_cli("plan", model, "--quantizer", "fake_int8", "--no-double-quant", "--adapter", "fake_lowrank", "--json",
+                     registry=make_registry([FakePlugins()]))
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    report = json.loads((runs["root"] / "full" / "report.json").read_text())
+    assert plan["trainable_params"] == report["parameters"]["trainable"]
+    rows = {r["component"]: r for r in plan["rows"]}
+    assert rows["base_weights"]["device_bytes"] + rows["quant_constants"]["device_bytes"] == report["quantization"]["quantized_bytes"]

@@ -301,12 +301,13 @@ def test_plan_options_out_of_range_name_the_option(args: list, option: str, frag
 
 
 def test_planner_settings_name_the_wrong_field() -> None:
+    from qlora_plugins.builtin_plugins.commands_plan import plan_settings
     from qlora_plugins.core.errors import ConfigError
-    from qlora_plugins.core.planner import Settings
 
+    registry = new_registry()
     for field, option in (("seq", "--seq"), ("lora_r", "--lora-r"), ("batch", "--batch")):
         with pytest.raises(ConfigError) as info:
-            Settings(**{field: 0})
+            plan_settings(registry, **{field: 0})
         assert info.value.path == option
 
 

@@ -1,6 +1,6 @@
 """A third-party quantizer package (examples/plugins/qlora-hqq4) installed for real: it is listed,
-passes the conformance kit, trains with LoRA and exports through `qlora run`, and shows up in
-`qlora quant-report`."""
+passes the conformance kit, trains with LoRA and exports through `qlora run`, is planned by
+`qlora plan --quantizer hqq4`, and shows up in `qlora quant-report`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ def test_hqq4_end_to_end(hqq4_installed, tiny_llama_dir, qlora_home, tmp_path):
     assert report["plugins"]["quantizer"]["distribution"] == "qlora-hqq4"
     assert report["quantization"]["quantized_params"] > 0
     assert (tmp_path / "run" / "exports" / "adapter" / "adapter_model.safetensors").exists()
+
+    # the planner knows hqq4 only through its declared planned_bytes: the same bytes as the run
+    planned = qlora("plan", str(tiny_llama_dir), "--quantizer", "hqq4", "--device", "cpu", "--json", home=qlora_home)
+    assert planned.returncode == 0, planned.stderr
+    rows = {r["component"]: r["host_bytes"] for r in json.loads(planned.stdout)["rows"]}
+    assert rows["base_weights"] + rows["quant_constants"] == report["quantization"]["quantized_bytes"]
 
     compared = qlora("quant-report", str(tiny_llama_dir), "--quantizers", "int4_asym,hqq4", "--json", home=qlora_home)
     assert compared.returncode == 0, compared.stderr

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PUBLIC = ["qlora_plugins", "qlora_plugins.api", "qlora_plugins.errors", "qlora_plugins.options", "qlora_plugins.exporting",
           "qlora_plugins.quantized", "qlora_plugins.quant_linear", "qlora_plugins.kernels", "qlora_plugins.modeling",
-          "qlora_plugins.data", "qlora_plugins.testing"]
+          "qlora_plugins.data", "qlora_plugins.testing", "qlora_plugins.planning"]
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:

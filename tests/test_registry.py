@@ -244,6 +244,85 @@ def test_name_clash_with_replaces_wins_and_records_the_replaced():
     assert reg.broken == []
 
 
+# --- defaults ----------------------------------------------------------------------------------
+
+
+class GreedyDefault(Quantizer):
+    """Claims the default quantizer without saying it takes it over."""
+
+    name = "greedy"
+    default = True
+
+
+class NewDefault(Adapter):
+    """Takes the default adapter over on purpose."""
+
+    name = "new_default"
+    default = True
+    replaces = True
+
+
+class DefaultsPlugin:
+
+    @hookimpl
+    def register_quantizers(register):
+        register(GreedyDefault)
+
+    @hookimpl
+    def register_adapters(register):
+        register(NewDefault)
+
+
+def test_defaults_come_from_the_builtins_default_attribute(registry):
+    declared = {kind: [r.name for r in registry.in_order(kind) if r.cls.default] for kind in KINDS}
+    assert declared == {"quantizer": ["nf4"], "adapter": ["lora"], "optimizer": ["paged_adamw"], "exporter": ["adapter"],
+                        "data_format": [], "model_source": []}
+    assert {kind: registry.default(kind) for kind in KINDS} == {
+        "quantizer": "nf4", "adapter": "lora", "optimizer": "paged_adamw", "exporter": "adapter", "data_format": None,
+        "model_source": None}
+    assert registry.create("quantizer", None).name == "nf4"
+    with pytest.raises(PluginError, match="no data format plugin declares itself the default"):
+        registry.create("data_format", None, {}, "data")
+
+
+def test_a_default_is_taken_over_only_with_replaces():
+    reg = new_registry(plugins=[DefaultsPlugin])
+    assert reg.default("quantizer") == "nf4" and reg.get("quantizer", "greedy") is GreedyDefault  # still registered
+    conflicts = [b for b in reg.broken if b.stage == "conflict"]
+    assert [(b.kind, b.name) for b in conflicts] == [("quantizer", "greedy")]
+    assert "default quantizer" in conflicts[0].error and "replaces = True" in conflicts[0].error
+    assert reg.default("adapter") == "new_default"
+    # a config without an adapter section now gets the new default; nothing else changed
+    from qlora_plugins.core.config import parse_config, resolve_plugins
+
+    config = parse_config({"model": {"source": "tiny-llama"}, "train": {"enabled": False}})
+    plugins = resolve_plugins(config, reg)
+    assert (plugins.quantizer.name, plugins.adapter.name, plugins.optimizer.name) == ("nf4", "new_default", "paged_adamw")
+    assert [e.name for e in plugins.exporters] == ["adapter"]
+
+
+def test_a_subclass_of_a_default_is_not_a_default():
+    lora = new_registry().get("adapter", "lora")
+    narrow = type("NarrowLora", (lora,), {"name": "narrow_lora", "__doc__": "LoRA on fewer layers."})
+
+    class Subclassing:
+        @hookimpl
+        def register_adapters(self, register):
+            register(narrow)
+
+    reg = new_registry(plugins=[Subclassing()])
+    assert reg.default("adapter") == "lora" and reg.broken == []
+
+
+def test_blocking_the_default_leaves_no_default():
+    reg = new_registry(blocked=["qlora_plugins.builtin_plugins.adapter_lora"])
+    assert reg.default("adapter") is None
+    from qlora_plugins.core.config import parse_config, resolve_plugins
+
+    with pytest.raises(PluginError, match="adapter.name: no adapter plugin declares itself the default"):
+        resolve_plugins(parse_config({"model": {"source": "tiny-llama"}, "train": {"enabled": False}}), reg)
+
+
 def test_same_class_registered_twice_is_deduplicated():
     class Twice:
         __name__ = "twice"

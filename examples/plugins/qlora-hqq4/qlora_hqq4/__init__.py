@@ -36,6 +36,8 @@ class HQQ4(BlockwiseQuantizer):
     name = "hqq4"
     Options = HQQ4Options
     scale_keys = ("absmax", "offset")  # both per-block constants may be double-quantized
+    # (``qlora plan`` needs nothing more: BlockwiseQuantizer.planned_bytes counts the packed codes
+    # and one fp32 constant per scale key and block, or their double-quantized size)
 
     def encode_blocks(self, weight, blocksize):
         x = _blocks(weight.float(), blocksize)
