@@ -90,6 +90,6 @@ def _has_bnb_4bit(model: Any) -> bool:
     return False
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_adapters(register):
     register(FullFineTuning)

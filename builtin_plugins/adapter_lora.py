@@ -271,6 +271,6 @@ def _check_every_tensor_loaded(model: Any, directory: Path) -> None:
         raise ExportError(f"the adapter in {directory} does not match the base model: {len(lost)} tensor(s) have no place in it (e.g. {lost[0]})")
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_adapters(register):
     register(Lora)

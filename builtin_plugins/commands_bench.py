@@ -203,6 +203,6 @@ def tradeoffs(config_path: Path, steps: int, overrides: tuple[str, ...], methods
         raise QloraError(f"{', '.join(failed)} failed (see the table)")
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_commands(cli):
     cli.add_command(bench_group)

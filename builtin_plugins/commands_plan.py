@@ -163,6 +163,6 @@ def plan_command(ctx: click.Context, model: str, quantizer: str | None, double_q
         click.echo(planner.format_plan(plan, budget, {"device": device_memory, "host": host_memory}))
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_commands(cli):
     cli.add_command(plan_command)

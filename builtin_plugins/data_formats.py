@@ -256,7 +256,7 @@ def _label(value: Any, where: str, row: int, column: str) -> Any:
     raise DataError(f"{where} row {row} column '{column}': expected an integer or text label, got {_kind(value)} ({short_repr(value, 40)})")
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_data_formats(register):
     register(Instruction)
     register(Text)

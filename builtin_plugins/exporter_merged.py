@@ -53,6 +53,6 @@ class MergedExporter(Exporter):
         return {"format": "transformers", "dtype": self.options.dtype, "parameters": params}
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_exporters(register):
     register(MergedExporter)

@@ -249,6 +249,6 @@ class Merged4bitExporter(Exporter):
         return compare_logits(model_logits(context.model, batch), candidate, batch["attention_mask"])
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_exporters(register):
     register(Merged4bitExporter)

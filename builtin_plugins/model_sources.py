@@ -102,7 +102,7 @@ class TinyBert(ModelSource):
         _save(BertForSequenceClassification, config, tok, directory)
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_model_sources(register):
     register(TinyLlama)
     register(TinyGPT2)

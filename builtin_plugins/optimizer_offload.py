@@ -129,6 +129,6 @@ class OffloadAdamW(Optimizer):
         return StateBytes(host_bytes=states + trainable * 4 * 2, note="on the host; steps there")
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_optimizers(register):
     register(OffloadAdamW)

@@ -64,7 +64,7 @@ class AdamW8bit(Optimizer):
         return StateBytes(device_bytes=trainable * (2.0 + 8.0 / 256))
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_optimizers(register):
     register(AdamW)
     register(PagedAdamW)

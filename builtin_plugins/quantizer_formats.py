@@ -122,7 +122,7 @@ class Int4Asymmetric(BlockwiseQuantizer):
                                      offset=state["offset"], out=out)
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_quantizers(register):
     register(NF4)
     register(FP4)

@@ -23,6 +23,6 @@ class NoQuantization(Quantizer):
         return None
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def register_quantizers(register):
     register(NoQuantization)
