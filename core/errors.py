@@ -44,10 +44,6 @@ class PluginError(QloraError):
     """A plugin is unknown, broken, or raised while doing its job."""
 
 
-class PluginConflictError(PluginError):
-    """Two plugins registered the same name and neither declared that it replaces the other."""
-
-
 class ModelError(QloraError):
     """A model directory is missing, is not a model, or cannot be loaded."""
 
