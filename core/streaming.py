@@ -11,7 +11,6 @@ quantization.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -119,9 +118,9 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 def tensor_locations(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """``{key: (safetensors dtype, shape, absolute start, absolute end)}`` from a safetensors
     file's header; no tensor data is read."""
-    with open(file, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
+    from qlora_plugins.core.modeling import read_safetensors_header
+
+    header, length, _size = read_safetensors_header(Path(file))
     base = 8 + length
     return {key: (meta["dtype"], tuple(meta["shape"]), base + meta["data_offsets"][0], base + meta["data_offsets"][1])
             for key, meta in header.items() if key != "__metadata__"}
