@@ -32,7 +32,7 @@ from qlora_plugins.core.checkpointing import (
     save_training_checkpoint,
 )
 from qlora_plugins.core.config import Config, ResolvedPlugins, load_yaml, resolve_plugins, resolved_dict
-from qlora_plugins.core.errors import ConfigError, PluginError, QloraError, Terminated, TrainingError, UnsafeOutputError
+from qlora_plugins.core.errors import ConfigError, PluginError, QloraError, Terminated, TrainingError
 from qlora_plugins.core.exporting import run_exports
 from qlora_plugins.core.interfaces import AdapterContext, DataContext, DataSplits, ExportCheck, ExportContext, ModelRequest
 from qlora_plugins.core.loading import (  # noqa: F401  (re-exported: the pipeline's public helpers)
@@ -52,16 +52,15 @@ from qlora_plugins.core.rundir import (
     atomic_write_json,
     atomic_write_text,
     atomic_write_yaml,
+    check_run_output,
     dumps,
     prepare_run_dir,
     read_metrics,
 )
 from qlora_plugins.core.safety import (
     asides_of,
-    check_holds_no_input,
     check_no_links,
     is_run_marker,
-    not_a_run_because,
     remove_aside,
 )
 from qlora_plugins.core.sources import materialize_source
@@ -168,20 +167,13 @@ def run_inputs(config: Config, plugins: ResolvedPlugins, model_dir: Path | None)
 
 def check_output(out: Path, inputs: list[tuple[str, Path | None]], force: bool, resume: bool) -> None:
     """Before anything loads: refuse an output the run may not write into or replace."""
-    if out.exists() and not out.is_dir():
-        raise QloraError(f"--output: {out} exists and is not a directory")
-    if not out.exists():
-        return
     if resume:
-        check_no_links(out, "--resume")
+        if out.exists() and not out.is_dir():
+            raise QloraError(f"--output: {out} exists and is not a directory")
+        if out.exists():
+            check_no_links(out, "--resume")
         return
-    if any(out.iterdir()):
-        if not force:
-            raise QloraError(f"--output: {out} exists and is not empty; pass --force to replace it (or --resume to continue it)")
-        reason = not_a_run_because(out)
-        if reason:
-            raise UnsafeOutputError(f"--output: {out} is not a qlora run directory ({reason}); refusing to delete it even with --force")
-        check_holds_no_input(out, inputs, "--output")
+    check_run_output(out, force, inputs)
 
 
 def _marker(report: RunReport, status: str, signal: str | None = None) -> dict:

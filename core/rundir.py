@@ -27,7 +27,7 @@ from qlora_plugins.core.safety import (
     remove_aside,
 )
 
-__all__ = ["RUN_MARKER", "atomic_write_text", "atomic_write_json", "atomic_write_yaml", "atomic_directory", "prepare_run_dir",
+__all__ = ["RUN_MARKER", "atomic_write_text", "atomic_write_json", "atomic_write_yaml", "atomic_directory", "check_run_output", "prepare_run_dir",
            "strict_json", "MetricsWriter", "read_metrics", "write_error"]
 
 
@@ -137,28 +137,31 @@ def atomic_directory(final: Path, force: bool = False, not_ours: Callable[[Path]
         raise
 
 
-def prepare_run_dir(path: Path, force: bool, inputs: Sequence[tuple[str, Path | None]] = ()) -> Path | None:
-    """Make ``path`` an empty run directory; return where an earlier run was moved aside (or None).
+def check_run_output(path: Path, force: bool, inputs: Sequence[tuple[str, Path | None]] = ()) -> bool:
+    """Raise unless ``path`` may take a new run; True when it holds a previous run to replace.
 
     A non-empty ``path`` is refused unless ``force``; even with ``force`` only a directory that
     provably holds a qlora run (:func:`~qlora_plugins.core.safety.not_a_run_because`) and none of
-    ``inputs`` is replaced. It is moved aside, to be deleted by the caller once the new run is
-    complete (or moved back if the new run leaves nothing to resume).
+    ``inputs`` may be replaced.
     """
-    aside = None
-    if path.is_symlink() and path.exists() and not path.is_dir():
+    if path.exists() and not path.is_dir():
         raise OutputExistsError(f"--output: {path} exists and is not a directory")
-    if path.exists():
-        if not path.is_dir():
-            raise OutputExistsError(f"--output: {path} exists and is not a directory")
-        if any(path.iterdir()):
-            if not force:
-                raise OutputExistsError(f"--output: {path} exists and is not empty; pass --force to replace it")
-            reason = not_a_run_because(path)
-            if reason:
-                raise UnsafeOutputError(f"--output: {path} is not a qlora run directory ({reason}); refusing to delete it even with --force")
-            check_holds_no_input(path, inputs, "--output")
-            aside = move_aside(path)
+    if not path.exists() or not any(path.iterdir()):
+        return False
+    if not force:
+        raise OutputExistsError(f"--output: {path} exists and is not empty; pass --force to replace it (or --resume to continue it)")
+    reason = not_a_run_because(path)
+    if reason:
+        raise UnsafeOutputError(f"--output: {path} is not a qlora run directory ({reason}); refusing to delete it even with --force")
+    check_holds_no_input(path, inputs, "--output")
+    return True
+
+
+def prepare_run_dir(path: Path, force: bool, inputs: Sequence[tuple[str, Path | None]] = ()) -> Path | None:
+    """Make ``path`` an empty run directory (:func:`check_run_output` says when it may be); return
+    where the previous run was moved aside, to be deleted by the caller once the new run is
+    complete (or moved back if the new run leaves nothing to resume), or None."""
+    aside = move_aside(path) if check_run_output(path, force, inputs) else None
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
