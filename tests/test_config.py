@@ -492,6 +492,7 @@ def _resolve_or_user_error(data: dict) -> dict | None:
 
 @FUZZ
 @given(CONFIGS)
+@pytest.mark.slow
 def test_fuzz_parse_and_resolve_raise_only_user_errors(data):
     out = _resolve_or_user_error(data)
     if out is not None:  # whatever resolves, re-resolves to itself

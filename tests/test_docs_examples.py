@@ -58,7 +58,13 @@ def test_the_examples_register_cleanly(quantizer_example, exporter_example):
     assert exporter.default_tolerance() == {"max_kl": 1e-3, "min_top1": 0.95}
 
 
-@pytest.mark.parametrize("check", quantizer_checks(), ids=lambda c: c.__name__)
+SLOW_CHECKS = {"check_quant_linear", "check_lora_train_and_merge"}  # build models: seconds each
+
+
+@pytest.mark.parametrize(
+    "check",
+    [pytest.param(c, id=c.__name__, marks=[pytest.mark.slow] if c.__name__ in SLOW_CHECKS else []) for c in quantizer_checks()],
+)
 def test_the_quantizer_example_passes_the_conformance_kit(quantizer_example, check):
     check(quantizer_example.Int4Abs7, {"blocksize": 64, "double_quant": True})
 

@@ -202,6 +202,7 @@ print("BLOCKED", "qlora_plugins" not in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_exports_load_without_the_project(llama_exports, tmp_path):
     """Plain transformers loads the merged model; transformers + bitsandbytes the 4-bit one and
     peft its correction; qlora_plugins cannot even be imported in that interpreter."""
@@ -443,6 +444,7 @@ def test_manifest(llama_nf4, tmp_path):
 # --- tolerance -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_tolerance_exceeded_fails_and_leaves_the_earlier_export_untouched(llama_nf4, tmp_path):
     context, registry = llama_nf4
     out = tmp_path / "m4"

@@ -195,6 +195,7 @@ def failed_export(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_exporter_raising_names_it_and_leaves_the_run_consistent(failed_export):
     result, out = failed_export
     line = error_line(result)
@@ -317,6 +318,7 @@ def checkpoint_on_full_disk(tmp_path_factory):
         yield facts
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_loses_nothing(checkpoint_on_full_disk):
     facts = checkpoint_on_full_disk
     assert facts["result"].exit_code != 0
@@ -379,6 +381,7 @@ def exporter_on_full_disk(tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["adapter_save", "exporter"])
+@pytest.mark.slow
 def test_full_disk_after_training_leaves_no_half_artifact(where, request):
     result, out = request.getfixturevalue(f"{where}_on_full_disk")
     assert result.exit_code != 0
@@ -454,6 +457,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qlora_home, tmp_path):
     assert json.loads((out / "report.json").read_text())["training"]["resumed_from_step"] == step
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_evaluation_saves_the_completed_steps(tmp_path, monkeypatch):
     from qlora_plugins.core import training
     from qlora_plugins.core.checkpointing import latest_checkpoint

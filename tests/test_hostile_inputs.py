@@ -352,6 +352,7 @@ def {hook}({arg}):
     ("import sys; sys.exit('plugin says bye')", "SystemExit: plugin says bye"),
     ("raise KeyboardInterrupt", "KeyboardInterrupt"),
 ], ids=["exit-0", "exit-3", "sys-exit-message", "keyboard-interrupt"])
+@pytest.mark.slow
 def test_plugin_that_exits_at_import_is_a_broken_plugin(body: str, error: str, tmp_path: Path, write_config) -> None:
     site = fake_site(tmp_path, body + "\n")
     listing = qlora("plugins", "--json", site=site)
@@ -377,6 +378,7 @@ def test_plugin_that_exits_at_import_is_a_broken_plugin(body: str, error: str, t
     ("register_commands", "cli", "sys.exit(0)", "register_commands raised SystemExit: 0"),
     ("register_commands", "cli", "raise KeyboardInterrupt", "register_commands raised KeyboardInterrupt"),
 ], ids=["quantizers-exit", "optimizers-interrupt", "commands-exit", "commands-interrupt"])
+@pytest.mark.slow
 def test_plugin_that_exits_in_a_hook_is_a_broken_plugin(hook: str, arg: str, body: str, stage_error: str, tmp_path: Path) -> None:
     site = fake_site(tmp_path, HOOK_PLUGIN.format(hook=hook, arg=arg, body=body))
     listing = qlora("plugins", "--json", site=site)

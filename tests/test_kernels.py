@@ -172,6 +172,7 @@ def test_dequantize_4bit_matches_bnb(backend, bnb, qt, out_dtype):
         assert_bits_equal(out, ref)
 
 
+@pytest.mark.slow
 def test_large_tensor_matches_bnb(backend, bnb):
     """4M weights, several seeds and scales: 100% identical codes; large (streamed) dequant outputs."""
     if backend == "torch":
@@ -511,6 +512,7 @@ def test_build_failure_falls_back(monkeypatch, tmp_path, caplog):
         native._reset_for_tests()
 
 
+@pytest.mark.slow
 def test_concurrent_builds_share_cache(tmp_path):
     """Two fresh processes build into one empty cache at the same time; both load it."""
     if native.find_compiler() is None:
