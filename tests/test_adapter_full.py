@@ -40,6 +40,7 @@ def test_refuses_a_quantized_base(tiny_llama_dir):
         adapter.attach(model, AdapterContext("causal_lm", False))  # the layers give it away too
 
 
+@pytest.mark.slow
 def test_cli_refuses_full_on_nf4_without_writing(write_config, tmp_path):
     config = write_config(base_config(adapter={"name": "full"}))
     out = tmp_path / "run"

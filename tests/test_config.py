@@ -506,6 +506,7 @@ OVERRIDES = st.lists(st.tuples(OVERRIDE_KEYS, st.sampled_from(["=", "=", ""]), O
 
 @FUZZ
 @given(st.one_of(CONFIGS, VALID_BASES), OVERRIDES)
+@pytest.mark.slow
 def test_fuzz_overrides_raise_only_user_errors(data, overrides):
     try:
         out = apply_overrides(data, overrides)

@@ -208,6 +208,7 @@ def test_exporter_raising_names_it_and_leaves_the_run_consistent(failed_export):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()  # the trained adapter is kept
 
 
+@pytest.mark.slow
 def test_failed_export_is_recorded_in_run_json(failed_export):
     _, out = failed_export
     assert run_status(out).startswith("failed")
@@ -333,6 +334,7 @@ def test_full_disk_during_a_checkpoint_loses_nothing(checkpoint_on_full_disk):
     assert facts["resumed_steps"] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_is_one_clear_line(checkpoint_on_full_disk):
     line = error_line(checkpoint_on_full_disk["result"])
     assert "cannot write checkpoint" in line and "No space left on device" in line
@@ -400,12 +402,14 @@ def test_full_disk_after_training_leaves_no_half_artifact(where, request):
     assert not exports.exists() or list(exports.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_the_adapter_is_one_clear_line(adapter_save_on_full_disk):
     result, _ = adapter_save_on_full_disk
     line = error_line(result)
     assert "adapter" in line and "No space left on device" in line
 
 
+@pytest.mark.slow
 def test_full_disk_during_an_export_is_one_clear_line(exporter_on_full_disk):
     result, _ = exporter_on_full_disk
     line = error_line(result)

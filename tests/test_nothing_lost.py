@@ -217,6 +217,7 @@ def test_export_force_refuses_an_export_with_files_its_manifest_does_not_list(ru
     assert snapshot(target) == before
 
 
+@pytest.mark.slow
 def test_export_force_replaces_an_earlier_export(run_copy, tmp_path):
     target = tmp_path / "published"
     shutil.copytree(run_copy / "exports" / "adapter", target)
@@ -255,6 +256,7 @@ def test_export_output_inside_the_run_must_be_under_exports(run_copy):
     assert_user_error(invoke("export", run_copy, "-e", "adapter", "-o", run_copy / "checkpoints" / "x"), "not under its exports/")
 
 
+@pytest.mark.slow
 def test_export_removes_the_temporaries_of_a_killed_export(run_copy):
     stale = run_copy / "exports" / ".adapter.k1ll3d.tmp"
     stale.mkdir()
