@@ -140,6 +140,7 @@ def test_4bit_quantizers_on_tiny_llama(name, double_quant, backend, tiny_llama_d
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.95
 
 
+@pytest.mark.slow
 def test_blocksize_option_changes_the_storage(tiny_llama_dir):
     weights = linear_weights(full_precision(tiny_llama_dir))
     quantizer = make("quantizer", "nf4", blocksize=256, double_quant=False)

@@ -520,6 +520,7 @@ OPTION_CLASSES = sorted({reg.cls.Options for reg in REGISTRY.registrations()} | 
 
 @FUZZ
 @given(st.sampled_from(OPTION_CLASSES), st.dictionaries(KEYS, VALUES, max_size=6))
+@pytest.mark.slow
 def test_fuzz_build_options_raise_only_config_errors(cls, data):
     from qlora_plugins.core.options import build_options
 

@@ -130,6 +130,7 @@ def test_recursive_and_deeply_nested_yaml_is_refused(text: str, fragment: str, w
     ("1" * 5000, "invalid YAML: unreadable value: Exceeds the limit (4300 digits)"),
     ("-" + "1" * 1000, "train.max_steps: must be > 0, got <an integer of 3319 bits>"),
 ], ids=["long-string", "long-list", "big-mapping", "int-over-4300-digits", "int-1000-digits"])
+@pytest.mark.slow
 def test_huge_values_are_quoted_in_a_bounded_size(value: str, fragment: str, tmp_path: Path) -> None:
     config = write(tmp_path / "big.yaml", f"model: {{source: tiny-llama}}\ntrain: {{max_steps: {value}}}\n")
     assert config.stat().st_size < 1 << 20

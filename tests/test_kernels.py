@@ -192,6 +192,7 @@ def test_large_tensor_matches_bnb(backend, bnb):
                     assert_bits_equal(out, bnb.dequantize_4bit(p_ref, st2))
 
 
+@pytest.mark.slow
 def test_dequantize_into_out_buffer(backend):
     n, bs = (1 << 21) + 101, 64  # > 8 MB of fp32: streaming stores when aligned
     x = torch.randn(n, generator=gen(5))
