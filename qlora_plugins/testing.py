@@ -21,6 +21,18 @@ from typing import Any, Callable
 
 from qlora_plugins.core.options import build_options
 
+__all__ = [
+    "Check",
+    "check_dtypes",
+    "check_lora_train_and_merge",
+    "check_quant_linear",
+    "check_rejects_bad_input",
+    "check_round_trip",
+    "quantizer_checks",
+    "run_quantizer_checks",
+]
+
+#: A conformance check: called with the quantizer class and an options mapping (or None).
 Check = Callable[[type, "dict | None"], None]
 
 __all__ = [
@@ -38,7 +50,7 @@ __all__ = [
 ]
 
 
-def _make(cls: type, options: dict | None) -> Any:
+def _make(cls: type[Any], options: dict | None) -> Any:
     return cls(build_options(cls.Options, options or {}, "quantizer"))
 
 
@@ -90,8 +102,11 @@ def check_rejects_bad_input(cls: type, options: dict | None = None) -> None:
     from qlora_plugins.errors import QuantizationError
 
     q = _make(cls, options)
-    bad = {"nan": _weight().index_fill(0, torch.tensor([1]), float("nan")), "empty": torch.empty(0, 8),
-           "int": torch.ones(8, 8, dtype=torch.int32)}
+    bad = {
+        "nan": _weight().index_fill(0, torch.tensor([1]), float("nan")),
+        "empty": torch.empty(0, 8),
+        "int": torch.ones(8, 8, dtype=torch.int32),
+    }
     for label, w in bad.items():
         try:
             q.encode(w, f"layer.{label}")
@@ -136,7 +151,7 @@ def check_quant_linear(cls: type, options: dict | None = None) -> None:
     q.quantize_model(fresh, [])
     for name, module in fresh.named_modules():
         if isinstance(module, QuantLinear):
-            module.load_state({k[len(name) + 1:]: v for k, v in loaded.items() if k.startswith(name + ".")})
+            module.load_state({k[len(name) + 1 :]: v for k, v in loaded.items() if k.startswith(name + ".")})
     assert torch.equal(fresh(x), model(x)), "outputs differ after a safetensors round-trip of the state"
     moved = model.to("cpu")
     assert all(t.device.type == "cpu" for layer in layers for t in layer.state().values())
@@ -150,8 +165,15 @@ def _tiny_llama() -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -169,7 +191,7 @@ def check_lora_train_and_merge(cls: type, options: dict | None = None) -> None:
     q.quantize_model(model, ["lm_head"])
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = create_registry(load_entrypoints=False).create("adapter", "lora", {"r": 4, "alpha": 8, "dropout": 0.0})
+    lora: Any = create_registry(load_entrypoints=False).create("adapter", "lora", {"r": 4, "alpha": 8, "dropout": 0.0})
     peft_model = lora.attach(model, AdapterContext(task="causal_lm", quantized=True))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable), f"unexpected trainable parameters: {trainable}"

@@ -18,6 +18,7 @@ def load(path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_every_float_parameter_is_trainable(tiny_llama_dir):
     model = load(tiny_llama_dir)
     for p in model.parameters():
@@ -39,6 +40,7 @@ def test_refuses_a_quantized_base(tiny_llama_dir):
         adapter.attach(model, AdapterContext("causal_lm", False))  # the layers give it away too
 
 
+@pytest.mark.slow
 def test_cli_refuses_full_on_nf4_without_writing(write_config, tmp_path):
     config = write_config(base_config(adapter={"name": "full"}))
     out = tmp_path / "run"
@@ -46,6 +48,7 @@ def test_cli_refuses_full_on_nf4_without_writing(write_config, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_runs_and_saves_loadable_weights(write_config, tmp_path, tiny_llama_dir):
     config = write_config(base_config(quantizer={"name": "none"}, adapter={"name": "full"},
                                       train={"max_steps": 2, "batch_size": 4, "seed": 0}))

@@ -47,6 +47,7 @@ def test_ratios_and_table():
     assert "failed: boom" in text and "0.50x" in text
 
 
+@pytest.mark.slow
 def test_tradeoffs_end_to_end(write_config):
     config = write_config(base_config(train={"max_steps": 50, "batch_size": 4, "seed": 0}))
     result = bench_cli("tradeoffs", config, "--steps", "2", "--json")
@@ -63,6 +64,7 @@ def test_tradeoffs_end_to_end(write_config):
     assert methods["full"]["memory_vs_full"] == 1.0 and "speed_vs_lora" in methods["qlora_gc"]
 
 
+@pytest.mark.slow
 def test_tradeoffs_text_table_for_a_subset(write_config):
     config = write_config(base_config())
     result = bench_cli("tradeoffs", config, "--steps", "1", "--methods", "lora")

@@ -82,6 +82,7 @@ def expected_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
      ("nf4", False, "bitsandbytes"), ("nf4", True, "bitsandbytes"), ("fp4", True, "bitsandbytes")],
     ids=lambda v: {False: "plain", True: "dq"}.get(v, v) if isinstance(v, bool) else v,
 )
+@pytest.mark.slow
 def test_4bit_quantizers_on_tiny_llama(name, double_quant, backend, tiny_llama_dir):
     fp_model = full_precision(tiny_llama_dir)
     weights = linear_weights(fp_model)
@@ -139,6 +140,7 @@ def test_4bit_quantizers_on_tiny_llama(name, double_quant, backend, tiny_llama_d
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.95
 
 
+@pytest.mark.slow
 def test_blocksize_option_changes_the_storage(tiny_llama_dir):
     weights = linear_weights(full_precision(tiny_llama_dir))
     quantizer = make("quantizer", "nf4", blocksize=256, double_quant=False)
@@ -188,6 +190,7 @@ def quantized_with_lora(model_dir, task="causal_lm", quantizer="nf4", **lora_opt
     return q, adapter, model
 
 
+@pytest.mark.slow
 def test_lora_on_all_linear_layers_is_the_only_trainable_part(tiny_llama_dir):
     weights = linear_weights(full_precision(tiny_llama_dir))
     _, adapter, model = quantized_with_lora(tiny_llama_dir)
@@ -304,6 +307,7 @@ def export_adapter(model, quantizer, adapter, model_dir, tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("quantizer_name", ["none", "nf4"])
+@pytest.mark.slow
 def test_adapter_export_loads_with_peft_and_gives_the_trained_logits(quantizer_name, tiny_llama_dir, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file

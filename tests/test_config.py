@@ -492,6 +492,7 @@ def _resolve_or_user_error(data: dict) -> dict | None:
 
 @FUZZ
 @given(CONFIGS)
+@pytest.mark.slow
 def test_fuzz_parse_and_resolve_raise_only_user_errors(data):
     out = _resolve_or_user_error(data)
     if out is not None:  # whatever resolves, re-resolves to itself
@@ -505,6 +506,7 @@ OVERRIDES = st.lists(st.tuples(OVERRIDE_KEYS, st.sampled_from(["=", "=", ""]), O
 
 @FUZZ
 @given(st.one_of(CONFIGS, VALID_BASES), OVERRIDES)
+@pytest.mark.slow
 def test_fuzz_overrides_raise_only_user_errors(data, overrides):
     try:
         out = apply_overrides(data, overrides)
@@ -518,6 +520,7 @@ OPTION_CLASSES = sorted({reg.cls.Options for reg in REGISTRY.registrations()} | 
 
 @FUZZ
 @given(st.sampled_from(OPTION_CLASSES), st.dictionaries(KEYS, VALUES, max_size=6))
+@pytest.mark.slow
 def test_fuzz_build_options_raise_only_config_errors(cls, data):
     from qlora_plugins.core.options import build_options
 

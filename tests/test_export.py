@@ -203,6 +203,7 @@ print("BLOCKED", "qlora_plugins" not in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_exports_load_without_the_project(llama_exports, tmp_path):
     """Plain transformers loads the merged model; transformers + bitsandbytes the 4-bit one and
     peft its correction; qlora_plugins cannot even be imported in that interpreter."""
@@ -245,6 +246,7 @@ def test_merged_leaves_the_trained_model_alone(llama_nf4):
     assert torch.allclose(model_logits(merged, batch), model_logits(context.model, batch), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_merged_gpt2_conv1d_and_bert_classifier(tiny_gpt2_dir, tiny_bert_dir, tmp_path):
     registry = new_registry()
     gpt2 = make_context(tiny_gpt2_dir, registry, "fp4", lora={"target_modules": ["c_attn", "c_fc"]})
@@ -300,6 +302,7 @@ class ThirdPartyPlugin:
 
 
 @pytest.mark.parametrize("quantizer,options", [("int4_asym", {"blocksize": 128}), ("sym7_test", {"double_quant": False})])
+@pytest.mark.slow
 def test_merged_4bit_own_format_round_trips_through_the_registry(tiny_llama_dir, tmp_path, quantizer, options):
     registry = new_registry(plugins=[ThirdPartyPlugin()])
     context = make_context(tiny_llama_dir, registry, quantizer, quantizer_options=options)
@@ -327,6 +330,7 @@ def test_merged_4bit_own_format_round_trips_through_the_registry(tiny_llama_dir,
             load_model_checkpoint(out, registry=new_registry())
 
 
+@pytest.mark.slow
 def test_merged_4bit_with_the_bitsandbytes_backend(tiny_llama_dir, tmp_path):
     registry = new_registry()
     context = make_context(tiny_llama_dir, registry, "nf4", quantizer_options={"backend": "bitsandbytes"})
@@ -368,6 +372,7 @@ def test_adapter_export_reloads_exactly(llama_nf4, tmp_path):
     assert info["fidelity"]["status"] == "passed" and info["fidelity"]["max_abs_diff"] == 0.0
 
 
+@pytest.mark.slow
 def test_adapter_fidelity_reuses_the_base_in_memory(tiny_llama_dir, tmp_path):
     """The adapter check swaps the saved adapter into the trained model (no second base load),
     computes with the saved weights, and leaves the trained model exactly as it was."""
@@ -399,6 +404,7 @@ def test_adapter_fidelity_reuses_the_base_in_memory(tiny_llama_dir, tmp_path):
     assert list(model.peft_config) == ["default"]
 
 
+@pytest.mark.slow
 def test_adapter_fidelity_with_trained_biases_loads_a_fresh_base(tiny_llama_dir, tmp_path):
     """bias != none writes into base weights shared by every adapter: the check reloads the base."""
     registry = new_registry()
@@ -444,6 +450,7 @@ def test_manifest(llama_nf4, tmp_path):
 # --- tolerance -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_tolerance_exceeded_fails_and_leaves_the_earlier_export_untouched(llama_nf4, tmp_path):
     context, registry = llama_nf4
     out = tmp_path / "m4"

@@ -72,6 +72,7 @@ def point_at(run: Path, model_dir: Path) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(config))
 
 
+@pytest.mark.slow
 def test_the_pipeline_verifies_its_exports(trained_run):
     report = json.loads((trained_run / "report.json").read_text())
     merged = report["exports"]["merged"]
@@ -82,6 +83,7 @@ def test_the_pipeline_verifies_its_exports(trained_run):
     assert manifest["config"]["model"]["path"].endswith("tiny-llama-v1") and manifest["fidelity"] == merged["fidelity"]
 
 
+@pytest.mark.slow
 def test_export_refuses_an_existing_export_then_replaces_it_with_force(trained_run):
     target = trained_run / "exports" / "merged"
     before = digest(target)
@@ -100,6 +102,7 @@ def test_export_refuses_an_existing_export_then_replaces_it_with_force(trained_r
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_export_several_to_an_output_directory_as_json(trained_run, tmp_path):
     out = tmp_path / "out"
     result = invoke("export", trained_run, "-e", "adapter", "-e", "merged_4bit", "-o", out, "--json",
@@ -117,6 +120,7 @@ def test_export_several_to_an_output_directory_as_json(trained_run, tmp_path):
         assert {f["path"] for f in manifest["files"]} == set(data[name]["files"])
 
 
+@pytest.mark.slow
 def test_a_tolerance_exceeded_leaves_the_earlier_export_untouched(trained_run, tmp_path):
     out = tmp_path / "m4"
     first = invoke("export", trained_run, "-e", "merged_4bit", "-o", out, NO_TOP1)

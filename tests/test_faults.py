@@ -195,6 +195,7 @@ def failed_export(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_exporter_raising_names_it_and_leaves_the_run_consistent(failed_export):
     result, out = failed_export
     line = error_line(result)
@@ -207,6 +208,7 @@ def test_exporter_raising_names_it_and_leaves_the_run_consistent(failed_export):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()  # the trained adapter is kept
 
 
+@pytest.mark.slow
 def test_failed_export_is_recorded_in_run_json(failed_export):
     _, out = failed_export
     assert run_status(out).startswith("failed")
@@ -317,6 +319,7 @@ def checkpoint_on_full_disk(tmp_path_factory):
         yield facts
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_loses_nothing(checkpoint_on_full_disk):
     facts = checkpoint_on_full_disk
     assert facts["result"].exit_code != 0
@@ -331,6 +334,7 @@ def test_full_disk_during_a_checkpoint_loses_nothing(checkpoint_on_full_disk):
     assert facts["resumed_steps"] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_is_one_clear_line(checkpoint_on_full_disk):
     line = error_line(checkpoint_on_full_disk["result"])
     assert "cannot write checkpoint" in line and "No space left on device" in line
@@ -379,6 +383,7 @@ def exporter_on_full_disk(tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["adapter_save", "exporter"])
+@pytest.mark.slow
 def test_full_disk_after_training_leaves_no_half_artifact(where, request):
     result, out = request.getfixturevalue(f"{where}_on_full_disk")
     assert result.exit_code != 0
@@ -397,12 +402,14 @@ def test_full_disk_after_training_leaves_no_half_artifact(where, request):
     assert not exports.exists() or list(exports.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_the_adapter_is_one_clear_line(adapter_save_on_full_disk):
     result, _ = adapter_save_on_full_disk
     line = error_line(result)
     assert "adapter" in line and "No space left on device" in line
 
 
+@pytest.mark.slow
 def test_full_disk_during_an_export_is_one_clear_line(exporter_on_full_disk):
     result, _ = exporter_on_full_disk
     line = error_line(result)
@@ -454,6 +461,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qlora_home, tmp_path):
     assert json.loads((out / "report.json").read_text())["training"]["resumed_from_step"] == step
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_evaluation_saves_the_completed_steps(tmp_path, monkeypatch):
     from qlora_plugins.core import training
     from qlora_plugins.core.checkpointing import latest_checkpoint

@@ -130,6 +130,7 @@ def test_recursive_and_deeply_nested_yaml_is_refused(text: str, fragment: str, w
     ("1" * 5000, "invalid YAML: unreadable value: Exceeds the limit (4300 digits)"),
     ("-" + "1" * 1000, "train.max_steps: must be > 0, got <an integer of 3319 bits>"),
 ], ids=["long-string", "long-list", "big-mapping", "int-over-4300-digits", "int-1000-digits"])
+@pytest.mark.slow
 def test_huge_values_are_quoted_in_a_bounded_size(value: str, fragment: str, tmp_path: Path) -> None:
     config = write(tmp_path / "big.yaml", f"model: {{source: tiny-llama}}\ntrain: {{max_steps: {value}}}\n")
     assert config.stat().st_size < 1 << 20
@@ -353,6 +354,7 @@ def {hook}({arg}):
     ("import sys; sys.exit('plugin says bye')", "SystemExit: plugin says bye"),
     ("raise KeyboardInterrupt", "KeyboardInterrupt"),
 ], ids=["exit-0", "exit-3", "sys-exit-message", "keyboard-interrupt"])
+@pytest.mark.slow
 def test_plugin_that_exits_at_import_is_a_broken_plugin(body: str, error: str, tmp_path: Path, write_config) -> None:
     site = fake_site(tmp_path, body + "\n")
     listing = qlora("plugins", "--json", site=site)
@@ -378,6 +380,7 @@ def test_plugin_that_exits_at_import_is_a_broken_plugin(body: str, error: str, t
     ("register_commands", "cli", "sys.exit(0)", "register_commands raised SystemExit: 0"),
     ("register_commands", "cli", "raise KeyboardInterrupt", "register_commands raised KeyboardInterrupt"),
 ], ids=["quantizers-exit", "optimizers-interrupt", "commands-exit", "commands-interrupt"])
+@pytest.mark.slow
 def test_plugin_that_exits_in_a_hook_is_a_broken_plugin(hook: str, arg: str, body: str, stage_error: str, tmp_path: Path) -> None:
     site = fake_site(tmp_path, HOOK_PLUGIN.format(hook=hook, arg=arg, body=body))
     listing = qlora("plugins", "--json", site=site)

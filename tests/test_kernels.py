@@ -172,6 +172,7 @@ def test_dequantize_4bit_matches_bnb(backend, bnb, qt, out_dtype):
         assert_bits_equal(out, ref)
 
 
+@pytest.mark.slow
 def test_large_tensor_matches_bnb(backend, bnb):
     """4M weights, several seeds and scales: 100% identical codes; large (streamed) dequant outputs."""
     if backend == "torch":
@@ -191,6 +192,7 @@ def test_large_tensor_matches_bnb(backend, bnb):
                     assert_bits_equal(out, bnb.dequantize_4bit(p_ref, st2))
 
 
+@pytest.mark.slow
 def test_dequantize_into_out_buffer(backend):
     n, bs = (1 << 21) + 101, 64  # > 8 MB of fp32: streaming stores when aligned
     x = torch.randn(n, generator=gen(5))
@@ -511,6 +513,7 @@ def test_build_failure_falls_back(monkeypatch, tmp_path, caplog):
         native._reset_for_tests()
 
 
+@pytest.mark.slow
 def test_concurrent_builds_share_cache(tmp_path):
     """Two fresh processes build into one empty cache at the same time; both load it."""
     if native.find_compiler() is None:

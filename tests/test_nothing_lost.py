@@ -96,6 +96,7 @@ def test_force_refuses_a_run_json_that_does_not_name_the_tool(marker, config, tm
 
 @pytest.mark.parametrize("where", ["src/thesis.tex", "exports/notes.txt", "exports/mine/file.txt", "checkpoints/keep.txt",
                                    "adapter-old/x.bin"])
+@pytest.mark.slow
 def test_force_refuses_a_run_directory_holding_files_a_run_does_not_write(where, run_copy, config):
     extra = run_copy / where
     extra.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +164,7 @@ def test_force_refuses_a_previous_run_that_holds_the_data(run_copy, tmp_path):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_force_replaces_a_previous_run_and_leaves_nothing_aside(run_copy, config):
     old_adapter = snapshot(run_copy / "adapter")
     result = invoke("run", config, "-o", run_copy, "--force", "--no-progress", "--set", "train.seed=1")
@@ -172,6 +174,7 @@ def test_force_replaces_a_previous_run_and_leaves_nothing_aside(run_copy, config
     assert not [p for p in run_copy.parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_a_failed_force_run_puts_the_previous_run_back(run_copy, config, monkeypatch):
     from qlora_plugins.core import pipeline
 
@@ -186,6 +189,7 @@ def test_a_failed_force_run_puts_the_previous_run_back(run_copy, config, monkeyp
     assert not [p for p in run_copy.parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_a_completed_run_removes_what_an_earlier_killed_force_run_set_aside(run_copy, config):
     aside = run_copy.parent / f".{run_copy.name}.replaced-999-0.tmp"
     shutil.copytree(run_copy, aside)
@@ -213,6 +217,7 @@ def test_export_force_refuses_an_export_with_files_its_manifest_does_not_list(ru
     assert snapshot(target) == before
 
 
+@pytest.mark.slow
 def test_export_force_replaces_an_earlier_export(run_copy, tmp_path):
     target = tmp_path / "published"
     shutil.copytree(run_copy / "exports" / "adapter", target)
@@ -251,6 +256,7 @@ def test_export_output_inside_the_run_must_be_under_exports(run_copy):
     assert_user_error(invoke("export", run_copy, "-e", "adapter", "-o", run_copy / "checkpoints" / "x"), "not under its exports/")
 
 
+@pytest.mark.slow
 def test_export_removes_the_temporaries_of_a_killed_export(run_copy):
     stale = run_copy / "exports" / ".adapter.k1ll3d.tmp"
     stale.mkdir()
@@ -343,6 +349,7 @@ DAMAGES = ["truncated weights", "missing optimizer file", "partial trainer_state
 
 
 @pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.slow
 def test_resume_skips_a_damaged_newest_checkpoint_and_says_why(how, run_copy, tmp_path):
     damage(run_copy / "checkpoints" / "step-00000003", how)
     result = invoke("run", resume_config(run_copy, tmp_path), "--resume", run_copy, "--no-progress", "--set", "train.max_steps=4")

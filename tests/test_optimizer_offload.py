@@ -89,6 +89,7 @@ def test_registered_with_a_note_on_cpu():
     assert isinstance(opt, torch.optim.Optimizer)
 
 
+@pytest.mark.slow
 def test_pipeline_runs_with_offload_adamw(write_config, tmp_path):
     config = write_config(base_config(optimizer={"name": "offload_adamw", "lr": 1e-3}))
     result = invoke("run", config, "--output", tmp_path / "run", "--no-progress")

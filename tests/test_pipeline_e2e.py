@@ -66,6 +66,7 @@ def recipe_run(tmp_path_factory, tiny_llama_dir):
     return result, out, path
 
 
+@pytest.mark.slow
 def test_run_prints_a_summary(recipe_run):
     result, out, _ = recipe_run
     assert "qlora run: completed" in result.stdout
@@ -206,6 +207,7 @@ def test_train_disabled_quantizes_and_exports_only(tmp_path, write_config):
     assert json.loads(again.stdout)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_sequence_classification_with_an_encoder(tmp_path, write_config, tiny_bert_dir):
     config = base_config(
         model={"source": "tiny-bert", "task": "seq_cls"},
@@ -229,6 +231,7 @@ def test_sequence_classification_with_an_encoder(tmp_path, write_config, tiny_be
     assert any("classifier" in k for k in load_file(str(out / "exports" / "adapter" / "adapter_model.safetensors")))
 
 
+@pytest.mark.slow
 def test_gpt2_causal_lm_with_text_data(tmp_path, write_config, tiny_gpt2_dir):
     config = base_config(
         model={"source": "tiny-gpt2"},
@@ -368,6 +371,7 @@ class EveryKind:
         register(NarrowLora)
 
 
+@pytest.mark.slow
 def test_a_pipeline_built_entirely_from_plugins(tmp_path, qlora_home):
     """Model source, quantizer, adapter, optimizer, data and exporter all from one test plugin:
     the extension API is enough to swap every stage."""

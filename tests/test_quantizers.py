@@ -166,6 +166,7 @@ def test_encode_errors_name_the_layer():
 
 
 @pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.slow
 def test_pipeline_trains_with_every_format(name, tiny_llama_dir, tmp_path):
     from click.testing import CliRunner
 

@@ -108,6 +108,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tiny_llama_dir, qlora
     assert len(list((run_dir / "checkpoints").iterdir())) == 2  # keep_checkpoints
 
 
+@pytest.mark.slow
 def test_resume_refuses_result_changing_edits_and_allows_more_steps(tiny_llama_dir, tmp_path):
     from click.testing import CliRunner
 

@@ -182,6 +182,7 @@ class FailingReplace:
 
 
 @pytest.mark.parametrize("name", ["run.json", "config.yaml", "adapter", "report.json", "loss.png"])
+@pytest.mark.slow
 def test_a_failed_write_is_one_line_and_the_run_can_be_done_again(name, tmp_path, monkeypatch):
     config = write_yaml(tmp_path / "c.yaml", base_config())
     out = tmp_path / "run"
@@ -198,6 +199,7 @@ def test_a_failed_write_is_one_line_and_the_run_can_be_done_again(name, tmp_path
     assert status(out)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_failed_write_over_a_previous_run_puts_it_back(tmp_path, monkeypatch):
     config = write_yaml(tmp_path / "c.yaml", base_config())
     out = tmp_path / "run"
@@ -235,6 +237,7 @@ def test_a_model_cache_on_a_read_only_file_system_is_one_line(read_only_dir, tmp
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_an_export_to_a_read_only_file_system_is_one_line(read_only_dir, tmp_path):
     config = write_yaml(tmp_path / "c.yaml", base_config())
     out = tmp_path / "run"
@@ -242,6 +245,7 @@ def test_an_export_to_a_read_only_file_system_is_one_line(read_only_dir, tmp_pat
     assert_user_error(invoke("export", out, "-e", "adapter", "-o", read_only_dir / "x"), "Read-only file system")
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_that_is_a_directory_is_one_line(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", base_config(train={"max_steps": 2, "batch_size": 4, "seed": 0, "checkpoint_every": 1}))
     out = tmp_path / "run"
@@ -268,6 +272,7 @@ def test_a_non_finite_eval_loss_stops_the_run_and_every_json_file_is_strict(tmp_
     assert not (out / "exports").exists()
 
 
+@pytest.mark.slow
 def test_the_json_report_printed_is_strict(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", base_config())
     result = invoke("run", config, "-o", tmp_path / "run", "--json")
@@ -304,6 +309,7 @@ def register_exporters(register):
 '''
 
 
+@pytest.mark.slow
 def test_an_exporters_facts_never_overwrite_the_hosts_keys(fake_distribution, tmp_path):
     fake_distribution("facts-export", {"facts": "facts_export_plugin"}, {"facts_export_plugin": FACT_EXPORTER})
     config = write_yaml(tmp_path / "c.yaml", base_config(export=[{"name": "facts"}]))
