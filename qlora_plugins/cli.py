@@ -131,7 +131,7 @@ def _raise_on_sigterm() -> None:
     removed. Further SIGTERMs while that cleanup runs are ignored."""
     import signal
 
-    seen = []
+    seen: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
         if not seen:
