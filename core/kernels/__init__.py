@@ -108,6 +108,10 @@ __all__ = [
     "dequantize_blockwise_8bit",
     "double_quantize",
     "double_dequantize",
+    "fused_matmul_available",
+    "matmul_4bit_lut",
+    "tile_rows_for",
+    "TILE_BYTES",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -493,3 +497,109 @@ def double_dequantize(
     out = dequantize_blockwise_8bit(codes, absmax2, code256, blocksize, torch.float32).reshape(-1)
     off = torch.as_tensor(offset, dtype=torch.float32, device=out.device)
     return out + off
+
+
+# --------------------------------------------------------------------------- #
+# fused dequantize-matmul by tiles
+# --------------------------------------------------------------------------- #
+
+#: Bytes of fp32 weight one thread decodes at a time in the fused products (the tile stays in
+#: its core's L2 cache while the BLAS multiplies it).
+TILE_BYTES = 1 << 20
+
+
+def tile_rows_for(rows: int, cols: int, blocksize: int, tile_bytes: int = 0) -> int:
+    """Rows per tile of a ``rows x cols`` weight: about ``tile_bytes`` (default :data:`TILE_BYTES`)
+    of fp32, and a multiple of ``blocksize / gcd(cols, blocksize)`` so that every tile starts on a
+    block boundary (blocks are flat, so they may span rows)."""
+    align = blocksize // math.gcd(cols, blocksize)
+    per = max(1, (tile_bytes or TILE_BYTES) // (4 * cols))
+    return min(rows if rows % align == 0 else -(-rows // align) * align, max(align, per // align * align))
+
+
+def fused_matmul_available(device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether :func:`matmul_4bit_lut` runs fused on ``device`` (CPU tensors, the C kernels built and
+    torch's BLAS found); otherwise it dequantizes the whole weight and calls torch's matmul."""
+    return torch.device(device).type == "cpu" and native.blas() is not None
+
+
+def matmul_4bit_lut(
+    a: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    offset: Optional[torch.Tensor] = None,
+    transpose: bool = True,
+    tile_bytes: int = 0,
+) -> torch.Tensor:
+    """``a @ W.T`` (``transpose=True``, a linear layer's forward) or ``a @ W`` (``transpose=False``,
+    its input gradient) for the 4-bit weight ``W`` of ``shape = (rows, cols)`` stored as in
+    :func:`dequantize_4bit_lut`, in fp32, without materializing ``W``.
+
+    On CPU each thread decodes a tile of ``W`` (about ``tile_bytes``, see :func:`tile_rows_for`)
+    into a small buffer and multiplies it at once with torch's own BLAS (``sgemm``); the result
+    equals ``a @ dequantize_4bit_lut(...).T`` within float rounding (the BLAS may order the
+    sums differently for a tile than for the whole matrix; the input gradient sums the tiles in
+    row order). Elsewhere (CUDA, no compiler, no BLAS found) it is exactly that unfused expression.
+
+    Args:
+        a: fp32 tensor ``[..., cols]`` (``transpose=True``) or ``[..., rows]``.
+        packed, absmax, code, blocksize, offset: the 4-bit state (``absmax`` already fp32,
+            i.e. double quantization decoded).
+        shape: ``(rows, cols)`` of ``W``.
+
+    Returns:
+        fp32 tensor ``[..., rows]`` or ``[..., cols]``.
+    """
+    _check_blocksize(blocksize)
+    rows, cols = (int(d) for d in shape)
+    if a.dtype != torch.float32:
+        raise ValueError(f"matmul_4bit_lut computes in float32, got {a.dtype}")
+    inner = cols if transpose else rows
+    if a.shape[-1] != inner:
+        raise ValueError(f"a has {a.shape[-1]} features, expected {inner}")
+    n = rows * cols
+    packed = _check_packed(packed, n)
+    dev = packed.device
+    nb = _nblocks(n, blocksize)
+    fused = a.device == dev and fused_matmul_available(dev) and a.numel() > 0
+    absmax = _check_stats(absmax, nb, "absmax", dev, not fused)
+    if offset is not None:
+        offset = _check_stats(offset, nb, "offset", dev, not fused)
+    code = _code16(code, dev)
+    lead = a.shape[:-1]
+    if not fused:
+        w = dequantize_4bit_lut(packed, absmax, code, blocksize, (rows, cols), torch.float32, offset)
+        return a @ w.t() if transpose else a @ w
+    lib = native.get_lib()
+    sgemm, _ = native.blas()
+    a2 = a.reshape(-1, inner)
+    if a2.stride(-1) != 1 or a2.stride(0) < inner:
+        a2 = a2.contiguous()
+    m = a2.shape[0]
+    if max(m, rows, cols, a2.stride(0)) >= 2**31:
+        raise ValueError("matmul_4bit_lut: dimensions must be below 2**31")
+    off = offset.data_ptr() if offset is not None else None
+    if transpose:
+        out = torch.empty(m, rows, dtype=torch.float32)
+        tr = tile_rows_for(rows, cols, blocksize, tile_bytes)
+        rc = lib.qp_matmul_4bit_lut_xwt(
+            a2.data_ptr(), m, cols, rows, packed.data_ptr(), absmax.data_ptr(), off, code.data_ptr(), blocksize,
+            out.data_ptr(), rows, tr, sgemm, _threads(),
+        )  # fmt: skip
+        out_features = rows
+    else:
+        out = torch.empty(m, cols, dtype=torch.float32)
+        elems = max(1, (tile_bytes or TILE_BYTES) // 4)
+        rc = lib.qp_matmul_4bit_lut_gw(
+            a2.data_ptr(), m, cols, rows, a2.stride(0), packed.data_ptr(), absmax.data_ptr(), off, code.data_ptr(),
+            blocksize, out.data_ptr(), elems, sgemm, _threads(),
+        )  # fmt: skip
+        out_features = cols
+    if rc == 1:
+        raise ValueError(_NONFINITE_MSG)
+    if rc:
+        raise MemoryError("matmul_4bit_lut: could not allocate a tile buffer")
+    return out.view(*lead, out_features)
