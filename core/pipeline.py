@@ -97,6 +97,7 @@ def model_request(config: Config, model_dir: Path, device: str, num_labels: int 
         trust_remote_code=config.model.trust_remote_code,
         model_kwargs=kwargs,
         skip_modules=list(modeling.DEFAULT_SKIP_MODULES),
+        frozen_dtype=modeling.torch_dtype(config.model.frozen_dtype) if config.model.frozen_dtype else None,
     )
 
 
@@ -280,9 +281,16 @@ def run(config: Config, registry: Any, output_dir: Path, force: bool = False, lo
     }
 
     prepare_for_kbit_training(model, train_cfg.gradient_checkpointing and train_cfg.enabled)
+    if request.frozen_dtype is not None:
+        from qlora_plugins.core.frozen import keep_frozen_16bit
+
+        keep_frozen_16bit(model, request.frozen_dtype, request.dtype)
     adapter_context = AdapterContext(task=config.model.task, quantized=footprint.quantized_params > 0)
     model = plugins.adapter.attach(model, adapter_context)
     params = trainable_parameters(model)
+    if request.frozen_dtype is not None and any(p.dtype == request.frozen_dtype for p in params):
+        raise ConfigError("model.frozen_dtype", f"adapter '{plugins.adapter.name}' trains weights kept in "
+                          f"{config.model.frozen_dtype}; use it only with adapters that keep the base frozen (lora)")
     report["parameters"] = parameter_report(model, footprint)
     if not params:
         raise TrainingError("adapter: the configuration leaves nothing trainable (check adapter.target_modules)")

@@ -99,21 +99,62 @@ def _supports_block_range(quantizer: BlockwiseQuantizer) -> bool:
     return _has_range[cls]
 
 
-def product_path(layer: "QuantLinear", dtype: "torch.dtype", device: "torch.device") -> str:
-    """Which path computes ``layer``'s products in ``dtype`` on ``device``: ``fused``, ``tiles``
-    or ``whole`` (module docstring). ``QLORA_PLUGINS_MATMUL`` forces a path where it applies (a
-    forced ``fused`` falls back to ``tiles`` and ``tiles`` to ``whole`` where they cannot run)."""
+def product_path(layer: "QuantLinear", dtype: "torch.dtype", device: "torch.device", rows: int = 0,
+                 transpose: bool = True) -> str:
+    """Which path computes ``layer``'s product (forward ``transpose=True`` or input gradient) of
+    ``rows`` input rows in ``dtype`` on ``device``: ``fused``, ``tiles`` or ``whole`` (module
+    docstring; on CUDA ``fused`` is Triton's kernel for a forward of at most
+    ``kernels.FUSED_GPU_MAX_ROWS`` rows). ``QLORA_PLUGINS_MATMUL`` forces a path where it applies
+    (a forced ``fused`` falls back to ``tiles`` and ``tiles`` to ``whole`` where they cannot run)."""
     from qlora_plugins.core import kernels
 
     forced = os.environ.get("QLORA_PLUGINS_MATMUL", "").strip().lower()
     quantizer = layer.quantizer
-    can_tile = device.type == "cpu" and _supports_block_range(quantizer)
     if forced == "whole":
         return "whole"
-    if forced != "tiles" and dtype == torch.float32 and device.type == "cpu" and kernels.fused_matmul_available(device):
-        if type(quantizer).lut_form is not BlockwiseQuantizer.lut_form:
-            return "fused"
-    return "tiles" if can_tile else "whole"
+    lut = type(quantizer).lut_form is not BlockwiseQuantizer.lut_form
+    if device.type != "cpu":
+        small = transpose and 0 < rows <= kernels.FUSED_GPU_MAX_ROWS
+        return "fused" if lut and small and forced != "tiles" and kernels.cuda_backend() == "triton" else "whole"
+    if forced != "tiles" and lut and dtype == torch.float32 and kernels.fused_matmul_available(device):
+        return "fused"
+    return "tiles" if _supports_block_range(quantizer) else "whole"
+
+
+_compiled: dict[type, object] = {}
+
+
+def _decoder(quantizer: BlockwiseQuantizer, device: "torch.device"):
+    """``quantizer.decode_blocks``, or on CUDA, for a format without a lookup-table form (whose
+    decode is plain torch code), the same method compiled by ``torch.compile`` (Triton fuses its
+    elementwise ops into one kernel). Falls back to the plain method, for good, if compiling or
+    running the compiled code fails; ``QLORA_PLUGINS_COMPILE_DECODE=0`` turns it off."""
+    plain = quantizer.decode_blocks
+    cls = type(quantizer)
+    if (device.type != "cuda" or cls.lut_form is not BlockwiseQuantizer.lut_form
+            or os.environ.get("QLORA_PLUGINS_COMPILE_DECODE", "1").strip() in ("0", "false", "no")):
+        return plain
+    from qlora_plugins.core.kernels import triton_kernels
+
+    if triton_kernels.triton is None:
+        return plain
+    if cls not in _compiled:
+        try:
+            _compiled[cls] = torch.compile(cls.decode_blocks, dynamic=True)
+        except Exception:  # noqa: BLE001 - no compiler support: plain decode
+            _compiled[cls] = None
+    compiled = _compiled[cls]
+    if compiled is None:
+        return plain
+
+    def decode(*args, **kwargs):
+        try:
+            return compiled(quantizer, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - e.g. a graph torch.compile cannot handle
+            _compiled[cls] = None
+            return plain(*args, **kwargs)
+
+    return decode
 
 
 def _decoded_scales(quantizer: BlockwiseQuantizer, state: dict) -> dict:
@@ -141,7 +182,7 @@ def _product(layer: "QuantLinear", a: "torch.Tensor", transpose: bool) -> "torch
     rows, cols = layer.out_features, layer.in_features
     state = layer.state()
     device = next(iter(state.values())).device
-    path = product_path(layer, a.dtype, device)
+    path = product_path(layer, a.dtype, device, a.numel() // max(1, a.shape[-1]), transpose)
     if path == "whole":
         weight = layer.dequantize_transient(a.dtype)
         return a @ weight.t() if transpose else a @ weight
@@ -236,7 +277,14 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """The full weight, ``(out_features, in_features)``, in ``dtype`` (default compute dtype)."""
-        return self.quantizer.decode(self.state(), self.weight_shape, dtype or self.compute_dtype)
+        state = self.state()
+        device = next(iter(state.values())).device
+        if device.type == "cuda" and type(self.quantizer).decode is BlockwiseQuantizer.decode:
+            numel = self.in_features * self.out_features
+            flat = _decoded_scales(self.quantizer, state)
+            decode = _decoder(self.quantizer, device)
+            return decode(flat, numel, self.quantizer.options.blocksize, dtype or self.compute_dtype).reshape(self.weight_shape)
+        return self.quantizer.decode(state, self.weight_shape, dtype or self.compute_dtype)
 
     def dequantize_transient(self, dtype: "torch.dtype") -> "torch.Tensor":
         """The weight in ``dtype``, written into the shared workspace when the format allows it:
@@ -257,7 +305,7 @@ class QuantLinear(nn.Module):
             return out.view(self.weight_shape)
         space.holds = None
         flat = _decoded_scales(quantizer, state)
-        weight = quantizer.decode_blocks(flat, numel, quantizer.options.blocksize, dtype, out=out).view(self.weight_shape)
+        weight = _decoder(quantizer, device)(flat, numel, quantizer.options.blocksize, dtype, out=out).view(self.weight_shape)
         space.holds = _Workspace.identity(self, state)
         return weight
 
