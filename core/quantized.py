@@ -125,7 +125,8 @@ class BlockwiseQuantizer(Quantizer):
             raise QuantizationError(f"layer {layer_name}: cannot quantize an empty weight")
         if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise QuantizationError(f"layer {layer_name}: unsupported dtype {weight.dtype} (expected float32, bfloat16 or float16)")
-        if not torch.isfinite(weight).all():
+        # in chunks: torch.isfinite of a whole layer allocates temporaries of several times its size
+        if not all(bool(torch.isfinite(chunk).all()) for chunk in weight.reshape(-1).split(1 << 20)):
             raise QuantizationError(f"layer {layer_name}: weight contains NaN or Inf")
         state = dict(self.encode_blocks(weight.reshape(-1), self.options.blocksize))
         if self.options.double_quant:
