@@ -191,7 +191,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "torch_num_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "bitsandbytes_version": bnb_version,
-        "backend": K.backend_name() if dev == "cpu" else "torch (CUDA tensors always take the torch path)",
+        "backend": K.backend_name() if dev == "cpu" else f"CUDA kernels: {K.cuda_backend()} (QLORA_PLUGINS_CUDA_KERNELS)",
     }
     W, R = args.warmup, args.repeats
     if not args.no_matmul:

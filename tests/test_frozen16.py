@@ -93,3 +93,13 @@ def test_pipeline_option_and_its_refusal(tmp_path, write_config):
     cfg["quantizer"] = {"name": "none"}
     refused = invoke("run", write_config(cfg, "full.yaml"), "-o", tmp_path / "run2", "--no-progress")
     assert_user_error(refused, "model.frozen_dtype")
+
+
+def test_quant_report_measures_the_option(tiny_llama_dir):
+    result = invoke("quant-report", tiny_llama_dir, "--quantizers", "nf4", "--frozen-dtype", "bfloat16", "--json")
+    assert result.exit_code == 0, (result.output, result.exception)
+    rows = json.loads(result.stdout)["results"]
+    assert [r["quantizer"] for r in rows] == ["nf4", "nf4+frozen-bfloat16"]
+    assert rows[0]["bits_per_param"] == rows[1]["bits_per_param"]
+    # rounding the embeddings and head to bf16 moves perplexity by far less than 4-bit weights do
+    assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=0.01)
