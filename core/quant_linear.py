@@ -88,7 +88,6 @@ def release_dequant_workspaces() -> None:
 
 #: Bytes of one weight tile on the ``tiles`` path (in the compute dtype).
 TILE_BYTES = 4 << 20
-_PATHS = ("fused", "tiles", "whole")
 _has_range: dict[type, bool] = {}
 
 

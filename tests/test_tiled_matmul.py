@@ -148,3 +148,37 @@ def test_third_party_formats(cls, monkeypatch, small_tiles):
     torch.testing.assert_close(y, x @ dense.t(), rtol=1e-5, atol=1e-5)
     grad_out = torch.linspace(-1, 1, y.numel()).view_as(y)
     torch.testing.assert_close(g, grad_out @ dense, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_training_under_gradient_checkpointing_matches_the_whole_path(tiny_llama_dir, monkeypatch):
+    from qlora_plugins.core.interfaces import AdapterContext, ModelRequest
+    from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, auto_class
+
+    q = new_registry().create("quantizer", "nf4", {})
+    request = ModelRequest(path=tiny_llama_dir, task="causal_lm", auto_class=auto_class("causal_lm"), dtype=torch.float32,
+                           skip_modules=list(DEFAULT_SKIP_MODULES))
+    model = q.load_model(request)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = new_registry().create("adapter", "lora", {"r": 4, "dropout": 0.0}).attach(model, AdapterContext("causal_lm", True))
+    model.train()
+    with torch.no_grad():  # non-zero B, so the adapters' gradients depend on the base's input gradients
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    batch = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for path in ("whole", "auto"):
+        monkeypatch.setenv("QLORA_PLUGINS_MATMUL", path)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        results[path] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    assert results["auto"][0] == pytest.approx(results["whole"][0], rel=1e-5)
+    assert results["auto"][1].keys() == results["whole"][1].keys() and results["auto"][1]
+    for name, grad in results["whole"][1].items():
+        torch.testing.assert_close(results["auto"][1][name], grad, rtol=1e-3, atol=1e-5)
+    layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    expected = "fused" if K.fused_matmul_available() else "tiles"
+    assert product_path(layer, torch.float32, torch.device("cpu"), 32) == expected
