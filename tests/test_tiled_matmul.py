@@ -76,8 +76,9 @@ def test_fused_kernel_against_dequantize_then_matmul(small_tiles):
         ):
             dense = K.dequantize_4bit_lut(packed, absmax, code, bs, (rows, cols), offset=offset)
             for m in (1, 5):
-                x = torch.randn(m, cols, generator=gen)
-                g = torch.randn(m, rows, generator=gen)
+                # views with a row stride wider than the row (as a slice of a fused qkv output is)
+                x = torch.randn(m, cols + 7, generator=gen)[:, 3 : 3 + cols]
+                g = torch.randn(m, rows + 5, generator=gen)[:, :rows]
                 y = K.matmul_4bit_lut(x, packed, absmax, code, bs, (rows, cols), offset=offset)
                 gx = K.matmul_4bit_lut(g, packed, absmax, code, bs, (rows, cols), offset=offset, transpose=False)
                 torch.testing.assert_close(y, x @ dense.t(), rtol=1e-5, atol=1e-4)

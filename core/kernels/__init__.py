@@ -638,7 +638,8 @@ def matmul_4bit_lut(
     lib = native.get_lib()
     sgemm, _ = native.blas()
     a2 = a.reshape(-1, inner)
-    if a2.stride(-1) != 1 or a2.stride(0) < inner:
+    # the forward kernel reads x with row stride ``cols``; the input gradient takes g's row stride
+    if a2.stride(-1) != 1 or (a2.stride(0) != inner if transpose else a2.stride(0) < inner):
         a2 = a2.contiguous()
     m = a2.shape[0]
     if max(m, rows, cols, a2.stride(0)) >= 2**31:
