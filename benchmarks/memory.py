@@ -10,9 +10,12 @@ settings (all-linear, r=16, alpha=32, dropout 0.05) and torch's AdamW:
   ``lora_plain``: the same with glibc's default malloc settings, i.e. plain transformers + peft
   fp32 LoRA as its users run it (the issue's "plain fp32 LoRA");
 * ``qlora``: our ``nf4`` quantizer (double quantization, blocksize 64, quantize-while-loading) +
-  ``lora``; model dtype and compute dtype fp32 (same numerics as the baseline), and ``qlora_bf16``
-  with ``model.dtype: bfloat16`` (embeddings, norms and the dequantized compute in bf16, adapters
-  fp32: the QLoRA paper's recipe);
+  ``lora``; model dtype and compute dtype fp32 (same numerics as the baseline; the layers' products
+  by fused tiles), and ``qlora_bf16`` with ``model.dtype: bfloat16`` (embeddings, norms and the
+  dequantized compute in bf16, adapters fp32: the QLoRA paper's recipe); ``qlora_frozen16``: fp32
+  compute with ``model.frozen_dtype: bfloat16`` (embeddings and head stored in bf16);
+  ``qlora_whole``: ``qlora`` with ``QLORA_PLUGINS_MATMUL=whole`` (each product decodes the whole
+  weight into a workspace: the path before the tiles);
 * ``anchor``: transformers ``from_pretrained(quantization_config=BitsAndBytesConfig(4-bit nf4, double
   quant, fp32 compute))`` + peft ``prepare_model_for_kbit_training`` + ``get_peft_model``;
 * ``baseline``: the same imports and nothing else (the import baseline).
@@ -215,8 +218,10 @@ def load_ours(path: Path, mode: str, gc: bool, lora: dict) -> tuple[Any, dict]:
         quantizer = registry.create("quantizer", "none", {})
     # ``*_bf16``: model.dtype bfloat16 (unquantized weights and compute in bf16; adapters stay fp32)
     dtype = torch.bfloat16 if "bf16" in mode else torch.float32
+    # ``*_frozen16``: model.frozen_dtype bfloat16 (embeddings and head stored in bf16, fp32 compute)
+    frozen_dtype = torch.bfloat16 if "frozen16" in mode else None
     request = ModelRequest(path=path, task="causal_lm", auto_class=modeling.auto_class("causal_lm"), dtype=dtype,
-                           skip_modules=list(modeling.DEFAULT_SKIP_MODULES))
+                           skip_modules=list(modeling.DEFAULT_SKIP_MODULES), frozen_dtype=frozen_dtype)
     t0 = time.perf_counter()
     model = quantizer.load_model(request)
     load_s = time.perf_counter() - t0
@@ -225,6 +230,10 @@ def load_ours(path: Path, mode: str, gc: bool, lora: dict) -> tuple[Any, dict]:
     facts["quantized_bytes"] = footprint.quantized_bytes
     facts["load_path"] = quantizer.metadata().get("load")
     prepare_for_kbit_training(model, gc)
+    if frozen_dtype is not None:  # as the pipeline does
+        from qlora_plugins.core.frozen import keep_frozen_16bit
+
+        keep_frozen_16bit(model, frozen_dtype, dtype)
     if mode.startswith("full"):
         adapter = registry.create("adapter", "full", {})
     else:
@@ -283,6 +292,7 @@ def worker(spec: dict) -> dict:
     path = Path(spec["path"])
     gc = not spec["mode"].endswith("_nogc")
     lora = spec.get("lora", LORA)
+    _matmul_path(spec["mode"])
     if spec["mode"].startswith("anchor"):
         model, facts = load_anchor(path, gc, lora)
     else:
@@ -318,6 +328,14 @@ def worker(spec: dict) -> dict:
     return out
 
 
+def _matmul_path(mode: str) -> None:
+    """``*_whole`` modes force QuantLinear's whole-weight path; every other mode takes the default."""
+    if mode.endswith("_whole"):
+        os.environ["QLORA_PLUGINS_MATMUL"] = "whole"
+    else:
+        os.environ.pop("QLORA_PLUGINS_MATMUL", None)
+
+
 def timing_worker(spec: dict) -> dict:
     """Step times of several configurations loaded into ONE process, stepped interleaved
     (A B C A B C ...): machine load hits them alike, so the ratios are far less noisy than across
@@ -343,6 +361,7 @@ def timing_worker(spec: dict) -> dict:
     cpu: dict[str, list[float]] = {mode: [] for mode in runs}
     for _ in range(spec["steps"]):
         for mode, (model, params, optimizer) in runs.items():
+            _matmul_path(mode)
             t0, c0 = time.perf_counter(), time.process_time()
             model(input_ids=batch, labels=batch).loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -522,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--models", default="336m,697m", help="comma-separated: " + ", ".join(ARCHS))
-    parser.add_argument("--modes", default="lora,lora_plain,qlora,qlora_bf16,anchor", help="configurations besides the baseline")
+    parser.add_argument("--modes", default="lora,lora_plain,qlora,qlora_frozen16,qlora_whole,qlora_bf16,anchor", help="configurations besides the baseline")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per memory process")

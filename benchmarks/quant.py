@@ -11,9 +11,17 @@ the same process and interleaved (ours, bnb, ours, bnb, ...), the median of
   interleaved loop), the dequant bound ``copy_GBps / (0.5 + out_bytes)`` in
   Mparam/s, and our % of it;
 * a bit-exactness check: mismatching 4-bit codes / absmax / dequantized values /
-  nested (double-quant) state against bnb.
+  nested (double-quant) state against bnb;
+* ``matmul``: a linear layer's two products with an nf4 weight (blocksize 64, double-quantized
+  scales decoded first, as QuantLinear does), for ``--matmul-shapes`` (default 4096x4096 and
+  11008x4096) and ``--matmul-batches`` rows of input (default 1, 16, 512), interleaved: our fused
+  tile kernel (``kernels.matmul_4bit_lut``), dequantize-then-matmul (our dequantization into a
+  reused buffer, then torch's matmul: QuantLinear's ``whole`` path), bitsandbytes'
+  ``matmul_4bit`` on the same weight, and the fp32 dense matmul; milliseconds (median) and the
+  ratios to dequantize-then-matmul and to the dense matmul; for ``x @ W.T`` (forward) and
+  ``g @ W`` (input gradient; bitsandbytes has no separate call for it).
 
-Usage: ``python benchmarks/quant.py [--device cpu|cuda] [--rows R --cols C]``.
+Usage: ``python benchmarks/quant.py [--device cpu|cuda] [--rows R --cols C] [--matmul-only | --no-matmul]``.
 Exits 2 with an error JSON when ``--device cuda`` is asked without CUDA.
 """
 
@@ -80,6 +88,66 @@ def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a != b).sum())
 
 
+def matmul_section(args: argparse.Namespace, dev: str, F) -> dict:
+    """Fused tile matmul vs dequantize-then-matmul vs bitsandbytes' matmul_4bit vs dense fp32."""
+    bnb_matmul = None
+    if F is not None:
+        import bitsandbytes
+
+        bnb_matmul = bitsandbytes.matmul_4bit
+    code, bs = K.nf4_code(dev), 64
+    out: dict = {
+        "format": "nf4, blocksize 64, double-quantized scales (decoded once per product, as QuantLinear does)",
+        "fused_available": K.fused_matmul_available(dev) if dev == "cpu" else K.cuda_backend(),
+        "tile_bytes": K.TILE_BYTES,
+        "statistic": f"median ms of {args.repeats} after {args.warmup} warm-up, interleaved",
+        "cases": [],
+    }
+    gen = torch.Generator().manual_seed(args.seed)
+    for shape in args.matmul_shapes.split(","):
+        rows, cols = (int(v) for v in shape.lower().split("x"))
+        w = (torch.randn(rows, cols, generator=gen) * 0.02).to(dev)
+        packed, absmax = K.quantize_4bit_lut(w, code, bs)
+        codes, absmax2, offset, code256 = K.double_quantize(absmax)
+        dense = K.dequantize_4bit_lut(packed, K.double_dequantize(codes, absmax2, offset, code256), code, bs, (rows, cols))
+        buf = torch.empty(rows * cols, dtype=torch.float32, device=dev)
+        if F is not None:
+            p_bnb, st = F.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=True)
+            st.dtype = torch.float32
+
+        def scales():
+            return K.double_dequantize(codes, absmax2, offset, code256)
+
+        for m in (int(v) for v in args.matmul_batches.split(",")):
+            x = torch.randn(m, cols, generator=gen).to(dev)
+            g = torch.randn(m, rows, generator=gen).to(dev)
+            fns = {
+                "fused": lambda: K.matmul_4bit_lut(x, packed, scales(), code, bs, (rows, cols)),
+                "dequant_then_matmul": lambda: x @ K.dequantize_4bit_lut(packed, scales(), code, bs, (rows, cols), out=buf).t(),
+                "bnb_matmul_4bit": (lambda: bnb_matmul(x, p_bnb.t(), quant_state=st)) if bnb_matmul else None,
+                "dense_fp32": lambda: x @ dense.t(),
+                "grad_fused": lambda: K.matmul_4bit_lut(g, packed, scales(), code, bs, (rows, cols), transpose=False),
+                "grad_dequant_then_matmul": lambda: g @ K.dequantize_4bit_lut(packed, scales(), code, bs, (rows, cols), out=buf),
+                "grad_dense_fp32": lambda: g @ dense,
+            }
+            err = (fns["fused"]() - x @ dense.t()).abs().max().item()
+            gerr = (fns["grad_fused"]() - g @ dense).abs().max().item()
+            times = dict(zip(fns, bench(list(fns.values()), dev, args.warmup, args.repeats)))
+            ms = {k: (None if v is None else round(v * 1e3, 2)) for k, v in times.items()}
+            out["cases"].append({
+                "shape": [rows, cols], "batch": m, "ms": ms,
+                "fused_vs_dequant_then_matmul": ratio(times["fused"], times["dequant_then_matmul"]),
+                "fused_vs_bnb": ratio(times["fused"], times["bnb_matmul_4bit"]),
+                "fused_vs_dense": ratio(times["fused"], times["dense_fp32"]),
+                "bnb_vs_dense": ratio(times["bnb_matmul_4bit"], times["dense_fp32"]),
+                "grad_fused_vs_dequant_then_matmul": ratio(times["grad_fused"], times["grad_dequant_then_matmul"]),
+                "grad_fused_vs_dense": ratio(times["grad_fused"], times["grad_dense_fp32"]),
+                "max_abs_diff_vs_dense": {"forward": err, "grad": gerr},
+            })
+            print(json.dumps(out["cases"][-1]), file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -89,6 +157,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--matmul-shapes", default="4096x4096,11008x4096", help="comma-separated ROWSxCOLS (out x in)")
+    ap.add_argument("--matmul-batches", default="1,16,512", help="comma-separated rows of input")
+    ap.add_argument("--matmul-only", action="store_true", help="only the matmul section")
+    ap.add_argument("--no-matmul", action="store_true", help="skip the matmul section")
     args = ap.parse_args(argv)
     dev, bs = args.device, args.blocksize
 
@@ -119,9 +191,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "torch_num_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "bitsandbytes_version": bnb_version,
-        "backend": K.backend_name() if dev == "cpu" else "torch (CUDA tensors always take the torch path)",
+        "backend": K.backend_name() if dev == "cpu" else f"CUDA kernels: {K.cuda_backend()} (QLORA_PLUGINS_CUDA_KERNELS)",
     }
     W, R = args.warmup, args.repeats
+    if not args.no_matmul:
+        res["matmul"] = matmul_section(args, dev, F)
+    if args.matmul_only:
+        print(json.dumps(res, indent=1))
+        return 0
 
     # ---- copy bandwidth references (filled in the dequant loops) ----
     copy_src = {k: torch.ones(n, dtype=dt, device=dev) for k, dt in OUT_DTYPES.items()}

@@ -28,19 +28,39 @@ class LutOptions(BlockwiseOptions):
     backend: Literal["native", "bitsandbytes"] = "native"
 
 
-class _LutFormat(BlockwiseQuantizer):
-    Options = LutOptions
-    quant_type: ClassVar[str] = ""
+class _PackedLut(BlockwiseQuantizer):
+    """The builtin formats' common state: ``qweight`` (two codes a byte) and per-block ``absmax``
+    (and ``offset``), decoded as ``code[q] * absmax (+ offset)``; block ranges are slices of it."""
 
     def code(self):
         raise NotImplementedError
 
+    def lut_form(self, state):
+        form = {"packed": state["qweight"], "absmax": state["absmax"], "code": self.code()}
+        if "offset" in state:
+            form["offset"] = state["offset"]
+        return form
+
+    def decode_blocks(self, state, numel, blocksize, dtype, out=None):
+        return _kernels().dequantize_4bit_lut(state["qweight"], state["absmax"], self.code(), blocksize, (numel,), dtype,
+                                              offset=state.get("offset"), out=out)
+
+    def decode_block_range(self, state, first, stop, numel, blocksize, dtype, out=None):
+        start = first * blocksize
+        count = min(stop * blocksize, numel) - start
+        sub = {"qweight": state["qweight"][start // 2 : start // 2 + (count + 1) // 2], "absmax": state["absmax"][first:stop]}
+        if "offset" in state:
+            sub["offset"] = state["offset"][first:stop]
+        return self.decode_blocks(sub, count, blocksize, dtype, out=out)
+
+
+class _LutFormat(_PackedLut):
+    Options = LutOptions
+    quant_type: ClassVar[str] = ""
+
     def encode_blocks(self, weight, blocksize):
         packed, absmax = _kernels().quantize_4bit_lut(weight, self.code(), blocksize)
         return {"qweight": packed, "absmax": absmax}
-
-    def decode_blocks(self, state, numel, blocksize, dtype, out=None):
-        return _kernels().dequantize_4bit_lut(state["qweight"], state["absmax"], self.code(), blocksize, (numel,), dtype, out=out)
 
     # backend: bitsandbytes keeps the anchor stack's Linear4bit layers
     def load_model(self, request: Any) -> Any:
@@ -92,34 +112,31 @@ class FP4(_LutFormat):
         return _kernels().fp4_code()
 
 
-class Int4Symmetric(BlockwiseQuantizer):
+class Int4Symmetric(_PackedLut):
     """INT4 symmetric: q in [-8, 7], scale = absmax/8 per block, w = q * scale."""
 
     name = "int4_sym"
+
+    def code(self):
+        return _kernels().int4_code(True)
 
     def encode_blocks(self, weight, blocksize):
         packed, scale, _ = _kernels().quantize_4bit_int(weight, blocksize, symmetric=True)
         return {"qweight": packed, "absmax": scale}
 
-    def decode_blocks(self, state, numel, blocksize, dtype, out=None):
-        k = _kernels()
-        return k.dequantize_4bit_lut(state["qweight"], state["absmax"], k.int4_code(True), blocksize, (numel,), dtype, out=out)
 
-
-class Int4Asymmetric(BlockwiseQuantizer):
+class Int4Asymmetric(_PackedLut):
     """INT4 asymmetric: q in [0, 15], scale = (max-min)/15 and zero offset = min per block, w = q * scale + min."""
 
     name = "int4_asym"
     scale_keys = ("absmax", "offset")
 
+    def code(self):
+        return _kernels().int4_code(False)
+
     def encode_blocks(self, weight, blocksize):
         packed, scale, offset = _kernels().quantize_4bit_int(weight, blocksize, symmetric=False)
         return {"qweight": packed, "absmax": scale, "offset": offset}
-
-    def decode_blocks(self, state, numel, blocksize, dtype, out=None):
-        k = _kernels()
-        return k.dequantize_4bit_lut(state["qweight"], state["absmax"], k.int4_code(False), blocksize, (numel,), dtype,
-                                     offset=state["offset"], out=out)
 
 
 @hookimpl

@@ -39,6 +39,8 @@ class ModelSection:
     source: Optional[str] = None
     task: Literal["causal_lm", "seq_cls"] = "causal_lm"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: store frozen unquantized weights (embeddings, head) in 16 bits, computing in ``dtype``
+    frozen_dtype: Optional[Literal["bfloat16", "float16"]] = None
     trust_remote_code: bool = False
     num_labels: Optional[int] = attrs.field(default=None, validator=positive)
 

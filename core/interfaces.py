@@ -79,6 +79,8 @@ class ModelRequest:
     :param trust_remote_code: passed to transformers only when the config says so.
     :param model_kwargs: extra ``from_pretrained`` arguments (e.g. ``num_labels``).
     :param skip_modules: module names never quantized (output heads).
+    :param frozen_dtype: if set (a 16-bit dtype), frozen unquantized Embedding/Linear weights are
+        stored in it while computing in ``dtype`` (``model.frozen_dtype``; :mod:`qlora_plugins.core.frozen`).
     """
 
     path: Path
@@ -89,6 +91,7 @@ class ModelRequest:
     trust_remote_code: bool = False
     model_kwargs: dict = attrs.field(factory=dict)
     skip_modules: list = attrs.field(factory=list)
+    frozen_dtype: Any = None
 
     def load_full_precision(self, **extra: Any) -> "nn.Module":
         """Load the checkpoint unquantized, in ``dtype``, on ``device``.

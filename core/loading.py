@@ -29,6 +29,7 @@ def model_request(config: Config, model_dir: Path, device: str, num_labels: int 
         trust_remote_code=config.model.trust_remote_code,
         model_kwargs=kwargs,
         skip_modules=list(modeling.DEFAULT_SKIP_MODULES),
+        frozen_dtype=modeling.torch_dtype(config.model.frozen_dtype) if config.model.frozen_dtype else None,
     )
 
 

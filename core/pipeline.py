@@ -362,6 +362,11 @@ class Pipeline:
         model = loaded.model
         training = config.train.enabled and saved_adapter is None
         prepare_for_kbit_training(model, config.train.gradient_checkpointing and training)
+        request = loaded.request
+        if request.frozen_dtype is not None:
+            from qlora_plugins.core.frozen import keep_frozen_16bit
+
+            keep_frozen_16bit(model, request.frozen_dtype, request.dtype)
         context = AdapterContext(task=config.model.task, quantized=loaded.footprint.quantized_params > 0)
         if saved_adapter is not None:
             model = plugins.adapter.load(model, saved_adapter, context)
@@ -369,6 +374,9 @@ class Pipeline:
             return Attached(model, [], parameter_report(model, loaded.footprint))
         model = plugins.adapter.attach(model, context)
         params = trainable_parameters(model)
+        if request.frozen_dtype is not None and any(p.dtype == request.frozen_dtype for p in params):
+            raise ConfigError("model.frozen_dtype", f"adapter '{plugins.adapter.name}' trains weights kept in "
+                              f"{config.model.frozen_dtype}; use it only with adapters that keep the base frozen")
         parameters = parameter_report(model, loaded.footprint)
         if not params:
             raise TrainingError("adapter: the configuration leaves nothing trainable (check adapter.target_modules)")

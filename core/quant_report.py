@@ -97,8 +97,10 @@ def weight_errors(quantizer: Any, model: Any) -> list[dict]:
 
 def run_report(model_dir: Path, quantizer_names: Sequence[str], registry: Any, double_quant: bool, blocksize: int,
                text: str, seq_len: int = 256, max_tokens: int = 4096, worst: int = 3, trust_remote_code: bool = False,
-               progress: Any = None) -> dict:
-    """Compare quantizers on one checkpoint; returns the report as a mapping."""
+               progress: Any = None, frozen_dtype: Any = None) -> dict:
+    """Compare quantizers on one checkpoint; returns the report as a mapping. With
+    ``frozen_dtype`` (a 16-bit torch dtype) every quantizer gets a second row, ``NAME+frozen-DTYPE``,
+    measured with the unquantized frozen weights stored in that dtype (``model.frozen_dtype``)."""
     import torch
 
     modeling.check_model_dir(model_dir, "MODEL_DIR")
@@ -132,16 +134,26 @@ def run_report(model_dir: Path, quantizer_names: Sequence[str], registry: Any, d
             signal = sum(float((lin.weight.data.float() ** 2).sum()) for _, lin in iter_linear_layers(reference, DEFAULT_SKIP_MODULES)) / total
             row.update({"weight_mse": mse, "weight_sqnr_db": 10 * math.log10(signal / mse) if mse > 0 else float("inf"),
                         "worst_layers": sorted(layers, key=lambda r: r["sqnr_db"])[:worst]})
-        if causal:
-            ppl = perplexity(model, windows)
-            row.update({"perplexity": ppl, "perplexity_ratio": ppl / base["fp_perplexity"]})
-        else:
-            hidden = hidden_states(model, windows)
-            num = sum(float(((h - r) ** 2).sum()) for h, r in zip(hidden, ref_hidden))
-            den = sum(float((r**2).sum()) for r in ref_hidden)
-            cos = [float(torch.nn.functional.cosine_similarity(h.flatten(), r.flatten(), dim=0)) for h, r in zip(hidden, ref_hidden)]
-            row.update({"hidden_relative_error": math.sqrt(num / den), "hidden_cosine": sum(cos) / len(cos)})
-        rows.append(row)
+        variants = [(row, None)]
+        if frozen_dtype is not None:
+            variants.append(({**row, "quantizer": f"{name}+frozen-{str(frozen_dtype).replace('torch.', '')}"}, frozen_dtype))
+        for out_row, dtype in variants:
+            if dtype is not None:
+                from qlora_plugins.core.frozen import keep_frozen_16bit
+
+                for param in model.parameters():
+                    param.requires_grad_(False)
+                keep_frozen_16bit(model, dtype, torch.float32)
+            if causal:
+                ppl = perplexity(model, windows)
+                out_row.update({"perplexity": ppl, "perplexity_ratio": ppl / base["fp_perplexity"]})
+            else:
+                hidden = hidden_states(model, windows)
+                num = sum(float(((h - r) ** 2).sum()) for h, r in zip(hidden, ref_hidden))
+                den = sum(float((r**2).sum()) for r in ref_hidden)
+                cos = [float(torch.nn.functional.cosine_similarity(h.flatten(), r.flatten(), dim=0)) for h, r in zip(hidden, ref_hidden)]
+                out_row.update({"hidden_relative_error": math.sqrt(num / den), "hidden_cosine": sum(cos) / len(cos)})
+            rows.append(out_row)
         del model
         if progress is not None:
             progress(name)

@@ -105,6 +105,23 @@ class BlockwiseQuantizer(Quantizer):
         """Dequantize named tensors back into a flat tensor of ``numel`` elements in ``dtype``."""
         raise NotImplementedError
 
+    def decode_block_range(self, state: dict, first: int, stop: int, numel: int, blocksize: int,
+                           dtype: "torch.dtype", out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """Optional: dequantize only blocks ``[first, stop)`` of the flat weight (``numel`` elements
+        in all; the last block may be partial) into a flat tensor of ``min(stop*blocksize, numel) -
+        first*blocksize`` elements, written into ``out`` when given. ``state`` has its scales
+        already decoded (as :meth:`decode_blocks` receives it). A format that implements it gets
+        QuantLinear's tiled products on CPU (the whole weight is then never decoded at once);
+        without it the layer decodes the whole weight for each product."""
+        raise NotImplementedError
+
+    def lut_form(self, state: dict) -> dict:
+        """Optional: for a format whose dequantization is ``code[q] * absmax[b] (+ offset[b])`` with
+        bitsandbytes' nibble packing, the tensors of that form: ``{"packed": uint8, "absmax": fp32,
+        "code": 16 values, "offset": fp32 or absent}`` from a state with decoded scales. Such a
+        format gets the fused C tile kernels on CPU and the Triton kernels on CUDA."""
+        raise NotImplementedError
+
     # --- provided ---------------------------------------------------------------------------
 
     def encode(self, weight: "torch.Tensor", layer_name: str = "weight") -> dict:
@@ -118,7 +135,8 @@ class BlockwiseQuantizer(Quantizer):
             raise QuantizationError(f"layer {layer_name}: cannot quantize an empty weight")
         if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise QuantizationError(f"layer {layer_name}: unsupported dtype {weight.dtype} (expected float32, bfloat16 or float16)")
-        if not torch.isfinite(weight).all():
+        # in chunks: torch.isfinite of a whole layer allocates temporaries of several times its size
+        if not all(bool(torch.isfinite(chunk).all()) for chunk in weight.reshape(-1).split(1 << 20)):
             raise QuantizationError(f"layer {layer_name}: weight contains NaN or Inf")
         state = dict(self.encode_blocks(weight.reshape(-1), self.options.blocksize))
         if self.options.double_quant:

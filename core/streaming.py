@@ -210,6 +210,10 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
         model = request.auto_class.from_config(config, dtype=request.dtype, trust_remote_code=request.trust_remote_code)
     skip = [*skip_modules, *DEFAULT_SKIP_MODULES]
     layers = linear_like_layers(model, skip)
+    if getattr(request, "frozen_dtype", None) is not None:  # 16-bit storage before the copies
+        from qlora_plugins.core.frozen import prepare_skeleton
+
+        prepare_skeleton(model, request.frozen_dtype, set(layers))
     weight_keys = {f"{name}.weight": name for name in layers}
     # (not the skeleton's linear weights: holding them would keep them allocated until the end)
     params = {key: p for key, p in model.named_parameters() if key not in weight_keys}

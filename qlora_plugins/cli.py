@@ -272,10 +272,12 @@ def plugins(ctx: click.Context, kind: str | None, as_json: bool) -> None:
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Window length for perplexity.")
 @click.option("--max-tokens", default=4096, show_default=True, type=int, help="Probe tokens used at most.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code.")
+@click.option("--frozen-dtype", type=click.Choice(["bfloat16", "float16"]),
+              help="Also measure each scheme with the unquantized frozen weights (embeddings, head) in this dtype (model.frozen_dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.pass_context
 def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_quant: bool, blocksize: int, text_file: Path | None,
-                 seq_len: int, max_tokens: int, trust_remote_code: bool, as_json: bool) -> None:
+                 seq_len: int, max_tokens: int, trust_remote_code: bool, frozen_dtype: str | None, as_json: bool) -> None:
     """Quantize MODEL_DIR with each scheme and compare: bits/param, weight error, output fidelity.
 
     Causal LMs are compared by perplexity on the probe text against the full-precision model;
@@ -301,9 +303,12 @@ def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_qu
 
     names = [n.strip() for n in quantizers.split(",") if n.strip()]
     log = (lambda name: None) if as_json else (lambda name: click.echo(f"measured {name}", err=True))
+    import torch
+
     with _json_stdout(as_json) as out:
         report = run_report(model_dir, names, _registry(ctx), double_quant, blocksize, text or DEFAULT_PROBE, seq_len, max_tokens,
-                            trust_remote_code=trust_remote_code, progress=log)
+                            trust_remote_code=trust_remote_code, progress=log,
+                            frozen_dtype=getattr(torch, frozen_dtype) if frozen_dtype else None)
     from qlora_plugins.core.rundir import dumps
 
     click.echo(dumps(report, indent=2) if as_json else format_report(report), file=out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -17,6 +18,14 @@ from typing import Any, Callable
 
 import pytest
 import yaml
+
+# Without a GPU the Triton kernels are checked in Triton's CPU interpreter, which must be switched
+# on before triton is first imported (tests/test_triton_kernels.py).
+if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"

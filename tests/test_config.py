@@ -369,7 +369,7 @@ def test_shorthands():
 def test_defaults_are_filled_in_the_resolved_config():
     out = resolved({"model": {"source": "tiny-llama"}, "data": {"name": "instruction", "path": "d.jsonl"}})
     assert list(out) == ["model", "quantizer", "adapter", "optimizer", "data", "train", "export"]
-    assert out["model"] == {"path": None, "source": "tiny-llama", "task": "causal_lm", "dtype": "float32", "trust_remote_code": False, "num_labels": None}
+    assert out["model"] == {"path": None, "source": "tiny-llama", "task": "causal_lm", "dtype": "float32", "frozen_dtype": None, "trust_remote_code": False, "num_labels": None}
     assert out["quantizer"]["name"] == "nf4"
     assert out["quantizer"]["blocksize"] == 64 and out["quantizer"]["double_quant"] is True
     assert out["adapter"]["name"] == "lora"

@@ -36,6 +36,9 @@ def test_chunked_copy_equals_from_pretrained(tiny_llama_dir, monkeypatch):
     torch.testing.assert_close(model.lm_head.weight, reference.lm_head.weight, rtol=0, atol=0)
 
 
+_SUPPORTS_WORKSPACE = ql._supports_workspace
+
+
 def _loss_and_grads(model, batch):
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
@@ -45,6 +48,7 @@ def _loss_and_grads(model, batch):
 
 
 def test_workspace_matches_fresh_dequantization(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("QLORA_PLUGINS_MATMUL", "whole")  # the path that decodes whole weights
     for name, options in (("nf4", {}), ("int4_asym", {"double_quant": False})):
         _, model = load_quantized(tiny_llama_dir, name, options)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -58,7 +62,7 @@ def test_workspace_matches_fresh_dequantization(tiny_llama_dir, monkeypatch):
         assert all(ql._accepts_out[t] for t in layer_types), name  # the builtin formats decode into out=
         monkeypatch.setattr(ql, "_supports_workspace", lambda quantizer: False)
         fresh = _loss_and_grads(model, batch)
-        monkeypatch.undo()
+        monkeypatch.setattr(ql, "_supports_workspace", _SUPPORTS_WORKSPACE)
         assert with_workspace[0] == fresh[0]
         for a, b in zip(with_workspace[1], fresh[1]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -90,6 +90,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+import os
+
 from . import native, reference
 from .native import backend_name
 from .reference import dynamic_map_8bit, fp4_code, int4_code, nf4_code
@@ -108,6 +110,10 @@ __all__ = [
     "dequantize_blockwise_8bit",
     "double_quantize",
     "double_dequantize",
+    "fused_matmul_available",
+    "matmul_4bit_lut",
+    "tile_rows_for",
+    "TILE_BYTES",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -167,6 +173,40 @@ def _native_for(*tensors: torch.Tensor):
     if any(t.device.type != "cpu" for t in tensors):
         return None
     return native.get_lib()
+
+
+def cuda_backend() -> str:
+    """The kernels CUDA tensors use: ``QLORA_PLUGINS_CUDA_KERNELS`` = ``triton``, ``bitsandbytes``
+    (nf4/fp4 dequantization through bitsandbytes' CUDA kernels; the storage is bit-exact with
+    theirs) or ``torch`` (the reference); default ``auto``: triton when it is installed, else torch.
+    ``benchmarks/gpu_check.sh`` measures triton against bitsandbytes to choose."""
+    choice = os.environ.get("QLORA_PLUGINS_CUDA_KERNELS", "auto").strip().lower() or "auto"
+    if choice in ("auto", "triton"):
+        from . import triton_kernels
+
+        return "triton" if triton_kernels.triton is not None else "torch"
+    return choice if choice in ("bitsandbytes", "torch") else "torch"
+
+
+def _gpu_kernels(t: torch.Tensor):
+    """The Triton module for a CUDA tensor when :func:`cuda_backend` says triton, else ``None``."""
+    if t.device.type == "cuda" and cuda_backend() == "triton":
+        from . import triton_kernels
+
+        return triton_kernels
+    return None
+
+
+def _bnb_dequant(packed, absmax, code, blocksize, shp, out_dtype):
+    """nf4/fp4 through bitsandbytes' own kernels, or ``None`` for another table."""
+    for quant_type, table in (("nf4", nf4_code), ("fp4", fp4_code)):
+        if torch.equal(code.cpu(), table()):
+            import bitsandbytes.functional as F
+
+            state = F.QuantState(absmax=absmax, shape=torch.Size(shp), code=code, blocksize=blocksize,
+                                 quant_type=quant_type, dtype=out_dtype)
+            return F.dequantize_4bit(packed.view(-1, 1), state)
+    return None
 
 
 def _threads() -> int:
@@ -314,6 +354,13 @@ def dequantize_4bit_lut(
         ):
             raise ValueError(f"out must be a contiguous {out_dtype} tensor of {n} elements on {dev}")
     if lib is None:
+        gpu = _gpu_kernels(packed)
+        if gpu is not None:
+            return gpu.dequantize_4bit_lut(packed, absmax, code, blocksize, n, out_dtype, offset, out).view(shp)
+        if dev.type == "cuda" and offset is None and cuda_backend() == "bitsandbytes":
+            res = _bnb_dequant(packed, absmax, code, blocksize, shp, out_dtype)
+            if res is not None:
+                return res if out is None else out.view(shp).copy_(res)
         res = reference.dequantize_4bit_lut(packed, absmax, code, blocksize, n, out_dtype, offset).view(shp)
         return res if out is None else out.view(shp).copy_(res)
     out = torch.empty(shp, dtype=out_dtype) if out is None else out.view(shp)
@@ -450,6 +497,9 @@ def dequantize_blockwise_8bit(
     absmax = _check_stats(absmax, _nblocks(n, blocksize), "absmax", c.device, lib is None)
     code256 = _code256(code256, c.device)
     if lib is None:
+        gpu = _gpu_kernels(c)
+        if gpu is not None and out_dtype == torch.float32:
+            return gpu.dequantize_blockwise_8bit(c, absmax, code256, blocksize).view(shape)
         return reference.dequantize_blockwise_8bit(c, absmax, code256, blocksize, out_dtype).view(shape)
     out = torch.empty(shape, dtype=out_dtype)
     rc = lib.qp_dequantize_8bit(
@@ -490,6 +540,129 @@ def double_dequantize(
 ) -> torch.Tensor:
     """Recover fp32 absmax from :func:`double_quantize`: ``code256[q] * absmax2[b] + offset``
     (exactly bnb's ``dequantize_blockwise(...); absmax += offset``)."""
+    gpu = _gpu_kernels(codes) if isinstance(codes, torch.Tensor) and _native_for(codes) is None else None
+    if gpu is not None:
+            _check_blocksize(blocksize)
+            c = codes.contiguous().reshape(-1)
+            a2 = _check_stats(absmax2, _nblocks(c.numel(), blocksize), "absmax", c.device, True)
+            return gpu.dequantize_blockwise_8bit(c, a2, _code256(code256, c.device), blocksize, float(offset))
     out = dequantize_blockwise_8bit(codes, absmax2, code256, blocksize, torch.float32).reshape(-1)
     off = torch.as_tensor(offset, dtype=torch.float32, device=out.device)
     return out + off
+
+
+# --------------------------------------------------------------------------- #
+# fused dequantize-matmul by tiles
+# --------------------------------------------------------------------------- #
+
+#: Up to this many rows of input, :func:`matmul_4bit_lut` on CUDA runs Triton's fused kernel
+#: (generation); more rows dequantize the weight (Triton) and use cuBLAS.
+FUSED_GPU_MAX_ROWS = 16
+
+#: Bytes of fp32 weight one thread decodes at a time in the fused products (the tile stays in
+#: its core's L2 cache while the BLAS multiplies it).
+TILE_BYTES = 1 << 20
+
+
+def tile_rows_for(rows: int, cols: int, blocksize: int, tile_bytes: int = 0) -> int:
+    """Rows per tile of a ``rows x cols`` weight: about ``tile_bytes`` (default :data:`TILE_BYTES`)
+    of fp32, and a multiple of ``blocksize / gcd(cols, blocksize)`` so that every tile starts on a
+    block boundary (blocks are flat, so they may span rows)."""
+    align = blocksize // math.gcd(cols, blocksize)
+    per = max(1, (tile_bytes or TILE_BYTES) // (4 * cols))
+    return min(rows if rows % align == 0 else -(-rows // align) * align, max(align, per // align * align))
+
+
+def fused_matmul_available(device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether :func:`matmul_4bit_lut` runs fused on ``device`` (CPU tensors, the C kernels built and
+    torch's BLAS found); otherwise it dequantizes the whole weight and calls torch's matmul."""
+    return torch.device(device).type == "cpu" and native.blas() is not None
+
+
+def matmul_4bit_lut(
+    a: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    offset: Optional[torch.Tensor] = None,
+    transpose: bool = True,
+    tile_bytes: int = 0,
+) -> torch.Tensor:
+    """``a @ W.T`` (``transpose=True``, a linear layer's forward) or ``a @ W`` (``transpose=False``,
+    its input gradient) for the 4-bit weight ``W`` of ``shape = (rows, cols)`` stored as in
+    :func:`dequantize_4bit_lut`, computed in ``a``'s dtype, without materializing ``W`` where a
+    fused kernel applies: fp32 on CPU (below), or up to :data:`FUSED_GPU_MAX_ROWS` rows of ``a``
+    on CUDA (``x @ W.T`` by Triton, any dtype, summed in fp32).
+
+    On CPU each thread decodes a tile of ``W`` (about ``tile_bytes``, see :func:`tile_rows_for`)
+    into a small buffer and multiplies it at once with torch's own BLAS (``sgemm``); the result
+    equals ``a @ dequantize_4bit_lut(...).T`` within float rounding (the BLAS may order the
+    sums differently for a tile than for the whole matrix; the input gradient sums the tiles in
+    row order). Elsewhere (CUDA, no compiler, no BLAS found) it is exactly that unfused expression.
+
+    Args:
+        a: fp32/bf16/fp16 tensor ``[..., cols]`` (``transpose=True``) or ``[..., rows]``.
+        packed, absmax, code, blocksize, offset: the 4-bit state (``absmax`` already fp32,
+            i.e. double quantization decoded).
+        shape: ``(rows, cols)`` of ``W``.
+
+    Returns:
+        tensor ``[..., rows]`` or ``[..., cols]`` in ``a``'s dtype.
+    """
+    _check_blocksize(blocksize)
+    rows, cols = (int(d) for d in shape)
+    if a.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"a has unsupported dtype {a.dtype}; expected float32, bfloat16 or float16")
+    inner = cols if transpose else rows
+    if a.shape[-1] != inner:
+        raise ValueError(f"a has {a.shape[-1]} features, expected {inner}")
+    n = rows * cols
+    packed = _check_packed(packed, n)
+    dev = packed.device
+    nb = _nblocks(n, blocksize)
+    fused = a.dtype == torch.float32 and a.device == dev and fused_matmul_available(dev) and a.numel() > 0
+    absmax = _check_stats(absmax, nb, "absmax", dev, not fused)
+    if offset is not None:
+        offset = _check_stats(offset, nb, "offset", dev, not fused)
+    code = _code16(code, dev)
+    lead = a.shape[:-1]
+    if not fused:
+        gpu = _gpu_kernels(packed)
+        if gpu is not None and transpose and a.device == dev and a.numel() // inner <= FUSED_GPU_MAX_ROWS:
+            a2 = a.reshape(-1, inner).contiguous()
+            return gpu.matmul_4bit_lut(a2, packed, absmax, code, blocksize, rows, cols, offset).view(*lead, rows)
+        w = dequantize_4bit_lut(packed, absmax, code, blocksize, (rows, cols), a.dtype, offset)
+        return a @ w.t() if transpose else a @ w
+    lib = native.get_lib()
+    sgemm, _ = native.blas()
+    a2 = a.reshape(-1, inner)
+    # the forward kernel reads x with row stride ``cols``; the input gradient takes g's row stride
+    if a2.stride(-1) != 1 or (a2.stride(0) != inner if transpose else a2.stride(0) < inner):
+        a2 = a2.contiguous()
+    m = a2.shape[0]
+    if max(m, rows, cols, a2.stride(0)) >= 2**31:
+        raise ValueError("matmul_4bit_lut: dimensions must be below 2**31")
+    off = offset.data_ptr() if offset is not None else None
+    if transpose:
+        out = torch.empty(m, rows, dtype=torch.float32)
+        tr = tile_rows_for(rows, cols, blocksize, tile_bytes)
+        rc = lib.qp_matmul_4bit_lut_xwt(
+            a2.data_ptr(), m, cols, rows, packed.data_ptr(), absmax.data_ptr(), off, code.data_ptr(), blocksize,
+            out.data_ptr(), rows, tr, sgemm, _threads(),
+        )  # fmt: skip
+        out_features = rows
+    else:
+        out = torch.empty(m, cols, dtype=torch.float32)
+        elems = max(1, (tile_bytes or TILE_BYTES) // 4)
+        rc = lib.qp_matmul_4bit_lut_gw(
+            a2.data_ptr(), m, cols, rows, a2.stride(0), packed.data_ptr(), absmax.data_ptr(), off, code.data_ptr(),
+            blocksize, out.data_ptr(), elems, sgemm, _threads(),
+        )  # fmt: skip
+        out_features = cols
+    if rc == 1:
+        raise ValueError(_NONFINITE_MSG)
+    if rc:
+        raise MemoryError("matmul_4bit_lut: could not allocate a tile buffer")
+    return out.view(*lead, out_features)

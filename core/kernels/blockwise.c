@@ -19,6 +19,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 #include <math.h>
 #ifdef __linux__
 #include <sys/mman.h>
@@ -518,6 +519,162 @@ int qp_dequantize_8bit(const uint8_t* q, const float* absmax, const float* code2
     return bad;
 }
 
-int qp_abi_version(void) { return 3; }
+/* ------------------------------------------------------------------------- */
+/* fused dequantize-matmul by tiles (fp32): the whole weight never exists     */
+/* ------------------------------------------------------------------------- */
+
+/*
+ * The GEMM itself is the BLAS that torch links (MKL's Fortran sgemm_, found by the caller and
+ * passed in as a pointer), called from inside one OpenMP region, where it runs single-threaded
+ * (nested parallelism is off in libgomp by default, and MKL runs sequentially inside a parallel
+ * region): each thread
+ * decodes a tile of the weight into its own small buffer (sized by the caller to stay in L2)
+ * and multiplies it at once. One parallel region per product instead of one per tile keeps the
+ * number of thread barriers as low as the unfused path's.
+ */
+typedef void (*qp_sgemm_t)(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                           const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                           const float* beta, float* c, const int* ldc);
+
+/* decode blocks [b0, b1) of the flat weight into dst (fp32, contiguous); 1 if a scale is not finite */
+static int deq_blocks_f32(const uint8_t* packed, const float* absmax, const float* offset, const float* code16,
+                          i64 n, i64 bs, i64 b0, i64 b1, float* dst) {
+    const int has_off = offset != NULL;
+#if QP_SIMD
+    const __m256 tlo = _mm256_loadu_ps(code16), thi = _mm256_loadu_ps(code16 + 8);
+#endif
+    for (i64 b = b0; b < b1; b++) {
+        const i64 start = b * bs;
+        const int len = (int)(n - start < bs ? n - start : bs);
+        const float s = absmax[b];
+        const float o = has_off ? offset[b] : 0.0f;
+        if (!is_finite_f(s) || !is_finite_f(o)) return 1;
+        const uint8_t* p = packed + start / 2;
+        float* d = dst + (start - b0 * bs);
+        int i = 0;
+#if QP_SIMD
+        const __m256 vs = _mm256_set1_ps(s), vo = _mm256_set1_ps(o);
+        for (; i + 32 <= len; i += 32) deq32(p + i / 2, tlo, thi, vs, vo, has_off, d, DT_F32, i, 0);
+#endif
+        for (; i < len; i++) {
+            uint8_t byte = p[i >> 1];
+            float v = code16[(i & 1) ? (byte & 15) : (byte >> 4)] * s;
+            if (has_off) v = v + o;
+            d[i] = v;
+        }
+    }
+    return 0;
+}
+
+/*
+ * y[m, rows] = x[m, cols] @ W^T, W = dequant(packed) of shape [rows, cols] (flat blocks).
+ * Row tiles of `tile_rows` rows (a multiple of bs / gcd(cols, bs), so every tile starts on a
+ * block boundary); `ldy` is y's row stride. Returns 1 on a non-finite scale, 3 on allocation failure.
+ */
+int qp_matmul_4bit_lut_xwt(const float* x, i64 m, i64 cols, i64 rows, const uint8_t* packed, const float* absmax,
+                           const float* offset, const float* code16, i64 bs, float* y, i64 ldy, i64 tile_rows,
+                           void* sgemm_ptr, int nthreads) {
+    qp_sgemm_t sgemm = (qp_sgemm_t)sgemm_ptr;
+    const i64 n = rows * cols;
+    const i64 ntiles = (rows + tile_rows - 1) / tile_rows;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > ntiles) nt = (int)ntiles;
+    int bad = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        float* buf = (float*)malloc((size_t)(tile_rows * cols) * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            bad = 3;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (i64 t = 0; t < ntiles; t++) {
+            if (!buf || bad) continue;
+            const i64 r0 = t * tile_rows;
+            const i64 r1 = r0 + tile_rows < rows ? r0 + tile_rows : rows;
+            const i64 e0 = r0 * cols, e1 = r1 * cols;
+            if (deq_blocks_f32(packed, absmax, offset, code16, n, bs, e0 / bs, (e1 + bs - 1) / bs, buf)) {
+#pragma omp atomic write
+                bad = 1;
+                continue;
+            }
+            const int M = (int)(r1 - r0), N = (int)m, K = (int)cols, lda = (int)cols, ldc = (int)ldy;
+            const float one = 1.0f, zero = 0.0f;
+            sgemm("T", "N", &M, &N, &K, &one, buf, &lda, x, &lda, &zero, y + r0, &ldc);
+        }
+        free(buf);
+    }
+    return bad;
+}
+
+/*
+ * gx[m, cols] = g[m, rows] @ W, W = dequant(packed) [rows, cols]. When cols is a multiple of bs
+ * the threads split gx's columns into stripes of whole blocks and each walks all rows in tiles of
+ * `tile_rows` rows of its stripe (no reduction between threads); otherwise one thread walks
+ * row tiles of whole rows. `ldg` is g's row stride.
+ */
+int qp_matmul_4bit_lut_gw(const float* g, i64 m, i64 cols, i64 rows, i64 ldg, const uint8_t* packed,
+                          const float* absmax, const float* offset, const float* code16, i64 bs, float* gx,
+                          i64 tile_elems, void* sgemm_ptr, int nthreads) {
+    qp_sgemm_t sgemm = (qp_sgemm_t)sgemm_ptr;
+    const i64 n = rows * cols;
+    const int striped = cols % bs == 0;
+    const i64 cblocks = striped ? cols / bs : 1;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (!striped) nt = 1;
+    if (nt > cblocks) nt = (int)cblocks;
+    int bad = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        /* this thread's stripe [c0, c1) of columns, in whole blocks */
+        const i64 c0 = striped ? (cblocks * tid / nt) * bs : 0;
+        const i64 c1 = striped ? (cblocks * (tid + 1) / nt) * bs : cols;
+        const i64 w = c1 - c0;
+        i64 tr = w > 0 ? tile_elems / w : 1;
+        if (!striped) {
+            /* whole rows: a tile must start on a block boundary */
+            i64 a = bs, c = cols;
+            while (c) { i64 r = a % c; a = c; c = r; }   /* a = gcd(bs, cols) */
+            const i64 align = bs / a;
+            tr = tr / align * align;
+            if (tr < align) tr = align;
+        }
+        if (tr < 1) tr = 1;
+        if (tr > rows) tr = rows;
+        float* buf = w > 0 ? (float*)malloc((size_t)(tr * w) * sizeof(float)) : NULL;
+        if (w > 0 && !buf) {
+#pragma omp atomic write
+            bad = 3;
+        }
+        for (i64 r0 = 0; buf && !bad && r0 < rows; r0 += tr) {
+            const i64 r1 = r0 + tr < rows ? r0 + tr : rows;
+            int err = 0;
+            if (striped) {
+                for (i64 r = r0; r < r1 && !err; r++) {
+                    const i64 e0 = r * cols + c0;
+                    err = deq_blocks_f32(packed, absmax, offset, code16, n, bs, e0 / bs, (e0 + w) / bs, buf + (r - r0) * w);
+                }
+            } else {
+                err = deq_blocks_f32(packed, absmax, offset, code16, n, bs, r0 * cols / bs, (r1 * cols + bs - 1) / bs, buf);
+            }
+            if (err) {
+#pragma omp atomic write
+                bad = 1;
+                break;
+            }
+            const int M = (int)w, N = (int)m, K = (int)(r1 - r0), lda = (int)w, ldb = (int)ldg, ldc = (int)cols;
+            const float one = 1.0f, beta = r0 == 0 ? 0.0f : 1.0f;
+            sgemm("N", "N", &M, &N, &K, &one, buf, &lda, g + r0, &ldb, &beta, gx + c0, &ldc);
+        }
+        free(buf);
+    }
+    return bad;
+}
+
+int qp_abi_version(void) { return 4; }
 
 int qp_has_simd(void) { return QP_SIMD; }

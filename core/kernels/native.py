@@ -27,7 +27,7 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("blockwise.c")
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _BASE_FLAGS = ["-O3", "-std=gnu11", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing"]
 
 _lock = threading.Lock()
@@ -118,6 +118,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qp_quantize_8bit.argtypes = [c_vp, c_i64, c_i64, c_vp, c_vp, c_vp, c_int]
     lib.qp_dequantize_8bit.restype = c_int
     lib.qp_dequantize_8bit.argtypes = [c_vp, c_vp, c_vp, c_i64, c_i64, c_vp, c_int, c_int]
+    lib.qp_matmul_4bit_lut_xwt.restype = c_int
+    lib.qp_matmul_4bit_lut_xwt.argtypes = [c_vp, c_i64, c_i64, c_i64, c_vp, c_vp, c_vp, c_vp, c_i64, c_vp, c_i64, c_i64,
+                                           c_vp, c_int]
+    lib.qp_matmul_4bit_lut_gw.restype = c_int
+    lib.qp_matmul_4bit_lut_gw.argtypes = [c_vp, c_i64, c_i64, c_i64, c_i64, c_vp, c_vp, c_vp, c_vp, c_i64, c_vp, c_i64,
+                                          c_vp, c_int]
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -173,6 +179,80 @@ def get_lib() -> Optional[ctypes.CDLL]:
     return _lib
 
 
+_blas: Optional[tuple] = None
+_blas_tried = False
+
+
+def _loaded_libraries() -> list[str]:
+    """Shared libraries mapped into this process (Linux), BLAS-looking ones first."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if ".so" in line and "/" in line}
+    except OSError:
+        return []
+    keys = ("torch_cpu", "mkl", "openblas", "blas")
+    return sorted((p for p in paths if any(k in os.path.basename(p) for k in keys)),
+                  key=lambda p: [k in os.path.basename(p) for k in keys].index(True))
+
+
+def _find_blas() -> Optional[tuple]:
+    import torch  # noqa: F401 - torch's own BLAS must be loaded before we look for it
+
+    for path in _loaded_libraries():
+        try:
+            blas = ctypes.CDLL(path)
+            sgemm = ctypes.cast(blas.sgemm_, c_vp).value
+        except (OSError, AttributeError):
+            continue
+        return sgemm, path
+    return None
+
+
+def blas() -> Optional[tuple]:
+    """``(address of sgemm_, library path)`` of the BLAS torch uses (Fortran interface, 32-bit ints), for the
+    fused tile kernels; ``None`` when it cannot be found or fails a self-check (the callers then
+    dequantize the whole weight and use torch's matmul)."""
+    global _blas, _blas_tried
+    if get_lib() is None:
+        return None
+    if _blas_tried:
+        return _blas
+    with _lock:
+        if not _blas_tried:
+            found = None
+            try:
+                found = _find_blas()
+                if found is not None and not _blas_self_check(found):
+                    logger.debug("qlora_plugins kernels: %s's sgemm_ failed the self-check", found[2])
+                    found = None
+            except Exception as exc:  # noqa: BLE001 - any failure: no fused path
+                logger.debug("qlora_plugins kernels: no BLAS for fused tiles (%s)", exc)
+                found = None
+            _blas, _blas_tried = found, True
+    return _blas
+
+
+def _blas_self_check(found: tuple) -> bool:
+    """Multiply a small weight through the fused kernel and compare with torch (catches a BLAS
+    with another integer width or calling convention)."""
+    import torch
+
+    lib = get_lib()
+    if lib is None:
+        return False
+    rows, cols, m, bs = 6, 64, 3, 32
+    codes = torch.arange(rows * cols // 2, dtype=torch.int64).remainder(256).to(torch.uint8)
+    absmax = torch.linspace(0.5, 2.0, rows * cols // bs, dtype=torch.float32)
+    code = torch.linspace(-1.0, 1.0, 16, dtype=torch.float32)
+    x = torch.linspace(-1.0, 1.0, m * cols, dtype=torch.float32).reshape(m, cols)
+    w = torch.empty(rows * cols, dtype=torch.float32)
+    lib.qp_dequantize_4bit_lut(codes.data_ptr(), absmax.data_ptr(), None, code.data_ptr(), rows * cols, bs, w.data_ptr(), 0, 1)
+    y = torch.empty(m, rows, dtype=torch.float32)
+    rc = lib.qp_matmul_4bit_lut_xwt(x.data_ptr(), m, cols, rows, codes.data_ptr(), absmax.data_ptr(), None, code.data_ptr(),
+                                    bs, y.data_ptr(), rows, 2, found[0], 1)
+    return rc == 0 and torch.allclose(y, x @ w.view(rows, cols).t(), rtol=1e-5, atol=1e-5)
+
+
 def backend_name() -> str:
     """``"native"`` if the C kernels are in use for CPU tensors, else ``"torch"``."""
     return "native" if get_lib() is not None else "torch"
@@ -180,6 +260,7 @@ def backend_name() -> str:
 
 def _reset_for_tests() -> None:
     """Forget the loaded library so the next call re-resolves (tests only)."""
-    global _lib, _tried
+    global _lib, _tried, _blas, _blas_tried
     with _lock:
         _lib, _tried = None, False
+        _blas, _blas_tried = None, False
