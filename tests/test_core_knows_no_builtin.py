@@ -47,6 +47,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("datafiles.py", 'if builder in ("json", "csv", "text"):'): "the datasets library's builder names, not a data format",
     ("checkpoint_format.py", '_BNB_TYPES = ("nf4", "fp4")'): "bitsandbytes' own quant_type names (the on-disk format), "
                                                               "compared with a quantizer's declared quant_type, not a plugin name",
+    ("__init__.py", 'for quant_type, table in (("nf4", nf4_code), ("fp4", fp4_code)):'): "bitsandbytes' quant_type argument of its "
+                                                                                       "own CUDA kernels (kernels/__init__.py), not a plugin name",
 }
 
 
