@@ -39,8 +39,15 @@ from memory import versions, write_llama_checkpoint  # noqa: E402
 
 def arch(layers: int) -> dict:
     """Llama-2-13B's shapes (hidden 5120, 40 heads, intermediate 13824, vocab 32000), ``layers`` deep."""
-    return dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=layers, num_attention_heads=40,
-                num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False)
+    return dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=layers,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
 
 
 def cgroup_root() -> Path | None:
@@ -93,9 +100,30 @@ def run_limited(cmd: list[str], limit_bytes: int | None, log_path: Path) -> tupl
 
 def planner_prediction(checkpoint: Path, seq: int, r: int) -> dict | None:
     """What ``qlora plan`` predicts for this run (CPU host memory)."""
-    out = subprocess.run([sys.executable, "-c", "from qlora_plugins.cli import main; main()", "plan", str(checkpoint), "--quantizer", "nf4",
-                          "--batch", "1", "--seq", str(seq), "--lora-r", str(r), "--optimizer", "adamw", "--device", "cpu",
-                          "--json"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from qlora_plugins.cli import main; main()",
+            "plan",
+            str(checkpoint),
+            "--quantizer",
+            "nf4",
+            "--batch",
+            "1",
+            "--seq",
+            str(seq),
+            "--lora-r",
+            str(r),
+            "--optimizer",
+            "adamw",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     try:
         return json.loads(out.stdout)
     except ValueError:
@@ -116,8 +144,12 @@ def main() -> None:
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     ckpt = args.checkpoint
-    report: dict = {"benchmark": "bigger_than_ram", "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-                    "machine": {"cpus": os.cpu_count(), "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}}
+    report: dict = {
+        "benchmark": "bigger_than_ram",
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions(),
+        "machine": {"cpus": os.cpu_count(), "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
+    }
     if not (ckpt / ".complete").is_file():
         need = 28.5e9
         free = shutil.disk_usage(ckpt.parent if ckpt.parent.exists() else Path("/tmp")).free
@@ -133,19 +165,27 @@ def main() -> None:
         return
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     total = index["metadata"]["total_size"]
-    report["checkpoint"] = {"path": str(ckpt), "bf16_bytes": total, "bf16_gib": round(total / 2**30, 2),
-                            "params": total // 2, "arch": arch(args.layers),
-                            "bigger_than_ram": total > report["machine"]["ram_bytes"]}
+    report["checkpoint"] = {
+        "path": str(ckpt),
+        "bf16_bytes": total,
+        "bf16_gib": round(total / 2**30, 2),
+        "params": total // 2,
+        "arch": arch(args.layers),
+        "bigger_than_ram": total > report["machine"]["ram_bytes"],
+    }
 
     config = {
         "model": {"path": str(ckpt), "dtype": "float32"},
         "quantizer": {"name": "nf4", "double_quant": True, "blocksize": 64},
         "adapter": {"name": "lora", "r": args.r, "alpha": 2 * args.r, "target_modules": "all-linear"},
         "optimizer": {"name": "adamw", "lr": 1e-4},
-        "data": {"name": "instruction", "path": str(REPO / "tests" / "data" / "instructions.jsonl"),
-                 "max_length": args.seq, "eval_fraction": 0.1},
-        "train": {"max_steps": 2, "batch_size": 1, "seed": 0, "gradient_checkpointing": True, "eval_max_batches": 1,
-                  "device": "cpu"},
+        "data": {
+            "name": "instruction",
+            "path": str(REPO / "tests" / "data" / "instructions.jsonl"),
+            "max_length": args.seq,
+            "eval_fraction": 0.1,
+        },
+        "train": {"max_steps": 2, "batch_size": 1, "seed": 0, "gradient_checkpointing": True, "eval_max_batches": 1, "device": "cpu"},
         "export": [{"name": "adapter"}],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -155,13 +195,18 @@ def main() -> None:
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     plan = planner_prediction(ckpt, args.seq, args.r)
     if plan:
-        report["planner"] = {"predicted_host_peak_bytes": plan.get("totals", {}).get("host_peak_bytes"),
-                             "predicted_over_baseline_bytes": plan.get("totals", {}).get("host_over_baseline_bytes")}
+        report["planner"] = {
+            "predicted_host_peak_bytes": plan.get("totals", {}).get("host_peak_bytes"),
+            "predicted_over_baseline_bytes": plan.get("totals", {}).get("host_over_baseline_bytes"),
+        }
     limit = int(args.limit_gib * 2**30) if args.limit_gib else None
     log(f"qlora run on {ckpt} (limit {args.limit_gib} GiB); log: {args.output}.log")
     t0 = time.perf_counter()
-    rc, facts = run_limited([shutil.which("qlora") or "qlora", "run", str(cfg_path), "--output", str(args.output), "--force",
-                             "--no-progress", "--json"], limit, Path(f"{args.output}.log"))
+    rc, facts = run_limited(
+        [shutil.which("qlora") or "qlora", "run", str(cfg_path), "--output", str(args.output), "--force", "--no-progress", "--json"],
+        limit,
+        Path(f"{args.output}.log"),
+    )
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     report["returncode"] = rc
     report["cgroup"] = facts
@@ -170,15 +215,23 @@ def main() -> None:
         r = json.loads(run_report.read_text())
         peak = r["memory"]["peak_rss_bytes"]
         report["run"] = {
-            "peak_rss_bytes": peak, "peak_rss_gib": round(peak / 2**30, 2),
+            "peak_rss_bytes": peak,
+            "peak_rss_gib": round(peak / 2**30, 2),
             "load_peak_rss_gib": round((r["memory"].get("load_peak_rss_bytes") or 0) / 2**30, 2),
             "fidelity": r.get("exports", {}).get("adapter", {}).get("fidelity", {}).get("status"),
-            "load_s": r["timings"].get("load_s"), "train_s": r["timings"].get("train_s"), "total_s": r["timings"].get("total_s"),
-            "step_times_s": [m.get("step_time_s") for m in map(json.loads, (args.output / "metrics.jsonl").read_text().splitlines())
-                             if "step_time_s" in m],
+            "load_s": r["timings"].get("load_s"),
+            "train_s": r["timings"].get("train_s"),
+            "total_s": r["timings"].get("total_s"),
+            "step_times_s": [
+                m.get("step_time_s")
+                for m in map(json.loads, (args.output / "metrics.jsonl").read_text().splitlines())
+                if "step_time_s" in m
+            ],
             "losses": [r["training"]["first_loss"], r["training"]["last_loss"]],
-            "quantized_bytes": r["quantization"]["quantized_bytes"], "bits_per_param": r["quantization"]["bits_per_param"],
-            "load_path": r["quantization"].get("load"), "parameters": r["parameters"],
+            "quantized_bytes": r["quantization"]["quantized_bytes"],
+            "bits_per_param": r["quantization"]["bits_per_param"],
+            "load_path": r["quantization"].get("load"),
+            "parameters": r["parameters"],
         }
         report["peak_vs_bf16_checkpoint"] = round(peak / total, 3)
         if report.get("planner", {}).get("predicted_host_peak_bytes"):

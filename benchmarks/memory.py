@@ -61,10 +61,24 @@ HERE = Path(__file__).resolve().parent
 #: 6 layers, intermediate 5632, 16 heads with 4 key/value heads, vocab 32000, tied embeddings
 #: (336.1M parameters). ``697m`` is the same with 14 layers (2.07x the parameters).
 ARCHS: dict[str, dict] = {
-    "336m": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=16,
-                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=True),
-    "697m": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=14, num_attention_heads=16,
-                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=True),
+    "336m": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=6,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+    ),
+    "697m": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=14,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+    ),
 }
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
@@ -74,8 +88,15 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 # checkpoints
 
 
-def write_llama_checkpoint(directory: Path, arch: dict, dtype: str = "float32", seed: int = 0,
-                           shard_bytes: int = 2 << 30, tile: int | None = None, log=lambda m: None) -> Path:
+def write_llama_checkpoint(
+    directory: Path,
+    arch: dict,
+    dtype: str = "float32",
+    seed: int = 0,
+    shard_bytes: int = 2 << 30,
+    tile: int | None = None,
+    log=lambda m: None,
+) -> Path:
     """Write a random-init Llama checkpoint (config, sharded safetensors, byte-level tokenizer)
     tensor by tensor, never holding the whole model. Idempotent: an existing complete directory
     is reused (``.complete`` marker).
@@ -95,8 +116,9 @@ def write_llama_checkpoint(directory: Path, arch: dict, dtype: str = "float32", 
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     tok = byte_level_tokenizer()
-    config = LlamaConfig(max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **arch)
+    config = LlamaConfig(
+        max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **arch
+    )
     config.dtype = dtype
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(config)
@@ -204,12 +226,12 @@ def _imports() -> None:
 
 def load_ours(path: Path, mode: str, gc: bool, lora: dict) -> tuple[Any, dict]:
     """Load ``path`` through our plugins: quantizer (``none``/``nf4``/...), prepare, LoRA."""
+    import torch
+
     from qlora_plugins.core import modeling
     from qlora_plugins.core.interfaces import AdapterContext, ModelRequest
     from qlora_plugins.core.registry import create_registry
     from qlora_plugins.core.training import prepare_for_kbit_training
-
-    import torch
 
     registry = create_registry(load_entrypoints=False)
     if mode.startswith("qlora"):
@@ -220,8 +242,14 @@ def load_ours(path: Path, mode: str, gc: bool, lora: dict) -> tuple[Any, dict]:
     dtype = torch.bfloat16 if "bf16" in mode else torch.float32
     # ``*_frozen16``: model.frozen_dtype bfloat16 (embeddings and head stored in bf16, fp32 compute)
     frozen_dtype = torch.bfloat16 if "frozen16" in mode else None
-    request = ModelRequest(path=path, task="causal_lm", auto_class=modeling.auto_class("causal_lm"), dtype=dtype,
-                           skip_modules=list(modeling.DEFAULT_SKIP_MODULES), frozen_dtype=frozen_dtype)
+    request = ModelRequest(
+        path=path,
+        task="causal_lm",
+        auto_class=modeling.auto_class("causal_lm"),
+        dtype=dtype,
+        skip_modules=list(modeling.DEFAULT_SKIP_MODULES),
+        frozen_dtype=frozen_dtype,
+    )
     t0 = time.perf_counter()
     model = quantizer.load_model(request)
     load_s = time.perf_counter() - t0
@@ -248,8 +276,9 @@ def load_anchor(path: Path, gc: bool, lora: dict) -> tuple[Any, dict]:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=bnb, dtype=torch.float32)
     load_s = time.perf_counter() - t0
@@ -258,10 +287,10 @@ def load_anchor(path: Path, gc: bool, lora: dict) -> tuple[Any, dict]:
         facts["quantized_bytes"] = int(model.get_memory_footprint())
     except Exception:  # pragma: no cover - informative only
         pass
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules="all-linear",
-                        task_type="CAUSAL_LM")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     model = get_peft_model(model, config)
     return model, facts
 
@@ -284,8 +313,13 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.manual_seed(0)
-    out: dict[str, Any] = {"mode": spec["mode"], "import_peak": _peak(), "import_rss": _rss_now(),
-                           "import_s": time.perf_counter() - t_start, "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {
+        "mode": spec["mode"],
+        "import_peak": _peak(),
+        "import_rss": _rss_now(),
+        "import_s": time.perf_counter() - t_start,
+        "threads": torch.get_num_threads(),
+    }
     if spec["mode"] == "baseline":
         out["peak"] = _peak()
         return out
@@ -375,8 +409,13 @@ def timing_worker(spec: dict) -> dict:
 def run_worker(spec: dict, timeout: float = 3600) -> dict:
     """Run :func:`worker` in a fresh Python process and parse its JSON."""
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"mode": spec["mode"], "error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "returncode": proc.returncode}
@@ -430,8 +469,10 @@ def largest_tensor_bytes(path: Path) -> int:
     """The largest single tensor of a safetensors checkpoint, in bytes (read from the headers)."""
     from qlora_plugins.core.streaming import tensor_locations
 
-    return max((end - start for shard in sorted(Path(path).glob("*.safetensors"))
-                for _, _, start, end in tensor_locations(shard).values()), default=0)
+    return max(
+        (end - start for shard in sorted(Path(path).glob("*.safetensors")) for _, _, start, end in tensor_locations(shard).values()),
+        default=0,
+    )
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -455,8 +496,16 @@ def compare_model(path: Path, modes: list[str], args: argparse.Namespace, log) -
     timing = None
     if args.timing_rounds and "lora" in modes:
         log(f"[{path.name}] step times: {', '.join(modes)} in one process, interleaved, {args.timing_rounds} rounds")
-        timing = run_worker({"mode": "timing", "modes": [m for m in modes if not m.endswith("_plain")], "path": str(path),
-                             "batch": args.batch, "seq": args.seq, "steps": args.timing_rounds})
+        timing = run_worker(
+            {
+                "mode": "timing",
+                "modes": [m for m in modes if not m.endswith("_plain")],
+                "path": str(path),
+                "batch": args.batch,
+                "seq": args.seq,
+                "steps": args.timing_rounds,
+            }
+        )
     base = table["baseline"].get("peak_mb") or 0.0
     for mode, row in table.items():
         if mode != "baseline" and row.get("peak_mb") is not None:
@@ -489,8 +538,13 @@ def compare_model(path: Path, modes: list[str], args: argparse.Namespace, log) -
     if timing is not None and "error" not in timing:
         wall, cpu = timing["step_times"], timing["cpu_times"]
         kept = range(args.warmup, len(wall["lora"]))
-        timing_table = {m: {"step_s": round(statistics.median(wall[m][i] for i in kept), 3),
-                            "cpu_s": round(statistics.median(cpu[m][i] for i in kept), 3)} for m in wall}
+        timing_table = {
+            m: {
+                "step_s": round(statistics.median(wall[m][i] for i in kept), 3),
+                "cpu_s": round(statistics.median(cpu[m][i] for i in kept), 3),
+            }
+            for m in wall
+        }
         for mode in wall:
             if mode != "lora":
                 # the ratio of neighbouring steps in each round, then the median over rounds
@@ -509,8 +563,9 @@ def gc_comparison(path: Path, args: argparse.Namespace, log) -> dict:
     for _ in range(args.gc_repeats):
         for mode in rows:
             log(f"[{path.name}] gradient checkpointing comparison: {mode} at {args.gc_batch}x{args.gc_seq}")
-            rows[mode].append(run_worker({"mode": mode, "path": str(path), "batch": args.gc_batch, "seq": args.gc_seq,
-                                          "steps": args.gc_steps}))
+            rows[mode].append(
+                run_worker({"mode": mode, "path": str(path), "batch": args.gc_batch, "seq": args.gc_seq, "steps": args.gc_steps})
+            )
     out: dict[str, Any] = {"batch": args.gc_batch, "seq": args.gc_seq}
     for mode, runs in rows.items():
         good = [r for r in runs if "error" not in r]
@@ -518,8 +573,11 @@ def gc_comparison(path: Path, args: argparse.Namespace, log) -> dict:
             out[mode] = {"error": runs[0].get("error") if runs else "not run"}
             continue
         step_peak = statistics.median(r["peak"] - r["rss_before_steps"] for r in good)
-        out[mode] = {"peak_mb": _mb(statistics.median(r["peak"] for r in good)), "step_peak_over_setup_mb": _mb(step_peak),
-                     "step_s": round(statistics.median(statistics.median(r["step_times"]) for r in good), 2)}
+        out[mode] = {
+            "peak_mb": _mb(statistics.median(r["peak"] for r in good)),
+            "step_peak_over_setup_mb": _mb(step_peak),
+            "step_s": round(statistics.median(statistics.median(r["step_times"]) for r in good), 2),
+        }
     if "step_peak_over_setup_mb" in out.get("qlora", {}) and "step_peak_over_setup_mb" in out.get("qlora_nogc", {}):
         on, off = out["qlora"]["step_peak_over_setup_mb"], out["qlora_nogc"]["step_peak_over_setup_mb"]
         out["checkpointing_saves_mb"] = round(off - on, 1)
@@ -541,14 +599,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--models", default="336m,697m", help="comma-separated: " + ", ".join(ARCHS))
-    parser.add_argument("--modes", default="lora,lora_plain,qlora,qlora_frozen16,qlora_whole,qlora_bf16,anchor", help="configurations besides the baseline")
+    parser.add_argument(
+        "--modes", default="lora,lora_plain,qlora,qlora_frozen16,qlora_whole,qlora_bf16,anchor", help="configurations besides the baseline"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per memory process")
     parser.add_argument("--warmup", type=int, default=1, help="steps (rounds) left out of the medians")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the fresh-process (memory) runs")
-    parser.add_argument("--timing-rounds", type=int, default=8,
-                        help="rounds of interleaved steps in the one-process timing run (0: skip it)")
+    parser.add_argument(
+        "--timing-rounds", type=int, default=8, help="rounds of interleaved steps in the one-process timing run (0: skip it)"
+    )
     parser.add_argument("--gc-batch", type=int, default=8)
     parser.add_argument("--gc-seq", type=int, default=256)
     parser.add_argument("--gc-steps", type=int, default=1)
@@ -568,9 +629,17 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpus": os.cpu_count(), "torch_threads": None, "platform": platform.platform()},
         "versions": versions(),
-        "settings": {"batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                     "lora": LORA, "optimizer": "torch AdamW", "gradient_checkpointing": "on (modes ending _nogc: off)",
-                     "checkpoint_dtype": "float32"},
+        "settings": {
+            "batch": args.batch,
+            "seq": args.seq,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "lora": LORA,
+            "optimizer": "torch AdamW",
+            "gradient_checkpointing": "on (modes ending _nogc: off)",
+            "checkpoint_dtype": "float32",
+        },
         "models": {},
     }
     import torch
@@ -587,14 +656,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, entry in report["models"].items():
         r = entry["ratios"].get("qlora/lora", {})
         plain = r.get("peak_vs_lora_plain")
-        targets[name] = {"memory_ratio_vs_plain_lora": plain,
-                         "memory_target_0.5_met": plain is not None and plain <= 0.5,
-                         "memory_ratio_vs_our_lora": r.get("peak"),
-                         "memory_ratio_vs_our_lora_bf16_compute": entry["ratios"].get("qlora_bf16/lora", {}).get("peak"),
-                         "step_time_ratio": r.get("step_time"),
-                         "step_time_target_1.10_met": r.get("step_time") is not None and r["step_time"] <= 1.10,
-                         "step_time_ratio_bf16_compute": entry["ratios"].get("qlora_bf16/lora", {}).get("step_time"),
-                         "load_peak_target_met": entry["configs"].get("qlora", {}).get("load_target", {}).get("met")}
+        targets[name] = {
+            "memory_ratio_vs_plain_lora": plain,
+            "memory_target_0.5_met": plain is not None and plain <= 0.5,
+            "memory_ratio_vs_our_lora": r.get("peak"),
+            "memory_ratio_vs_our_lora_bf16_compute": entry["ratios"].get("qlora_bf16/lora", {}).get("peak"),
+            "step_time_ratio": r.get("step_time"),
+            "step_time_target_1.10_met": r.get("step_time") is not None and r["step_time"] <= 1.10,
+            "step_time_ratio_bf16_compute": entry["ratios"].get("qlora_bf16/lora", {}).get("step_time"),
+            "load_peak_target_met": entry["configs"].get("qlora", {}).get("load_target", {}).get("met"),
+        }
     report["targets"] = targets
     print(json.dumps(report, indent=2))
 

@@ -39,28 +39,77 @@ from memory import run_worker, versions, write_llama_checkpoint  # noqa: E402
 
 #: ~11M to ~380M parameters; the 336M one is the memory benchmark's model.
 ARCHS: dict[str, dict] = {
-    "11m": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                vocab_size=16000, tie_word_embeddings=False),
-    "35m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
-                vocab_size=16000, tie_word_embeddings=False),
-    "75m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4,
-                vocab_size=32000, tie_word_embeddings=True),
-    "184m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=8,
-                 vocab_size=32000, tie_word_embeddings=False),
+    "11m": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=16000,
+        tie_word_embeddings=False,
+    ),
+    "35m": dict(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=16000,
+        tie_word_embeddings=False,
+    ),
+    "75m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+    ),
+    "184m": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=10,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
     "336m": MEMORY_ARCHS["336m"],
-    "381m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=12,
-                 vocab_size=32000, tie_word_embeddings=False),
+    "381m": dict(
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=10,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
 }
 
 #: (model, mode, batch, seq). Modes as in memory.py: qlora (nf4+DQ, fp32), qlora_bf16 (model dtype
 #: bf16), lora (fp32 baseline); a ``_nogc`` suffix turns gradient checkpointing off.
 CONFIGS: list[tuple[str, str, int, int]] = [
-    ("11m", "qlora", 1, 128), ("11m", "lora", 1, 128), ("11m", "qlora_nogc", 4, 256),
-    ("35m", "qlora", 4, 256), ("35m", "lora", 1, 128), ("35m", "qlora_nogc", 4, 256),
-    ("75m", "qlora", 1, 128), ("75m", "lora", 2, 128), ("75m", "qlora_nogc", 2, 256), ("75m", "qlora_bf16", 2, 256),
-    ("184m", "qlora", 1, 128), ("184m", "lora", 1, 128), ("184m", "qlora", 4, 256),
-    ("336m", "qlora", 1, 128), ("336m", "lora", 1, 128), ("336m", "qlora_bf16", 1, 128), ("336m", "qlora_nogc", 2, 256),
-    ("381m", "qlora", 1, 128), ("381m", "lora", 1, 128), ("381m", "qlora", 2, 256),
+    ("11m", "qlora", 1, 128),
+    ("11m", "lora", 1, 128),
+    ("11m", "qlora_nogc", 4, 256),
+    ("35m", "qlora", 4, 256),
+    ("35m", "lora", 1, 128),
+    ("35m", "qlora_nogc", 4, 256),
+    ("75m", "qlora", 1, 128),
+    ("75m", "lora", 2, 128),
+    ("75m", "qlora_nogc", 2, 256),
+    ("75m", "qlora_bf16", 2, 256),
+    ("184m", "qlora", 1, 128),
+    ("184m", "lora", 1, 128),
+    ("184m", "qlora", 4, 256),
+    ("336m", "qlora", 1, 128),
+    ("336m", "lora", 1, 128),
+    ("336m", "qlora_bf16", 1, 128),
+    ("336m", "qlora_nogc", 2, 256),
+    ("381m", "qlora", 1, 128),
+    ("381m", "lora", 1, 128),
+    ("381m", "qlora", 2, 256),
 ]
 
 
@@ -69,11 +118,19 @@ def settings_for(mode: str, batch: int, seq: int):
     from qlora_plugins.core.registry import create_registry
 
     lora = mode.startswith("lora")
-    return Settings.from_names(create_registry(load_entrypoints=False), quantizer="none" if lora else "nf4",
-                               quantizer_options={} if lora else {"double_quant": True, "blocksize": 64},
-                               adapter="lora", adapter_options={"r": 16, "dropout": 0.05}, optimizer="adamw",
-                               dtype="bfloat16" if "bf16" in mode else "float32", batch=batch, seq=seq,
-                               gradient_checkpointing=not mode.endswith("_nogc"), device="cpu")
+    return Settings.from_names(
+        create_registry(load_entrypoints=False),
+        quantizer="none" if lora else "nf4",
+        quantizer_options={} if lora else {"double_quant": True, "blocksize": 64},
+        adapter="lora",
+        adapter_options={"r": 16, "dropout": 0.05},
+        optimizer="adamw",
+        dtype="bfloat16" if "bf16" in mode else "float32",
+        batch=batch,
+        seq=seq,
+        gradient_checkpointing=not mode.endswith("_nogc"),
+        device="cpu",
+    )
 
 
 def predict(path: Path, mode: str, batch: int, seq: int, constants: dict | None = None) -> dict:
@@ -87,8 +144,12 @@ def predict(path: Path, mode: str, batch: int, seq: int, constants: dict | None 
     # the two fitted terms: the multiplier applies to activations + transients, fixed is added
     dynamic = rows["activations"] + rows["transient"]
     static = sum(v for k, v in rows.items() if k not in ("activations", "transient", "runtime"))
-    return {"over_baseline": plan.totals["host_over_baseline_bytes"], "load": plan.totals["load_peak_over_baseline_bytes"],
-            "static": static, "dynamic": dynamic}
+    return {
+        "over_baseline": plan.totals["host_over_baseline_bytes"],
+        "load": plan.totals["load_peak_over_baseline_bytes"],
+        "static": static,
+        "dynamic": dynamic,
+    }
 
 
 def fit(samples: list[dict]) -> tuple[float, float]:
@@ -125,9 +186,18 @@ def measure(configs: list, args: argparse.Namespace, log) -> tuple[float, list[d
             log(f"  failed: {res['error']}")
             samples.append({"model": model, "mode": mode, "batch": batch, "seq": seq, "error": res["error"]})
             continue
-        samples.append({"model": model, "mode": mode, "batch": batch, "seq": seq, "path": str(path),
-                        "measured_over_baseline": res["peak"] - baseline, "load_over_baseline": res["load_peak"] - baseline,
-                        "pred": predict(path, mode, batch, seq)})
+        samples.append(
+            {
+                "model": model,
+                "mode": mode,
+                "batch": batch,
+                "seq": seq,
+                "path": str(path),
+                "measured_over_baseline": res["peak"] - baseline,
+                "load_over_baseline": res["load_peak"] - baseline,
+                "pred": predict(path, mode, batch, seq),
+            }
+        )
     return baseline, samples
 
 
@@ -138,8 +208,9 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true", help="fit the CPU constants (even configs) and report held-out errors")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--baselines", type=int, default=3, help="import-baseline processes (median)")
-    parser.add_argument("--measurements", type=Path,
-                        help="reuse the measured figures of an earlier run's JSON output (re-predict and re-fit only)")
+    parser.add_argument(
+        "--measurements", type=Path, help="reuse the measured figures of an earlier run's JSON output (re-predict and re-fit only)"
+    )
     args = parser.parse_args()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     only = set(args.only.split(",")) if args.only else None
@@ -153,9 +224,15 @@ def main() -> None:
             if "measured_mb" not in row or (only and row["model"] not in only):
                 continue
             path = args.cache / f"llama-{row['model']}"
-            samples.append({**{k: row[k] for k in ("model", "mode", "batch", "seq")}, "path": str(path),
-                            "measured_over_baseline": row["measured_mb"] * 2**20, "load_over_baseline": row["load_measured_mb"] * 2**20,
-                            "pred": predict(path, row["mode"], row["batch"], row["seq"])})
+            samples.append(
+                {
+                    **{k: row[k] for k in ("model", "mode", "batch", "seq")},
+                    "path": str(path),
+                    "measured_over_baseline": row["measured_mb"] * 2**20,
+                    "load_over_baseline": row["load_measured_mb"] * 2**20,
+                    "pred": predict(path, row["mode"], row["batch"], row["seq"]),
+                }
+            )
     else:
         baseline, samples = measure(configs, args, log)
     good = [s for s in samples if "error" not in s]
@@ -168,8 +245,12 @@ def main() -> None:
         train = [s for i, s in enumerate(good) if i % 2 == 0 and s["measured_over_baseline"] > s["pred"]["load"]]
         slope, fixed = fit(train or good[::2])
         constants = {"transient": round(slope, 2), "fixed": round(fixed / 1e6) * 1e6}
-        calibration = {"fitted_on": [f"{s['model']} {s['mode']} {s['batch']}x{s['seq']}" for s in train],
-                       "fitted": constants, "planner_now": {k: planner.CPU[k] for k in constants}, "baseline_measured": baseline}
+        calibration = {
+            "fitted_on": [f"{s['model']} {s['mode']} {s['batch']}x{s['seq']}" for s in train],
+            "fitted": constants,
+            "planner_now": {k: planner.CPU[k] for k in constants},
+            "baseline_measured": baseline,
+        }
 
     rows, errors, held_out = [], [], []
     for i, s in enumerate(samples):
@@ -182,16 +263,30 @@ def main() -> None:
         errors.append(abs(err))
         if constants is not None and i % 2 == 1:
             held_out.append(abs(err))
-        rows.append({"model": s["model"], "mode": s["mode"], "batch": s["batch"], "seq": s["seq"],
-                     "measured_mb": round(s["measured_over_baseline"] / 2**20, 1), "predicted_mb": round(pred / 2**20, 1),
-                     "error": round(err, 3), "load_measured_mb": round(s["load_over_baseline"] / 2**20, 1),
-                     "load_predicted_mb": round(prediction["load"] / 2**20, 1),
-                     "load_error": round(prediction["load"] / s["load_over_baseline"] - 1, 3) if s["mode"].startswith("qlora") else None})
+        rows.append(
+            {
+                "model": s["model"],
+                "mode": s["mode"],
+                "batch": s["batch"],
+                "seq": s["seq"],
+                "measured_mb": round(s["measured_over_baseline"] / 2**20, 1),
+                "predicted_mb": round(pred / 2**20, 1),
+                "error": round(err, 3),
+                "load_measured_mb": round(s["load_over_baseline"] / 2**20, 1),
+                "load_predicted_mb": round(prediction["load"] / 2**20, 1),
+                "load_error": round(prediction["load"] / s["load_over_baseline"] - 1, 3) if s["mode"].startswith("qlora") else None,
+            }
+        )
     report = {
-        "benchmark": "plan_accuracy", "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-        "machine": {"cpus": os.cpu_count()}, "import_baseline_mb": round(baseline / 2**20, 1),
+        "benchmark": "plan_accuracy",
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions(),
+        "machine": {"cpus": os.cpu_count()},
+        "import_baseline_mb": round(baseline / 2**20, 1),
         "planner_constants": constants or {k: planner.CPU[k] for k in ("fixed", "transient")},
-        "calibration": calibration, "measurements_from": str(args.measurements) if args.measurements else "this run", "configs": rows,
+        "calibration": calibration,
+        "measurements_from": str(args.measurements) if args.measurements else "this run",
+        "configs": rows,
         "max_abs_error": round(max(errors), 3) if errors else None,
         "median_abs_error": round(statistics.median(errors), 3) if errors else None,
         "within_15_percent": f"{sum(e <= 0.15 for e in errors)}/{len(errors)}",

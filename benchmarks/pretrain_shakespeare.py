@@ -48,10 +48,19 @@ def main() -> None:
     tok = byte_level_tokenizer()
     ids = torch.tensor(tok(train_text, add_special_tokens=False)["input_ids"])
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-                         max_position_embeddings=args.seq_len, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=args.seq_len,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
@@ -85,8 +94,12 @@ def main() -> None:
     if args.report:
         reports = {}
         for dq in ("--double-quant", "--no-double-quant"):
-            out = subprocess.run(["qlora", "quant-report", str(args.out), "--text", str(args.out / "heldout.txt"), dq, "--json",
-                                  "--max-tokens", "16384"], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                ["qlora", "quant-report", str(args.out), "--text", str(args.out / "heldout.txt"), dq, "--json", "--max-tokens", "16384"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             reports[dq.strip("-")] = json.loads(out.stdout)
         result["quant_report"] = reports
     print(json.dumps(result, indent=2))

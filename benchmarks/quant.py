@@ -134,16 +134,20 @@ def matmul_section(args: argparse.Namespace, dev: str, F) -> dict:
             gerr = (fns["grad_fused"]() - g @ dense).abs().max().item()
             times = dict(zip(fns, bench(list(fns.values()), dev, args.warmup, args.repeats)))
             ms = {k: (None if v is None else round(v * 1e3, 2)) for k, v in times.items()}
-            out["cases"].append({
-                "shape": [rows, cols], "batch": m, "ms": ms,
-                "fused_vs_dequant_then_matmul": ratio(times["fused"], times["dequant_then_matmul"]),
-                "fused_vs_bnb": ratio(times["fused"], times["bnb_matmul_4bit"]),
-                "fused_vs_dense": ratio(times["fused"], times["dense_fp32"]),
-                "bnb_vs_dense": ratio(times["bnb_matmul_4bit"], times["dense_fp32"]),
-                "grad_fused_vs_dequant_then_matmul": ratio(times["grad_fused"], times["grad_dequant_then_matmul"]),
-                "grad_fused_vs_dense": ratio(times["grad_fused"], times["grad_dense_fp32"]),
-                "max_abs_diff_vs_dense": {"forward": err, "grad": gerr},
-            })
+            out["cases"].append(
+                {
+                    "shape": [rows, cols],
+                    "batch": m,
+                    "ms": ms,
+                    "fused_vs_dequant_then_matmul": ratio(times["fused"], times["dequant_then_matmul"]),
+                    "fused_vs_bnb": ratio(times["fused"], times["bnb_matmul_4bit"]),
+                    "fused_vs_dense": ratio(times["fused"], times["dense_fp32"]),
+                    "bnb_vs_dense": ratio(times["bnb_matmul_4bit"], times["dense_fp32"]),
+                    "grad_fused_vs_dequant_then_matmul": ratio(times["grad_fused"], times["grad_dequant_then_matmul"]),
+                    "grad_fused_vs_dense": ratio(times["grad_fused"], times["grad_dense_fp32"]),
+                    "max_abs_diff_vs_dense": {"forward": err, "grad": gerr},
+                }
+            )
             print(json.dumps(out["cases"][-1]), file=sys.stderr, flush=True)
     return out
 
@@ -256,9 +260,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             bnb_dq = lambda dt: F.dequantize_4bit(p_ref, states["fp32" if dt == torch.float32 else "bf16"])  # noqa: E731
         else:
             bnb_dq = None
-        sec.update(
-            dequant_block(qt, lambda dt, o=None: K.dequantize_4bit_lut(packed, absmax, code, bs, x.shape, dt, out=o), bnb_dq)
-        )
+        sec.update(dequant_block(qt, lambda dt, o=None: K.dequantize_4bit_lut(packed, absmax, code, bs, x.shape, dt, out=o), bnb_dq))
         res[qt] = sec
 
         if F:
@@ -296,9 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sec.update(
             dequant_block(
                 name,
-                lambda dt, o=None: K.dequantize_4bit_lut(
-                    packed, scale, K.int4_code(sym, x.device), bs, x.shape, dt, offset=offset, out=o
-                ),
+                lambda dt, o=None: K.dequantize_4bit_lut(packed, scale, K.int4_code(sym, x.device), bs, x.shape, dt, offset=offset, out=o),
                 None,
             )
         )
@@ -322,9 +322,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     res["copy"] = {
         key: {
             "bytes_per_param_out": torch.empty((), dtype=dt).element_size(),
-            "copy_GBps_median": round(
-                2 * n * torch.empty((), dtype=dt).element_size() / statistics.median(copy_times[key]) / 1e9, 2
-            ),
+            "copy_GBps_median": round(2 * n * torch.empty((), dtype=dt).element_size() / statistics.median(copy_times[key]) / 1e9, 2),
         }
         for key, dt in OUT_DTYPES.items()
     }

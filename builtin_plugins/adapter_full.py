@@ -56,8 +56,11 @@ class FullFineTuning(Adapter):
         from qlora_plugins.quant_linear import QuantLinear
 
         if context.quantized or any(isinstance(m, QuantLinear) for m in model.modules()) or _has_bnb_4bit(model):
-            raise ConfigError("adapter.name", "full fine-tuning trains every weight and needs an unquantized base; "
-                                              "set quantizer.name: none (or use adapter lora for QLoRA)")
+            raise ConfigError(
+                "adapter.name",
+                "full fine-tuning trains every weight and needs an unquantized base; "
+                "set quantizer.name: none (or use adapter lora for QLoRA)",
+            )
 
     def attach(self, model: Any, context: AdapterContext) -> Any:
         self._check(model, context)

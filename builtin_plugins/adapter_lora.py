@@ -242,7 +242,7 @@ def _delta_weight(layer: Any) -> Any:
 def _unwrapped_name(name: str) -> str:
     """A module name inside a peft model, as the wrapped transformers model names it."""
     prefix = "base_model.model."
-    return name[len(prefix):] if name.startswith(prefix) else name
+    return name[len(prefix) :] if name.startswith(prefix) else name
 
 
 def _saved_num_labels(directory: Path) -> int | None:
@@ -268,7 +268,9 @@ def _check_every_tensor_loaded(model: Any, directory: Path) -> None:
         saved = set(handle.keys())
     lost = sorted(saved - set(get_peft_model_state_dict(model).keys()))
     if lost:
-        raise ExportError(f"the adapter in {directory} does not match the base model: {len(lost)} tensor(s) have no place in it (e.g. {lost[0]})")
+        raise ExportError(
+            f"the adapter in {directory} does not match the base model: {len(lost)} tensor(s) have no place in it (e.g. {lost[0]})"
+        )
 
 
 @hookimpl

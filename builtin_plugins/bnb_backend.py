@@ -87,21 +87,49 @@ def to_bitsandbytes(layer: Any) -> Any:
     code = quantizer.code().to(state["qweight"].device)
     dtype = layer.compute_dtype
     if "absmax" in state:
-        quant_state = QuantState(absmax=state["absmax"], shape=torch.Size(layer.weight_shape), code=code,
-                                 blocksize=quantizer.options.blocksize, quant_type=quant_type, dtype=dtype)
+        quant_state = QuantState(
+            absmax=state["absmax"],
+            shape=torch.Size(layer.weight_shape),
+            code=code,
+            blocksize=quantizer.options.blocksize,
+            quant_type=quant_type,
+            dtype=dtype,
+        )
     else:
         from qlora_plugins import kernels
 
-        nested = QuantState(absmax=state["absmax_dq_absmax"], code=kernels.dynamic_map_8bit().to(code.device),
-                            blocksize=256, dtype=torch.float32)
-        quant_state = QuantState(absmax=state["absmax_dq_q"], shape=torch.Size(layer.weight_shape), code=code,
-                                 blocksize=quantizer.options.blocksize, quant_type=quant_type, dtype=dtype,
-                                 offset=state["absmax_dq_offset"].reshape(()), state2=nested)
-    out = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None, compute_dtype=dtype,
-                            compress_statistics="absmax" not in state, quant_type=quant_type, device="meta")
-    out.weight = bnb.nn.Params4bit(state["qweight"].reshape(-1, 1), requires_grad=False, quant_state=quant_state,
-                                   blocksize=quantizer.options.blocksize, compress_statistics="absmax" not in state,
-                                   quant_type=quant_type, bnb_quantized=True, module=out)
+        nested = QuantState(
+            absmax=state["absmax_dq_absmax"], code=kernels.dynamic_map_8bit().to(code.device), blocksize=256, dtype=torch.float32
+        )
+        quant_state = QuantState(
+            absmax=state["absmax_dq_q"],
+            shape=torch.Size(layer.weight_shape),
+            code=code,
+            blocksize=quantizer.options.blocksize,
+            quant_type=quant_type,
+            dtype=dtype,
+            offset=state["absmax_dq_offset"].reshape(()),
+            state2=nested,
+        )
+    out = bnb.nn.Linear4bit(
+        layer.in_features,
+        layer.out_features,
+        bias=layer.bias is not None,
+        compute_dtype=dtype,
+        compress_statistics="absmax" not in state,
+        quant_type=quant_type,
+        device="meta",
+    )
+    out.weight = bnb.nn.Params4bit(
+        state["qweight"].reshape(-1, 1),
+        requires_grad=False,
+        quant_state=quant_state,
+        blocksize=quantizer.options.blocksize,
+        compress_statistics="absmax" not in state,
+        quant_type=quant_type,
+        bnb_quantized=True,
+        module=out,
+    )
     if layer.in_features % quantizer.options.blocksize:
         out.support_avx512bf16_for_cpu = False
     if layer.bias is not None:

@@ -59,8 +59,18 @@ def _section(raw: dict, key: str, default: str) -> dict:
 
 def run_variant(config: Path, overrides: list[str], output: Path, timeout: float | None) -> dict:
     """``qlora run`` in a fresh Python process; returns its report (or the error)."""
-    cmd = [sys.executable, "-c", "from qlora_plugins.cli import main; main()", "run", str(config), "--output", str(output),
-           "--force", "--no-progress", "--json"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from qlora_plugins.cli import main; main()",
+        "run",
+        str(config),
+        "--output",
+        str(output),
+        "--force",
+        "--no-progress",
+        "--json",
+    ]
     for item in overrides:
         cmd += ["--set", item]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -124,24 +134,29 @@ def format_rows(rows: list[dict], steps: int) -> str:
             table.append((r["method"], "failed: " + r["error"], "", "", "", "", "", "", ""))
             continue
         mem = r.get("peak_memory_bytes")
-        table.append((
-            r["method"],
-            f"{f(r.get('trainable_percent'), '.2f')}%",
-            "-" if mem is None else f"{mem / 1e6:,.0f} MB",
-            f"{f(r.get('memory_vs_full'), '.2f')}x",
-            f"{f(r.get('step_time_s'), '.3f')} s",
-            f"{f(r.get('speed_vs_full'), '.2f')}x",
-            f"{f(r.get('speed_vs_lora'), '.2f')}x",
-            f(r.get("eval_loss"), ".4f"),
-            f(r.get("eval_loss_vs_full"), "+.4f"),
-        ))
+        table.append(
+            (
+                r["method"],
+                f"{f(r.get('trainable_percent'), '.2f')}%",
+                "-" if mem is None else f"{mem / 1e6:,.0f} MB",
+                f"{f(r.get('memory_vs_full'), '.2f')}x",
+                f"{f(r.get('step_time_s'), '.3f')} s",
+                f"{f(r.get('speed_vs_full'), '.2f')}x",
+                f"{f(r.get('speed_vs_lora'), '.2f')}x",
+                f(r.get("eval_loss"), ".4f"),
+                f(r.get("eval_loss_vs_full"), "+.4f"),
+            )
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *table)]
     lines = [f"qlora bench tradeoffs: {steps} steps each, fresh process per method", ""]
     for line in (headers, *table):
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
     kinds = {r.get("memory_kind") for r in rows if r.get("memory_kind")}
-    lines += ["", f"peak memory: {', '.join(sorted(kinds))} of the whole process; step time: median; "
-                  "eval loss: the pipeline's evaluation split after the last step"]
+    lines += [
+        "",
+        f"peak memory: {', '.join(sorted(kinds))} of the whole process; step time: median; "
+        "eval loss: the pipeline's evaluation split after the last step",
+    ]
     return "\n".join(lines)
 
 
@@ -158,8 +173,9 @@ def bench_group() -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Keep the run directories here (default: a temporary directory).")
 @click.option("--timeout", default=None, type=float, help="Seconds allowed per method.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
-def tradeoffs(config_path: Path, steps: int, overrides: tuple[str, ...], methods: str, output: Path | None, timeout: float | None,
-              as_json: bool) -> None:
+def tradeoffs(
+    config_path: Path, steps: int, overrides: tuple[str, ...], methods: str, output: Path | None, timeout: float | None, as_json: bool
+) -> None:
     """Run CONFIG for --steps steps as full fine-tuning, LoRA on the full-precision model, QLoRA
     and QLoRA + gradient checkpointing, each in a fresh process, and print the trade-off table:
     trainable parameters, peak memory, step time, speed and eval loss, relative to full

@@ -13,8 +13,8 @@ from qlora_plugins import hookimpl
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
-    from qlora_plugins.planning import parse_size
     from qlora_plugins.errors import ConfigError
+    from qlora_plugins.planning import parse_size
 
     try:
         return parse_size(value)
@@ -50,10 +50,24 @@ def _option_keys(registry, kind: str, name: str | None) -> set[str] | None:
     return {f.alias or f.name for f in attrs.fields(cls.Options) if f.init}
 
 
-def plan_settings(registry, *, quantizer: str | None = None, double_quant: bool = True, blocksize: int = 64,
-                  dtype: str = "float32", adapter: str | None = None, lora_r: int = 16, lora_dropout: float = 0.05,
-                  targets: list[str] | None = None, optimizer: str | None = None, batch: int = 1, seq: int = 512,
-                  gradient_checkpointing: bool = True, device: str = "cuda", explicit: tuple[str, ...] = ()):
+def plan_settings(
+    registry,
+    *,
+    quantizer: str | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    dtype: str = "float32",
+    adapter: str | None = None,
+    lora_r: int = 16,
+    lora_dropout: float = 0.05,
+    targets: list[str] | None = None,
+    optimizer: str | None = None,
+    batch: int = 1,
+    seq: int = 512,
+    gradient_checkpointing: bool = True,
+    device: str = "cuda",
+    explicit: tuple[str, ...] = (),
+):
     """Planner settings from ``qlora plan``'s flags: plugins by name (None: the registry's
     default of the kind), each flag of :data:`PLUGIN_FLAGS` passed as an option to the plugins
     that have it. ``explicit`` lists the flags the user gave: one that the plugin lacks is an
@@ -61,8 +75,13 @@ def plan_settings(registry, *, quantizer: str | None = None, double_quant: bool 
     from qlora_plugins import planning as planner
     from qlora_plugins.errors import ConfigError
 
-    values = {"--double-quant": double_quant, "--blocksize": blocksize, "--lora-r": lora_r, "--lora-dropout": lora_dropout,
-              "--target-modules": "all-linear" if targets is None else list(targets)}
+    values = {
+        "--double-quant": double_quant,
+        "--blocksize": blocksize,
+        "--lora-r": lora_r,
+        "--lora-dropout": lora_dropout,
+        "--target-modules": "all-linear" if targets is None else list(targets),
+    }
     names = {"quantizer": quantizer, "adapter": adapter}
     options: dict[str, dict] = {"quantizer": {}, "adapter": {}}
     for flag, (kind, key) in PLUGIN_FLAGS.items():
@@ -75,9 +94,18 @@ def plan_settings(registry, *, quantizer: str | None = None, double_quant: bool 
     by_key = {f"{kind}.{key}": flag for flag, (kind, key) in PLUGIN_FLAGS.items()}
     try:
         return planner.Settings.from_names(
-            registry, quantizer=quantizer, quantizer_options=options["quantizer"], adapter=adapter,
-            adapter_options=options["adapter"], optimizer=optimizer, dtype=dtype, batch=batch, seq=seq,
-            gradient_checkpointing=gradient_checkpointing, device=device)
+            registry,
+            quantizer=quantizer,
+            quantizer_options=options["quantizer"],
+            adapter=adapter,
+            adapter_options=options["adapter"],
+            optimizer=optimizer,
+            dtype=dtype,
+            batch=batch,
+            seq=seq,
+            gradient_checkpointing=gradient_checkpointing,
+            device=device,
+        )
     except ConfigError as exc:
         if exc.path in by_key:
             raise ConfigError(by_key[exc.path], exc.message) from None
@@ -86,33 +114,75 @@ def plan_settings(registry, *, quantizer: str | None = None, double_quant: bool 
 
 @click.command("plan")
 @click.argument("model")
-@click.option("--quantizer", default=None, help="A registered quantizer: nf4, fp4, int4_sym, int4_asym, none, or a "
-              "plugin's (default: the default quantizer, nf4).")
+@click.option(
+    "--quantizer",
+    default=None,
+    help="A registered quantizer: nf4, fp4, int4_sym, int4_asym, none, or a plugin's (default: the default quantizer, nf4).",
+)
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Double-quantize the per-block constants.")
 @click.option("--blocksize", default=64, show_default=True, type=int, help="Quantization block size.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="model.dtype: unquantized weights and compute.")
-@click.option("--adapter", default=None, help="A registered adapter: lora, full (full fine-tuning), or a plugin's "
-              "(default: the default adapter, lora).")
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="model.dtype: unquantized weights and compute.",
+)
+@click.option(
+    "--adapter",
+    default=None,
+    help="A registered adapter: lora, full (full fine-tuning), or a plugin's (default: the default adapter, lora).",
+)
 @click.option("--lora-r", default=16, show_default=True, type=int, help="LoRA rank.")
 @click.option("--lora-dropout", default=0.05, show_default=True, type=float, help="LoRA dropout (dropout stores more activations).")
-@click.option("--target-modules", default="all-linear", show_default=True, help="all-linear or comma-separated layer names (q_proj,v_proj).")
-@click.option("--optimizer", default=None, help="A registered optimizer: adamw, paged_adamw, adamw_8bit, offload_adamw, "
-              "or a plugin's (default: the default optimizer, paged_adamw).")
+@click.option(
+    "--target-modules", default="all-linear", show_default=True, help="all-linear or comma-separated layer names (q_proj,v_proj)."
+)
+@click.option(
+    "--optimizer",
+    default=None,
+    help="A registered optimizer: adamw, paged_adamw, adamw_8bit, offload_adamw, "
+    "or a plugin's (default: the default optimizer, paged_adamw).",
+)
 @click.option("--batch", default=1, show_default=True, type=int, help="Micro-batch size.")
 @click.option("--seq", "--seq-len", "seq", default=512, show_default=True, type=int, help="Sequence length.")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
-              help="Plan with gradient checkpointing (both are shown under activations).")
-@click.option("--device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu"]),
-              help="Where training runs (on cpu, device memory is host memory).")
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    default=True,
+    show_default=True,
+    help="Plan with gradient checkpointing (both are shown under activations).",
+)
+@click.option(
+    "--device",
+    default="cuda",
+    show_default=True,
+    type=click.Choice(["cuda", "cpu"]),
+    help="Where training runs (on cpu, device memory is host memory).",
+)
 @click.option("--device-memory", callback=_size, metavar="SIZE", help="Device budget, e.g. 24GB (10^9) or 24GiB (2^30).")
 @click.option("--host-memory", callback=_size, metavar="SIZE", help="Host RAM budget, e.g. 64GB.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (bytes) instead of the tables.")
 @click.pass_context
-def plan_command(ctx: click.Context, model: str, quantizer: str | None, double_quant: bool, blocksize: int, dtype: str,
-                 adapter: str | None, lora_r: int, lora_dropout: float, target_modules: str, optimizer: str | None, batch: int,
-                 seq: int, gradient_checkpointing: bool, device: str, device_memory: float | None, host_memory: float | None,
-                 as_json: bool) -> None:
+def plan_command(
+    ctx: click.Context,
+    model: str,
+    quantizer: str | None,
+    double_quant: bool,
+    blocksize: int,
+    dtype: str,
+    adapter: str | None,
+    lora_r: int,
+    lora_dropout: float,
+    target_modules: str,
+    optimizer: str | None,
+    batch: int,
+    seq: int,
+    gradient_checkpointing: bool,
+    device: str,
+    device_memory: float | None,
+    host_memory: float | None,
+    as_json: bool,
+) -> None:
     """Predict the memory of fine-tuning MODEL before anything is loaded.
 
     MODEL is a checkpoint directory (its config.json and safetensors headers are read, no
@@ -140,12 +210,31 @@ def plan_command(ctx: click.Context, model: str, quantizer: str | None, double_q
         registry = create_registry()
     arch = planner.load_architecture(model)
     targets = None if target_modules.strip() == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
-    params = {"--double-quant": "double_quant", "--blocksize": "blocksize", "--lora-r": "lora_r", "--lora-dropout": "lora_dropout",
-              "--target-modules": "target_modules"}
+    params = {
+        "--double-quant": "double_quant",
+        "--blocksize": "blocksize",
+        "--lora-r": "lora_r",
+        "--lora-dropout": "lora_dropout",
+        "--target-modules": "target_modules",
+    }
     explicit = tuple(flag for flag, param in params.items() if ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE)
-    settings = plan_settings(registry, quantizer=quantizer, double_quant=double_quant, blocksize=blocksize, dtype=dtype,
-                             adapter=adapter, lora_r=lora_r, lora_dropout=lora_dropout, targets=targets, optimizer=optimizer,
-                             batch=batch, seq=seq, gradient_checkpointing=gradient_checkpointing, device=device, explicit=explicit)
+    settings = plan_settings(
+        registry,
+        quantizer=quantizer,
+        double_quant=double_quant,
+        blocksize=blocksize,
+        dtype=dtype,
+        adapter=adapter,
+        lora_r=lora_r,
+        lora_dropout=lora_dropout,
+        targets=targets,
+        optimizer=optimizer,
+        batch=batch,
+        seq=seq,
+        gradient_checkpointing=gradient_checkpointing,
+        device=device,
+        explicit=explicit,
+    )
     if targets is not None:
         known = {lin.name for lin in arch.linears}
         unknown = [t for t in targets if t not in known]

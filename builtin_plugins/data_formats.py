@@ -103,11 +103,17 @@ def _check_placeholders(attribute: attrs.Attribute, template: str, fields: dict)
         template.format(**fields)
         names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        problem = f"unknown placeholder {{{short_text(exc.args[0])}}}" if isinstance(exc, KeyError) else f"invalid format string ({short_text(exc, 200)})"
+        problem = (
+            f"unknown placeholder {{{short_text(exc.args[0])}}}"
+            if isinstance(exc, KeyError)
+            else f"invalid format string ({short_text(exc, 200)})"
+        )
         raise ValueError(f"{problem}; it may use {allowed} (double braces for literal ones)", attribute) from None
     for name in names:
         if name not in fields:
-            raise ValueError(f"placeholder {{{short_text(name)}}} may only name a field, not its attributes or items; it may use {allowed}", attribute)
+            raise ValueError(
+                f"placeholder {{{short_text(name)}}} may only name a field, not its attributes or items; it may use {allowed}", attribute
+            )
 
 
 class Instruction(_FileFormat):
@@ -191,7 +197,9 @@ class Text(_FileFormat):
         ids = context.tokenizer(text, add_special_tokens=False)["input_ids"]
         n_blocks = len(ids) // o.max_length
         if n_blocks == 0:
-            raise DataError(f"{context.config_path}.path: {path.name} has {len(ids)} tokens, fewer than one block of max_length={o.max_length}")
+            raise DataError(
+                f"{context.config_path}.path: {path.name} has {len(ids)} tokens, fewer than one block of max_length={o.max_length}"
+            )
         blocks = [ids[i * o.max_length : (i + 1) * o.max_length] for i in range(n_blocks)]
         examples = [{"input_ids": b, "labels": list(b)} for b in blocks]
         train, evaluation = _split(examples, o, context.seed)

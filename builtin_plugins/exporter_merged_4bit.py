@@ -128,12 +128,16 @@ class _ErrorSums:
         def ratio(a: float, b: float) -> float | None:
             return math.sqrt(a / b) if b > 0 else None
 
-        out = {"layers": self.layers,
-               "weight_rel_error": ratio(self.residual, self.target),
-               "update_rel_error": ratio(self.residual, self.update)}
+        out = {
+            "layers": self.layers,
+            "weight_rel_error": ratio(self.residual, self.target),
+            "update_rel_error": ratio(self.residual, self.update),
+        }
         if corrected:
-            out["with_correction"] = {"weight_rel_error": ratio(self.corrected, self.target),
-                                      "update_rel_error": ratio(self.corrected, self.update)}
+            out["with_correction"] = {
+                "weight_rel_error": ratio(self.corrected, self.target),
+                "update_rel_error": ratio(self.corrected, self.update),
+            }
         return out
 
 
@@ -150,8 +154,10 @@ class Merged4bitExporter(Exporter):
         """Refuse, before training, a run whose quantizer cannot re-quantize (no encode/decode)."""
         quantizer = context.quantizer
         if not callable(getattr(quantizer, "encode", None)) or not callable(getattr(quantizer, "decode", None)):
-            raise ExportError(f"{context.config_path}: exporter 'merged_4bit' needs a blockwise 4-bit quantizer; the run uses "
-                              f"'{quantizer.name}' (use the 'merged' exporter for a full-precision model)")
+            raise ExportError(
+                f"{context.config_path}: exporter 'merged_4bit' needs a blockwise 4-bit quantizer; the run uses "
+                f"'{quantizer.name}' (use the 'merged' exporter for a full-precision model)"
+            )
 
     def export(self, context: ExportContext, output_dir: Path) -> dict:
         import torch
@@ -242,8 +248,9 @@ class Merged4bitExporter(Exporter):
     def _fidelity_without_correction(self, context: ExportContext, output_dir: Path) -> dict:
         """Logit fidelity of the saved checkpoint loaded without its correction."""
         batch, _source = probe_batch(context, self.options.probe_text)
-        model = load_model_checkpoint(output_dir, context.task, current_registry(), device=context.model_request.device,
-                                                  with_correction=False)
+        model = load_model_checkpoint(
+            output_dir, context.task, current_registry(), device=context.model_request.device, with_correction=False
+        )
         candidate = model_logits(model, batch)
         del model
         return compare_logits(model_logits(context.model, batch), candidate, batch["attention_mask"])

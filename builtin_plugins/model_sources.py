@@ -32,9 +32,7 @@ def byte_level_tokenizer(bert_style: bool = False) -> Any:
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
         )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]"
-        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]")
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -59,9 +57,16 @@ class TinyLlama(ModelSource):
 
         tok = byte_level_tokenizer()
         config = LlamaConfig(
-            vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
             tie_word_embeddings=False,
         )
         _save(LlamaForCausalLM, config, tok, directory)
@@ -78,8 +83,14 @@ class TinyGPT2(ModelSource):
 
         tok = byte_level_tokenizer()
         config = GPT2Config(
-            vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=512,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
         _save(GPT2LMHeadModel, config, tok, directory)
 
@@ -96,8 +107,13 @@ class TinyBert(ModelSource):
 
         tok = byte_level_tokenizer(bert_style=True)
         config = BertConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
         )
         _save(BertForSequenceClassification, config, tok, directory)
 

@@ -35,8 +35,9 @@ def host_adamw_class() -> type:
         ``state_dict`` has torch's usual layout (``state`` by parameter index, ``param_groups``).
         """
 
-        def __init__(self, params: Any, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
-                     weight_decay: float = 1e-2) -> None:
+        def __init__(
+            self, params: Any, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2
+        ) -> None:
             super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
             host_groups = []
             for group in self.param_groups:

@@ -42,8 +42,9 @@ class _PackedLut(BlockwiseQuantizer):
         return form
 
     def decode_blocks(self, state, numel, blocksize, dtype, out=None):
-        return _kernels().dequantize_4bit_lut(state["qweight"], state["absmax"], self.code(), blocksize, (numel,), dtype,
-                                              offset=state.get("offset"), out=out)
+        return _kernels().dequantize_4bit_lut(
+            state["qweight"], state["absmax"], self.code(), blocksize, (numel,), dtype, offset=state.get("offset"), out=out
+        )
 
     def decode_block_range(self, state, first, stop, numel, blocksize, dtype, out=None):
         start = first * blocksize

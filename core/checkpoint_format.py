@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -99,7 +98,7 @@ def state_from_bnb(layer: Any) -> dict:
 
     sd = {k: v for k, v in layer.state_dict().items()}
     weight = sd.pop("weight")
-    quant = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    quant = {k[len("weight.") :]: v for k, v in sd.items() if k.startswith("weight.")}
     qs = QuantState.from_dict(quant, device=weight.device)
     state = {"qweight": weight.reshape(-1).contiguous()}
     if qs.nested:
@@ -123,11 +122,23 @@ def bnb_tensors(state: dict, quantizer: Any, shape: Iterable[int], compute_dtype
     blocksize = quantizer.options.blocksize
     shape = torch.Size(tuple(shape))
     if "absmax" in state:
-        qs = QuantState(absmax=state["absmax"], shape=shape, code=code, blocksize=blocksize, quant_type=quantizer.quant_type, dtype=compute_dtype)
+        qs = QuantState(
+            absmax=state["absmax"], shape=shape, code=code, blocksize=blocksize, quant_type=quantizer.quant_type, dtype=compute_dtype
+        )
     else:
-        nested = QuantState(absmax=state["absmax_dq_absmax"], code=kernels.dynamic_map_8bit().to(code.device), blocksize=256, dtype=torch.float32)
-        qs = QuantState(absmax=state["absmax_dq_q"], shape=shape, code=code, blocksize=blocksize, quant_type=quantizer.quant_type,
-                        dtype=compute_dtype, offset=state["absmax_dq_offset"].reshape(()), state2=nested)
+        nested = QuantState(
+            absmax=state["absmax_dq_absmax"], code=kernels.dynamic_map_8bit().to(code.device), blocksize=256, dtype=torch.float32
+        )
+        qs = QuantState(
+            absmax=state["absmax_dq_q"],
+            shape=shape,
+            code=code,
+            blocksize=blocksize,
+            quant_type=quantizer.quant_type,
+            dtype=compute_dtype,
+            offset=state["absmax_dq_offset"].reshape(()),
+            state2=nested,
+        )
     out = {"weight": state["qweight"].reshape(-1, 1)}
     for key, value in qs.as_dict(packed=True).items():
         out[f"weight.{key}"] = value
@@ -185,13 +196,13 @@ def save_model_checkpoint(model: Any, directory: Path, quantizer: Any, *, quanti
     import torch
     from safetensors.torch import save_file
 
-    from qlora_plugins.core.quant_linear import QuantLinear
-
     modules = quantized_modules(model)
     layers = {name: model.get_submodule(name) for name in modules}
     for name, layer in layers.items():
         if layer.quantizer.name != quantizer.name or layer.quantizer.options != quantizer.options:
-            raise QloraError(f"layer {name} was quantized by '{layer.quantizer.name}', not by '{quantizer.name}'; cannot save one checkpoint")
+            raise QloraError(
+                f"layer {name} was quantized by '{layer.quantizer.name}', not by '{quantizer.name}'; cannot save one checkpoint"
+            )
     float_dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
     dtype = next(iter(float_dtypes)) if len(float_dtypes) == 1 else torch.float32
     compute_dtypes = {layer.compute_dtype for layer in layers.values()}
@@ -316,7 +327,7 @@ def _load_own_format(directory: Path, config_dict: dict, auto_class: Any, regist
         except AttributeError:
             raise ModelError(f"{weights}: quantized layer {module_name} does not exist in the {config.model_type} architecture") from None
         prefix = f"{module_name}."
-        state = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        state = {k[len(prefix) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         bias = state.pop("bias", None)
         if not state:
             raise ModelError(f"{weights}: no tensors for quantized layer {module_name}")
@@ -337,15 +348,15 @@ def _load_own_format(directory: Path, config_dict: dict, auto_class: Any, regist
     everything = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
     loaded = {everything[k].data_ptr() for k in tensors if k in everything}
     own = tuple(f"{m}." for m in module_names)
-    missing = [k for k in result.missing_keys
-               if not k.startswith(own) and (k not in everything or everything[k].data_ptr() not in loaded)]
+    missing = [k for k in result.missing_keys if not k.startswith(own) and (k not in everything or everything[k].data_ptr() not in loaded)]
     if missing:
         raise ModelError(f"{weights}: missing tensors: {', '.join(missing[:5])}")
     return model.to(device).eval()
 
 
-def load_model_checkpoint(directory: Path, task: str = "causal_lm", registry: Any = None, device: str = "cpu",
-                    with_correction: bool = True) -> Any:
+def load_model_checkpoint(
+    directory: Path, task: str = "causal_lm", registry: Any = None, device: str = "cpu", with_correction: bool = True
+) -> Any:
     """Load a checkpoint directory written by :func:`save_model_checkpoint` (either format) or any plain
     transformers checkpoint, attaching a ``correction/`` adapter when present.
 

@@ -119,8 +119,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(PREFIX)
-             and (p / "trainer_state.json").is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.is_symlink() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -155,11 +158,19 @@ def read_trainer_state(checkpoint: Path) -> dict:
         value = trainer.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise TrainingError(f"checkpoint {checkpoint}: trainer_state.json {key} must be a non-negative integer, got {str(value)[:40]}")
-    if checkpoint.name.startswith(PREFIX) and checkpoint.name[len(PREFIX):].isdigit() and int(checkpoint.name[len(PREFIX):]) != trainer["step"]:
+    if (
+        checkpoint.name.startswith(PREFIX)
+        and checkpoint.name[len(PREFIX) :].isdigit()
+        and int(checkpoint.name[len(PREFIX) :]) != trainer["step"]
+    ):
         raise TrainingError(f"checkpoint {checkpoint}: trainer_state.json says step {trainer['step']}")
     optimizer = trainer.get("optimizer")
-    if (not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list)
-            or not isinstance(optimizer.get("state"), dict) or not isinstance(trainer.get("scheduler"), dict)):
+    if (
+        not isinstance(optimizer, dict)
+        or not isinstance(optimizer.get("param_groups"), list)
+        or not isinstance(optimizer.get("state"), dict)
+        or not isinstance(trainer.get("scheduler"), dict)
+    ):
         raise TrainingError(f"checkpoint {checkpoint}: trainer_state.json lacks the optimizer or scheduler state")
     return trainer
 
@@ -214,8 +225,10 @@ def restore_latest(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, lo
             return checkpoint, load_training_checkpoint(checkpoint, model, optimizer, scheduler)
         except TrainingError as exc:
             log(f"Skipping checkpoint {checkpoint.name}: {exc}")
-    raise TrainingError(f"--resume: none of the {len(found)} checkpoint(s) in {run_dir / CHECKPOINTS} is intact; "
-                        "start again with --force, or keep the run as it is")
+    raise TrainingError(
+        f"--resume: none of the {len(found)} checkpoint(s) in {run_dir / CHECKPOINTS} is intact; "
+        "start again with --force, or keep the run as it is"
+    )
 
 
 def load_training_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
@@ -251,8 +264,10 @@ def load_training_checkpoint(checkpoint: Path, model: Any, optimizer: Any, sched
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(rng["torch"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
-        raise TrainingError(f"checkpoint {checkpoint}: optimizer, scheduler or RNG state is corrupt "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        raise TrainingError(
+            f"checkpoint {checkpoint}: optimizer, scheduler or RNG state is corrupt "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from None
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
@@ -266,8 +281,14 @@ def load_training_checkpoint(checkpoint: Path, model: Any, optimizer: Any, sched
 #: Config keys that may differ between a run and its resumption (they do not change the weights
 #: computed for the steps already done).
 RESUMABLE_CHANGES = {
-    ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "eval_max_batches"),
-    ("train", "log_every"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "device"),
+    ("train", "max_steps"),
+    ("train", "epochs"),
+    ("train", "eval_every"),
+    ("train", "eval_max_batches"),
+    ("train", "log_every"),
+    ("train", "checkpoint_every"),
+    ("train", "keep_checkpoints"),
+    ("train", "device"),
     ("train", "threads"),
     ("export",),
 }

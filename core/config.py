@@ -169,7 +169,8 @@ class _BoundedLoader(_SAFE_BASE):
                     continue  # unhashable: the base class reports it
                 if first is not key_node:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {short_repr(key)} (first at line {first.start_mark.line + 1})", key_node.start_mark)
+                        None, None, f"duplicate key {short_repr(key)} (first at line {first.start_mark.line + 1})", key_node.start_mark
+                    )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -190,7 +191,9 @@ def _check_expansion(root: Any) -> None:
                 first_shared.append(node)
             return sizes[key]
         if key in active:
-            raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it (a recursive structure)", node.start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "an alias refers to a value that contains it (a recursive structure)", node.start_mark
+            )
         active.add(key)
         total = 1
         if isinstance(node, yaml.SequenceNode):
@@ -204,7 +207,11 @@ def _check_expansion(root: Any) -> None:
     total = size(root)
     if first_shared and total > max(YAML_MAX_EXPANDED_VALUES, len(sizes)):
         raise yaml.composer.ComposerError(
-            None, None, f"aliases expand the document to {total:,} values (at most {YAML_MAX_EXPANDED_VALUES:,})", first_shared[0].start_mark)
+            None,
+            None,
+            f"aliases expand the document to {total:,} values (at most {YAML_MAX_EXPANDED_VALUES:,})",
+            first_shared[0].start_mark,
+        )
 
 
 def _depth(data: Any) -> int:

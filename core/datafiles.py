@@ -51,7 +51,9 @@ def read_rows(path: Path, config_path: str = "data.path") -> Any:
         if "corresponds to no data" in str(exc):  # a header-only csv, blank jsonl, `[]`
             raise no_rows from None
         cause = exc.__cause__ or exc.__context__ or exc
-        raise DataError(f"{config_path}: cannot parse {path}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
+        raise DataError(
+            f"{config_path}: cannot parse {path}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        ) from None
     if len(ds) == 0:
         raise no_rows
     return ds

@@ -60,8 +60,10 @@ def load_base(plugins: ResolvedPlugins, request: ModelRequest, tokenizer: Any, r
         raise ModelError(f"model.path: cannot load {request.path}: {_first_line(exc)}") from None
     except Exception as exc:
         if type(exc).__name__ == "UnpicklingError":  # torch's weights_only=True refused a pickle file
-            raise ModelError(f"model.path: {request.path}: pytorch_model.bin cannot be loaded safely (weights_only=True refused it): "
-                             f"{_first_line(exc)}; convert the checkpoint to safetensors") from None
+            raise ModelError(
+                f"model.path: {request.path}: pytorch_model.bin cannot be loaded safely (weights_only=True refused it): "
+                f"{_first_line(exc)}; convert the checkpoint to safetensors"
+            ) from None
         streamed = str(getattr(quantizer, "load_path", "") or "")
         if "shape" in streamed:
             detail = streamed.partition("(")[2].rstrip(")")
@@ -71,7 +73,9 @@ def load_base(plugins: ResolvedPlugins, request: ModelRequest, tokenizer: Any, r
         where = ""
         if registry is not None:
             where = f" ({registry.registration('quantizer', quantizer.name).source.describe()})"
-        raise PluginError(f"quantizer '{quantizer.name}'{where} failed while loading {request.path}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise PluginError(
+            f"quantizer '{quantizer.name}'{where} failed while loading {request.path}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -100,7 +104,12 @@ def plugin_report(registry: Any, plugins: ResolvedPlugins) -> dict:
 
     def one(kind: str, plugin: Any) -> dict:
         reg = registry.registration(kind, plugin.name)
-        return {"name": plugin.name, "distribution": reg.source.distribution, "version": reg.source.version, "options": options_to_dict(plugin.options)}
+        return {
+            "name": plugin.name,
+            "distribution": reg.source.distribution,
+            "version": reg.source.version,
+            "options": options_to_dict(plugin.options),
+        }
 
     out = {
         "quantizer": one("quantizer", plugins.quantizer),
@@ -124,4 +133,3 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             out[dist] = None
     return out
-

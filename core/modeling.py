@@ -61,8 +61,23 @@ def safetensors_files(path: Path, config_path: str = "model.path") -> list[Path]
     return [single] if single.is_file() else []
 
 
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int, int]:
@@ -145,8 +160,11 @@ def check_loading_info(info: dict, path: Path, architecture: str, new_head: bool
     mismatched = [str(m[0]) if isinstance(m, (tuple, list)) and m else str(m) for m in info.get("mismatched_keys") or ()]
     errors = [str(e).strip().splitlines()[0] for e in info.get("error_msgs") or () if str(e).strip()]
     problems = []
-    for label, keys in (("missing from the checkpoint", missing), ("in the checkpoint but not in the model", unexpected),
-                        ("of another shape", mismatched)):
+    for label, keys in (
+        ("missing from the checkpoint", missing),
+        ("in the checkpoint but not in the model", unexpected),
+        ("of another shape", mismatched),
+    ):
         if keys:
             problems.append(f"{len(keys)} weight(s) {label} (e.g. {', '.join(keys[:2])})")
     if errors:

@@ -60,9 +60,7 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if tp is Any:
         return "any value"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:

@@ -96,7 +96,9 @@ def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
     task = config.model.task
     if plugins.data is not None:
         if task not in plugins.data.tasks:
-            raise ConfigError("data.name", f"data format '{plugins.data.name}' supports task(s) {', '.join(plugins.data.tasks)}, not model.task={task}")
+            raise ConfigError(
+                "data.name", f"data format '{plugins.data.name}' supports task(s) {', '.join(plugins.data.tasks)}, not model.task={task}"
+            )
         plugins.data.check(config.base_dir, "data")
     model_dir = None
     if config.model.path is not None:
@@ -123,7 +125,9 @@ def check_exporters(exporters: list, context: ExportCheck, registry: Any, paths:
             raise
         except Exception as exc:
             source = registry.registration("exporter", exporter.name).source.describe()
-            raise PluginError(f"{where}: exporter '{exporter.name}' ({source}) failed its check: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise PluginError(
+                f"{where}: exporter '{exporter.name}' ({source}) failed its check: {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
 
 
 def _scheduler(name: str, optimizer: Any, warmup: int, total: int) -> Any:
@@ -217,7 +221,6 @@ def _restore_previous(out: Path, aside: Path | None, log: Log) -> None:
         log(f"The replaced run is kept in {aside}")
 
 
-
 # --- what the stages hand each other -------------------------------------------------------
 
 
@@ -292,8 +295,17 @@ class Pipeline:
 
     stages = ("check", "prepare", "load", "attach", "open_run_dir", "train", "save_and_export", "finish")
 
-    def __init__(self, config: Config, registry: Any, output_dir: Path, *, force: bool = False, resume: bool = False,
-                 log: Log = lambda m: None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        registry: Any,
+        output_dir: Path,
+        *,
+        force: bool = False,
+        resume: bool = False,
+        log: Log = lambda m: None,
+        progress: bool = True,
+    ) -> None:
         self.config, self.registry, self.output_dir = config, registry, Path(output_dir)
         self.force, self.resume, self.log, self.progress = force, resume, log, progress
         self._interrupt_save: tuple[TrainState, Callable[[TrainState], Any]] | None = None
@@ -328,11 +340,15 @@ class Pipeline:
                 stage.update(len(splits.train) + len(splits.eval))
             if len(splits.train) == 0:
                 raise QloraError("data: the training split is empty")
-            if config.model.task == "causal_lm" and not any(label != IGNORE_INDEX for example in splits.train for label in example["labels"]):
+            if config.model.task == "causal_lm" and not any(
+                label != IGNORE_INDEX for example in splits.train for label in example["labels"]
+            ):
                 raise QloraError(f"data: no token of the training split is trained (every label is masked; data.name={plugins.data.name})")
             if getattr(splits, "dropped", 0):
-                notes.append(f"data: {splits.dropped} of {splits.rows} rows dropped (no response left to learn within "
-                             f"data.max_length={getattr(plugins.data.options, 'max_length', '?')}, or an empty response)")
+                notes.append(
+                    f"data: {splits.dropped} of {splits.rows} rows dropped (no response left to learn within "
+                    f"data.max_length={getattr(plugins.data.options, 'max_length', '?')}, or an empty response)"
+                )
                 self.log(notes[-1])
         resolved = resolved_dict(config, plugins)
         if config.model.source:  # the resolved config names the materialized checkpoint (report.json keeps the source)
@@ -375,8 +391,11 @@ class Pipeline:
         model = plugins.adapter.attach(model, context)
         params = trainable_parameters(model)
         if request.frozen_dtype is not None and any(p.dtype == request.frozen_dtype for p in params):
-            raise ConfigError("model.frozen_dtype", f"adapter '{plugins.adapter.name}' trains weights kept in "
-                              f"{config.model.frozen_dtype}; use it only with adapters that keep the base frozen")
+            raise ConfigError(
+                "model.frozen_dtype",
+                f"adapter '{plugins.adapter.name}' trains weights kept in "
+                f"{config.model.frozen_dtype}; use it only with adapters that keep the base frozen",
+            )
         parameters = parameter_report(model, loaded.footprint)
         if not params:
             raise TrainingError("adapter: the configuration leaves nothing trainable (check adapter.target_modules)")
@@ -437,9 +456,21 @@ class Pipeline:
         try:
             with progress.current().stage("train", total=steps, unit="step", initial=state.step) as stage:
                 trained.result = TrainLoop(
-                    model, optimizer, scheduler, train_cfg, splits.train, splits.eval, prepared.tokenizer.pad_token_id,
-                    config.model.task, device, steps, state=state, on_record=metrics.write, on_step_end=on_step_end,
-                    on_interrupt=on_interrupt, progress=stage,
+                    model,
+                    optimizer,
+                    scheduler,
+                    train_cfg,
+                    splits.train,
+                    splits.eval,
+                    prepared.tokenizer.pad_token_id,
+                    config.model.task,
+                    device,
+                    steps,
+                    state=state,
+                    on_record=metrics.write,
+                    on_step_end=on_step_end,
+                    on_interrupt=on_interrupt,
+                    progress=stage,
                 ).run()
         finally:
             metrics.close()
@@ -462,8 +493,17 @@ class Pipeline:
         splits = prepared.splits
         probe = list(splits.eval[:8] or splits.train[:8]) if splits else []
         request = model_request(checked.config, checked.model_dir, prepared.device, prepared.num_labels)
-        context = ExportContext(attached.model, prepared.tokenizer, checked.model_dir, checked.config.model.task, plugins.quantizer,
-                                plugins.adapter, prepared.resolved, request, probe)
+        context = ExportContext(
+            attached.model,
+            prepared.tokenizer,
+            checked.model_dir,
+            checked.config.model.task,
+            plugins.quantizer,
+            plugins.adapter,
+            prepared.resolved,
+            request,
+            probe,
+        )
         started = time.perf_counter()
         exports = run_exports(context, plugins.exporters, out / "exports", self.registry, self.force or self.resume, self.log)
         return exports, round(time.perf_counter() - started, 3)
@@ -499,7 +539,9 @@ class Pipeline:
         checked = self.check()
         prepared = self.prepare(checked)
         config, plugins = checked.config, checked.plugins
-        report = RunReport.start(prepared.out, config, checked.model_dir, plugin_report(self.registry, plugins), versions(), prepared.device)
+        report = RunReport.start(
+            prepared.out, config, checked.model_dir, plugin_report(self.registry, plugins), versions(), prepared.device
+        )
         report.notes += prepared.notes
         loaded = self.load(prepared)
         report.quantization = {
@@ -541,8 +583,15 @@ class Pipeline:
         _restore_previous(run_dir.path, run_dir.aside, self.log)
 
 
-def run(config: Config, registry: Any, output_dir: Path, force: bool = False, log: Log = lambda m: None, progress: bool = True,
-        resume: bool = False) -> dict:
+def run(
+    config: Config,
+    registry: Any,
+    output_dir: Path,
+    force: bool = False,
+    log: Log = lambda m: None,
+    progress: bool = True,
+    resume: bool = False,
+) -> dict:
     """Run the whole pipeline into ``output_dir`` and return the report as a mapping (what
     report.json holds). With ``resume``, continue the run in ``output_dir`` from its newest
     intact checkpoint."""

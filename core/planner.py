@@ -41,26 +41,70 @@ from qlora_plugins.core.interfaces import Adapter, Optimizer, Plugin, Quantizer
 from qlora_plugins.core.options import build_options, options_to_dict
 from qlora_plugins.core.planning import Architecture, LinearShape
 
-__all__ = ["Architecture", "LinearShape", "Plan", "Row", "Settings", "check_budget", "format_plan", "load_architecture",
-           "make_plan", "parse_size", "plan_dict", "quantizer_table"]
+__all__ = [
+    "Architecture",
+    "LinearShape",
+    "Plan",
+    "Row",
+    "Settings",
+    "check_budget",
+    "format_plan",
+    "load_architecture",
+    "make_plan",
+    "parse_size",
+    "plan_dict",
+    "quantizer_table",
+]
 
 GB = 10**9
 GiB = 2**30
 
 #: Public architecture numbers (the models' config.json files on the Hugging Face hub).
 PRESETS: dict[str, dict] = {
-    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
-                       torch_dtype="float16"),
-    "llama-2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False,
-                        torch_dtype="float16"),
-    "llama-2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
-                        torch_dtype="float16"),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
-                       torch_dtype="bfloat16"),
+    "llama-2-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        torch_dtype="float16",
+    ),
+    "llama-2-13b": dict(
+        model_type="llama",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        torch_dtype="float16",
+    ),
+    "llama-2-70b": dict(
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        torch_dtype="float16",
+    ),
+    "mistral-7b": dict(
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    ),
 }
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
@@ -119,9 +163,12 @@ def architecture_from_config(config: dict, name: str = "model", source: str = "c
     if model_type in LLAMA_LIKE:
         q, kv = heads * head_dim, kv_heads * head_dim
         linears = [
-            LinearShape("q_proj", hidden, q, layers), LinearShape("k_proj", hidden, kv, layers),
-            LinearShape("v_proj", hidden, kv, layers), LinearShape("o_proj", q, hidden, layers),
-            LinearShape("gate_proj", hidden, intermediate, layers), LinearShape("up_proj", hidden, intermediate, layers),
+            LinearShape("q_proj", hidden, q, layers),
+            LinearShape("k_proj", hidden, kv, layers),
+            LinearShape("v_proj", hidden, kv, layers),
+            LinearShape("o_proj", q, hidden, layers),
+            LinearShape("gate_proj", hidden, intermediate, layers),
+            LinearShape("up_proj", hidden, intermediate, layers),
             LinearShape("down_proj", intermediate, hidden, layers),
         ]
         other = vocab * hidden * (1 if tied else 2) + (2 * layers + 1) * hidden
@@ -129,8 +176,23 @@ def architecture_from_config(config: dict, name: str = "model", source: str = "c
     else:
         linears, other, largest = _inspect_on_meta(config)
     dtype = config.get("torch_dtype") or config.get("dtype")
-    return Architecture(name, model_type, hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied, linears, other,
-                        checkpoint_dtype=dtype if dtype in DTYPE_BYTES else None, largest_tensor=largest, source=source)
+    return Architecture(
+        name,
+        model_type,
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+        head_dim,
+        vocab,
+        tied,
+        linears,
+        other,
+        checkpoint_dtype=dtype if dtype in DTYPE_BYTES else None,
+        largest_tensor=largest,
+        source=source,
+    )
 
 
 def _inspect_on_meta(config: dict) -> tuple[list[LinearShape], int, int]:
@@ -198,8 +260,9 @@ def load_architecture(source: str) -> Architecture:
     else:
         from qlora_plugins.core.options import did_you_mean
 
-        raise ModelError(f"{source}: not a preset, a config.json or a checkpoint directory{did_you_mean(key, PRESETS)}; "
-                         f"presets: {', '.join(PRESETS)}")
+        raise ModelError(
+            f"{source}: not a preset, a config.json or a checkpoint directory{did_you_mean(key, PRESETS)}; presets: {', '.join(PRESETS)}"
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, OSError) as exc:
@@ -226,8 +289,9 @@ def _declared(option: str, plugin: Plugin, method: str, *args: Any) -> Any:
     try:
         return getattr(plugin, method)(*args)
     except NotImplementedError:
-        raise ConfigError(option, f"{plugin.kind} '{plugin.name}' does not declare {method}(), so the planner "
-                                  f"cannot plan it (see docs/plugins.md)") from None
+        raise ConfigError(
+            option, f"{plugin.kind} '{plugin.name}' does not declare {method}(), so the planner cannot plan it (see docs/plugins.md)"
+        ) from None
 
 
 def _keeps_full_precision(quantizer: Quantizer) -> bool:
@@ -269,22 +333,35 @@ class Settings:
         if self.adapter.needs_full_precision_base and not full_precision:
             keep = [n for n in _names_in_order(self.registry, "quantizer") if _quantizes_nothing(self.registry, n)]
             hint = f" (--quantizer {keep[0]})" if keep else ""
-            raise ConfigError("--adapter", f"adapter '{self.adapter.name}' trains the base weights and needs an "
-                                           f"unquantized base{hint}")
+            raise ConfigError("--adapter", f"adapter '{self.adapter.name}' trains the base weights and needs an unquantized base{hint}")
 
     @classmethod
-    def from_names(cls, registry: Any, *, quantizer: Optional[str] = None, quantizer_options: Optional[Mapping] = None,
-                   adapter: Optional[str] = None, adapter_options: Optional[Mapping] = None, optimizer: Optional[str] = None,
-                   optimizer_options: Optional[Mapping] = None, **fields: Any) -> "Settings":
+    def from_names(
+        cls,
+        registry: Any,
+        *,
+        quantizer: Optional[str] = None,
+        quantizer_options: Optional[Mapping] = None,
+        adapter: Optional[str] = None,
+        adapter_options: Optional[Mapping] = None,
+        optimizer: Optional[str] = None,
+        optimizer_options: Optional[Mapping] = None,
+        **fields: Any,
+    ) -> "Settings":
         """Settings with plugins built from ``registry`` by name (None: the kind's default) and
         options. ``fields`` are the other :class:`Settings` fields (dtype, batch, ...).
 
         :raises ConfigError: ``--quantizer: unknown quantizer 'x' (did you mean ...)`` and the
             like for names; ``quantizer.blocksize: ...`` (the kind, then the key) for options.
         """
-        plugins = {kind: build_plugin(registry, kind, name, options)
-                   for kind, name, options in (("quantizer", quantizer, quantizer_options), ("adapter", adapter, adapter_options),
-                                               ("optimizer", optimizer, optimizer_options))}
+        plugins = {
+            kind: build_plugin(registry, kind, name, options)
+            for kind, name, options in (
+                ("quantizer", quantizer, quantizer_options),
+                ("adapter", adapter, adapter_options),
+                ("optimizer", optimizer, optimizer_options),
+            )
+        }
         return cls(registry=registry, **plugins, **fields)
 
 
@@ -295,8 +372,11 @@ def build_plugin(registry: Any, kind: str, name: Optional[str], options: Optiona
     if name is None:
         name = registry.default(kind)
         if name is None:
-            raise ConfigError(option, f"no plugin declares itself the default {kind}; name one "
-                                      f"(available: {', '.join(_names_in_order(registry, kind)) or 'none'})")
+            raise ConfigError(
+                option,
+                f"no plugin declares itself the default {kind}; name one "
+                f"(available: {', '.join(_names_in_order(registry, kind)) or 'none'})",
+            )
     try:
         plugin_class = registry.get(kind, name)
     except PluginError as exc:
@@ -406,24 +486,55 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
         packed, const_bytes = stored
         bits = 8 * (packed + const_bytes) / max(arch.linear_params, 1)
         code_bits = 8 * packed / max(arch.linear_params, 1)
-        rows.append(Row("base_weights", f"base weights ({q.planned_label()})", packed,
-                        note=f"{arch.linear_params / 1e9:.2f}B linear params, {round(code_bits, 2):g} bits"))
+        rows.append(
+            Row(
+                "base_weights",
+                f"base weights ({q.planned_label()})",
+                packed,
+                note=f"{arch.linear_params / 1e9:.2f}B linear params, {round(code_bits, 2):g} bits",
+            )
+        )
         rows.append(Row("quant_constants", "quantization constants", const_bytes, note=f"{bits:.3f} bits/param with constants"))
     else:
-        rows.append(Row("base_weights", f"base weights ({s.dtype})", arch.linear_params * dbytes, note=f"{arch.linear_params / 1e9:.2f}B linear params"))
-    rows.append(Row("other_weights", f"embeddings, norms, head ({s.dtype})", arch.other_params * dbytes,
-                    note=f"{arch.other_params / 1e6:.0f}M params, not quantized"))
+        rows.append(
+            Row(
+                "base_weights",
+                f"base weights ({s.dtype})",
+                arch.linear_params * dbytes,
+                note=f"{arch.linear_params / 1e9:.2f}B linear params",
+            )
+        )
+    rows.append(
+        Row(
+            "other_weights",
+            f"embeddings, norms, head ({s.dtype})",
+            arch.other_params * dbytes,
+            note=f"{arch.other_params / 1e6:.0f}M params, not quantized",
+        )
+    )
 
     trainable = _declared("--adapter", a, "planned_trainable", arch.linears, arch)
     adapter_bytes, grad_bytes = a.planned_weight_bytes(trainable, dbytes)
-    rows.append(Row("adapters", a.planned_label(), adapter_bytes,
-                    note=f"{trainable / 1e6:.1f}M params" if adapter_bytes else "the base weights themselves"))
+    rows.append(
+        Row(
+            "adapters",
+            a.planned_label(),
+            adapter_bytes,
+            note=f"{trainable / 1e6:.1f}M params" if adapter_bytes else "the base weights themselves",
+        )
+    )
     rows.append(Row("adapter_grads", "gradients of the trainable weights", grad_bytes))
 
     states = _declared("--optimizer", o, "planned_state_bytes", trainable, s.device)
     if cpu:
-        rows.append(Row("optimizer", f"optimizer states ({o.name})", host=states.device_bytes + states.host_bytes,
-                        note="host memory (the device is the CPU)"))
+        rows.append(
+            Row(
+                "optimizer",
+                f"optimizer states ({o.name})",
+                host=states.device_bytes + states.host_bytes,
+                note="host memory (the device is the CPU)",
+            )
+        )
     else:
         rows.append(Row("optimizer", f"optimizer states ({o.name})", states.device_bytes, states.host_bytes, note=states.note))
 
@@ -434,13 +545,25 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
     largest_linear = max((l.numel for l in arch.linears), default=0)
     dequant = largest_linear * dbytes if quantized else 0
     transient = chosen["transient"] + dequant
-    rows.append(Row("activations", f"activations, stored (batch {s.batch} x {s.seq}, checkpointing {'on' if s.gradient_checkpointing else 'off'})",
-                    chosen["stored"], note=f"{'off' if s.gradient_checkpointing else 'on'}: {(act_off if s.gradient_checkpointing else act_on)['stored'] / GB:.2f} GB"))
+    rows.append(
+        Row(
+            "activations",
+            f"activations, stored (batch {s.batch} x {s.seq}, checkpointing {'on' if s.gradient_checkpointing else 'off'})",
+            chosen["stored"],
+            note=f"{'off' if s.gradient_checkpointing else 'on'}: {(act_off if s.gradient_checkpointing else act_on)['stored'] / GB:.2f} GB",
+        )
+    )
     rows.append(Row("transient", "transient peak (backward, logits, one dequantized layer)", transient))
     slack = (consts["transient"] - 1.0) * (chosen["stored"] + transient)
     if cpu:
-        rows.append(Row("runtime", "runtime + allocator overhead (calibrated)", consts["fixed"] + slack,
-                        note=f"{consts['fixed'] / 1e6:.0f} MB + {consts['transient'] - 1:.2f} x activations and transients"))
+        rows.append(
+            Row(
+                "runtime",
+                "runtime + allocator overhead (calibrated)",
+                consts["fixed"] + slack,
+                note=f"{consts['fixed'] / 1e6:.0f} MB + {consts['transient'] - 1:.2f} x activations and transients",
+            )
+        )
         for row in rows:  # on a CPU the device is the host
             row.host, row.device = row.host + row.device, 0.0
         baseline = consts["baseline"]
@@ -518,6 +641,7 @@ def check_budget(arch: Architecture, settings: Settings, device_budget: Optional
     if ok:
         return result
     candidates = _candidates(arch, settings, plan)
+
     def suggest(label: str, change: dict) -> None:
         trial = make_plan(arch, attrs.evolve(settings, **change))
         result["suggestions"].append({"change": label, "settings": change, "totals": _gb(trial.totals)})
@@ -559,7 +683,8 @@ def check_budget(arch: Architecture, settings: Settings, device_budget: Optional
         result["problems"].append(
             f"nothing the planner can change fits: even batch 1 x {min(settings.seq, 128)}"
             f"{' with ' + all_changes if all_changes else ''} needs {need / GB:.1f} GB, of which the weights are "
-            f"{floor.totals['weights_bytes'] / GB:.1f} GB; it needs a larger device, a lower-bit quantizer or layer offloading")
+            f"{floor.totals['weights_bytes'] / GB:.1f} GB; it needs a larger device, a lower-bit quantizer or layer offloading"
+        )
     return result
 
 
@@ -646,10 +771,19 @@ def quantizer_table(arch: Architecture, settings: Settings) -> list[dict]:
                 continue
             packed, const = stored if stored is not None else (arch.linear_params * dbytes, 0)
             options = options_to_dict(variant.options)
-            rows.append({"quantizer": registration.name, "label": label, "options": options,
-                         "double_quant": bool(options.get("double_quant", False)), "codes_bytes": packed,
-                         "constants_bytes": const, "bits_per_param": 8 * (packed + const) / max(arch.linear_params, 1),
-                         "unquantized_bytes": other, "total_bytes": packed + const + other})
+            rows.append(
+                {
+                    "quantizer": registration.name,
+                    "label": label,
+                    "options": options,
+                    "double_quant": bool(options.get("double_quant", False)),
+                    "codes_bytes": packed,
+                    "constants_bytes": const,
+                    "bits_per_param": 8 * (packed + const) / max(arch.linear_params, 1),
+                    "unquantized_bytes": other,
+                    "total_bytes": packed + const + other,
+                }
+            )
     return rows
 
 
@@ -686,10 +820,22 @@ def plan_dict(plan: Plan, budget: Optional[dict] = None) -> dict:
     if budget is not None:
         budget = {**budget, "suggestions": [{**sug, "settings": _change_json(sug["settings"])} for sug in budget["suggestions"]]}
     return {
-        "model": {"name": a.name, "source": a.source, "model_type": a.model_type, "params": a.total_params,
-                  "linear_params": a.linear_params, "hidden": a.hidden, "intermediate": a.intermediate, "layers": a.layers,
-                  "heads": a.heads, "kv_heads": a.kv_heads, "vocab": a.vocab, "tied_embeddings": a.tied,
-                  "checkpoint_dtype": a.checkpoint_dtype, "checkpoint_bytes": a.checkpoint_bytes},
+        "model": {
+            "name": a.name,
+            "source": a.source,
+            "model_type": a.model_type,
+            "params": a.total_params,
+            "linear_params": a.linear_params,
+            "hidden": a.hidden,
+            "intermediate": a.intermediate,
+            "layers": a.layers,
+            "heads": a.heads,
+            "kv_heads": a.kv_heads,
+            "vocab": a.vocab,
+            "tied_embeddings": a.tied,
+            "checkpoint_dtype": a.checkpoint_dtype,
+            "checkpoint_bytes": a.checkpoint_bytes,
+        },
         "settings": settings_dict(s),
         "trainable_params": plan.trainable_params,
         "rows": [{"component": r.key, "label": r.label, "device_bytes": r.device, "host_bytes": r.host, "note": r.note} for r in plan.rows],
@@ -705,9 +851,12 @@ def format_plan(plan: Plan, budget: Optional[dict] = None, budgets: Optional[dic
     """The plan as text tables."""
     a, s = plan.arch, plan.settings
     fmt = lambda b: "-" if not b else f"{b / GB:8.2f} GB"  # noqa: E731
-    lines = [f"qlora plan: {a.name} ({a.total_params / 1e9:.2f}B params, {a.model_type}; {a.source})",
-             f"settings: quantizer {s.quantizer.planned_label()}; adapter {s.adapter.planned_label()}; optimizer {s.optimizer.name}; "
-             f"dtype={s.dtype} batch={s.batch} seq={s.seq} checkpointing={'on' if s.gradient_checkpointing else 'off'} device={s.device}", ""]
+    lines = [
+        f"qlora plan: {a.name} ({a.total_params / 1e9:.2f}B params, {a.model_type}; {a.source})",
+        f"settings: quantizer {s.quantizer.planned_label()}; adapter {s.adapter.planned_label()}; optimizer {s.optimizer.name}; "
+        f"dtype={s.dtype} batch={s.batch} seq={s.seq} checkpointing={'on' if s.gradient_checkpointing else 'off'} device={s.device}",
+        "",
+    ]
     width = max(len(r.label) for r in plan.rows)
     head_dev = "device" if s.device == "cuda" else ""
     lines.append(f"{'component'.ljust(width)}  {head_dev:>11}  {'host':>11}  note")
@@ -717,15 +866,22 @@ def format_plan(plan: Plan, budget: Optional[dict] = None, budgets: Optional[dic
     if s.device == "cuda":
         lines.append(f"{'total (device peak)'.ljust(width)}  {fmt(t['device_peak_bytes']):>11}")
     lines.append(f"{'host: runtime baseline'.ljust(width)}  {'':>11}  {fmt(t['host_baseline_bytes']):>11}")
-    lines.append(f"{'total (host peak)'.ljust(width)}  {'':>11}  {fmt(t['host_peak_bytes']):>11}  "
-                 f"loading: {t['load_peak_over_baseline_bytes'] / GB:.2f} GB over the baseline")
+    lines.append(
+        f"{'total (host peak)'.ljust(width)}  {'':>11}  {fmt(t['host_peak_bytes']):>11}  "
+        f"loading: {t['load_peak_over_baseline_bytes'] / GB:.2f} GB over the baseline"
+    )
     on, off = plan.activations["checkpointing_on"], plan.activations["checkpointing_off"]
-    lines += ["", f"activations at batch {s.batch} x {s.seq}: checkpointing on {on['peak'] / GB:.2f} GB "
-                  f"(stored {on['stored'] / GB:.2f}), off {off['peak'] / GB:.2f} GB (stored {off['stored'] / GB:.2f})"]
+    lines += [
+        "",
+        f"activations at batch {s.batch} x {s.seq}: checkpointing on {on['peak'] / GB:.2f} GB "
+        f"(stored {on['stored'] / GB:.2f}), off {off['peak'] / GB:.2f} GB (stored {off['stored'] / GB:.2f})",
+    ]
     lines += ["", "base weights by quantizer (linear layers quantized; embeddings/norms/head in " + s.dtype + "):"]
     for row in quantizer_table(a, s):
-        lines.append(f"  {row['label']:<16} {row['bits_per_param']:6.3f} bits/param  codes {fmt(row['codes_bytes'])}  "
-                     f"constants {fmt(row['constants_bytes'])}  total with unquantized {fmt(row['total_bytes'])}")
+        lines.append(
+            f"  {row['label']:<16} {row['bits_per_param']:6.3f} bits/param  codes {fmt(row['codes_bytes'])}  "
+            f"constants {fmt(row['constants_bytes'])}  total with unquantized {fmt(row['total_bytes'])}"
+        )
     if budget is not None:
         lines.append("")
         where = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in (budgets or {}).items() if v is not None)
@@ -735,5 +891,7 @@ def format_plan(plan: Plan, budget: Optional[dict] = None, budgets: Optional[dic
             lines.append(f"does NOT fit ({where}): " + "; ".join(budget["problems"]))
             for sug in budget["suggestions"]:
                 tot = sug["totals"]
-                lines.append(f"  would fit: {sug['change']} -> device {tot['device_peak_bytes']:.2f} GB, host {tot['host_peak_bytes']:.2f} GB")
+                lines.append(
+                    f"  would fit: {sug['change']} -> device {tot['device_peak_bytes']:.2f} GB, host {tot['host_peak_bytes']:.2f} GB"
+                )
     return "\n".join(lines)

@@ -66,8 +66,12 @@ class _Workspace:
             return False
         layer_ref, refs, versions = self.holds
         tensors = list(state.values())
-        return (layer_ref() is layer and len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors))
-                and versions == tuple(t._version for t in tensors))
+        return (
+            layer_ref() is layer
+            and len(refs) == len(tensors)
+            and all(r() is t for r, t in zip(refs, tensors))
+            and versions == tuple(t._version for t in tensors)
+        )
 
 
 def _workspace(numel: int, dtype: "torch.dtype", device: "torch.device") -> _Workspace:
@@ -99,8 +103,7 @@ def _supports_block_range(quantizer: BlockwiseQuantizer) -> bool:
     return _has_range[cls]
 
 
-def product_path(layer: "QuantLinear", dtype: "torch.dtype", device: "torch.device", rows: int = 0,
-                 transpose: bool = True) -> str:
+def product_path(layer: "QuantLinear", dtype: "torch.dtype", device: "torch.device", rows: int = 0, transpose: bool = True) -> str:
     """Which path computes ``layer``'s product (forward ``transpose=True`` or input gradient) of
     ``rows`` input rows in ``dtype`` on ``device``: ``fused``, ``tiles`` or ``whole`` (module
     docstring; on CUDA ``fused`` is Triton's kernel for a forward of at most
@@ -135,8 +138,11 @@ def _decoder(quantizer: BlockwiseQuantizer, device: "torch.device"):
     running the compiled code fails; ``QLORA_PLUGINS_COMPILE_DECODE=0`` turns it off."""
     plain = quantizer.decode_blocks
     cls = type(quantizer)
-    if (device.type != "cuda" or cls.lut_form is not BlockwiseQuantizer.lut_form
-            or os.environ.get("QLORA_PLUGINS_COMPILE_DECODE", "1").strip() in ("0", "false", "no")):
+    if (
+        device.type != "cuda"
+        or cls.lut_form is not BlockwiseQuantizer.lut_form
+        or os.environ.get("QLORA_PLUGINS_COMPILE_DECODE", "1").strip() in ("0", "false", "no")
+    ):
         return plain
     from qlora_plugins.core.kernels import triton_kernels
 
@@ -166,7 +172,7 @@ def _decoded_scales(quantizer: BlockwiseQuantizer, state: dict) -> dict:
     flat = dict(state)
     for key in quantizer.scale_keys:
         prefix = f"{key}_dq_"
-        sub = {k[len(prefix):]: flat.pop(k) for k in list(flat) if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: flat.pop(k) for k in list(flat) if k.startswith(prefix)}
         if sub:
             flat[key] = quantizer.scale_quantizer.decode(sub)
     return flat
@@ -196,8 +202,9 @@ def _product(layer: "QuantLinear", a: "torch.Tensor", transpose: bool) -> "torch
     blocksize = quantizer.options.blocksize
     if path == "fused":
         lut = quantizer.lut_form(flat)
-        return kernels.matmul_4bit_lut(a, lut["packed"], lut["absmax"], lut["code"], blocksize, (rows, cols),
-                                       offset=lut.get("offset"), transpose=transpose)
+        return kernels.matmul_4bit_lut(
+            a, lut["packed"], lut["absmax"], lut["code"], blocksize, (rows, cols), offset=lut.get("offset"), transpose=transpose
+        )
     n = rows * cols
     step = kernels.tile_rows_for(rows, cols, blocksize, TILE_BYTES * 4 // a.element_size())
     buf = _tile_buffer(min(step, rows) * cols, a.dtype, device)
@@ -248,8 +255,16 @@ class QuantLinear(nn.Module):
         ``.to(device)`` carry them).
     """
 
-    def __init__(self, in_features: int, out_features: int, quantizer: BlockwiseQuantizer, state: dict,
-                 bias: "torch.Tensor | None", compute_dtype: "torch.dtype", layer_name: str = "") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        quantizer: BlockwiseQuantizer,
+        state: dict,
+        bias: "torch.Tensor | None",
+        compute_dtype: "torch.dtype",
+        layer_name: str = "",
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quantizer, self.compute_dtype, self.layer_name = quantizer, compute_dtype, layer_name
@@ -342,5 +357,7 @@ class QuantLinear(nn.Module):
         return out.to(dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.quantizer.name}, "
-                f"blocksize={self.quantizer.options.blocksize}, double_quant={self.quantizer.options.double_quant}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.quantizer.name}, "
+            f"blocksize={self.quantizer.options.blocksize}, double_quant={self.quantizer.options.double_quant}"
+        )

@@ -41,8 +41,9 @@ def _load(model_dir: Path, causal: bool, trust_remote_code: bool) -> Any:
 
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
-        model, info = cls.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True, trust_remote_code=trust_remote_code,
-                                          output_loading_info=True)
+        model, info = cls.from_pretrained(
+            str(model_dir), dtype=torch.float32, local_files_only=True, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"MODEL_DIR: cannot load {model_dir}: {str(exc).splitlines()[0]}") from None
     modeling.check_loading_info(info, model_dir, type(model).__name__, new_head=not causal, config_path="MODEL_DIR")
@@ -95,9 +96,20 @@ def weight_errors(quantizer: Any, model: Any) -> list[dict]:
     return rows
 
 
-def run_report(model_dir: Path, quantizer_names: Sequence[str], registry: Any, double_quant: bool, blocksize: int,
-               text: str, seq_len: int = 256, max_tokens: int = 4096, worst: int = 3, trust_remote_code: bool = False,
-               progress: Any = None, frozen_dtype: Any = None) -> dict:
+def run_report(
+    model_dir: Path,
+    quantizer_names: Sequence[str],
+    registry: Any,
+    double_quant: bool,
+    blocksize: int,
+    text: str,
+    seq_len: int = 256,
+    max_tokens: int = 4096,
+    worst: int = 3,
+    trust_remote_code: bool = False,
+    progress: Any = None,
+    frozen_dtype: Any = None,
+) -> dict:
     """Compare quantizers on one checkpoint; returns the report as a mapping. With
     ``frozen_dtype`` (a 16-bit torch dtype) every quantizer gets a second row, ``NAME+frozen-DTYPE``,
     measured with the unquantized frozen weights stored in that dtype (``model.frozen_dtype``)."""
@@ -112,8 +124,13 @@ def run_report(model_dir: Path, quantizer_names: Sequence[str], registry: Any, d
     reference = _load(model_dir, causal, trust_remote_code)
     max_pos = getattr(reference.config, "max_position_embeddings", None) or seq_len
     windows = _windows(tokenizer, text, min(seq_len, max_pos), max_tokens)
-    base: dict[str, Any] = {"model": str(model_dir), "kind": "causal_lm" if causal else "encoder",
-                            "probe_tokens": sum(w.shape[1] for w in windows), "blocksize": blocksize, "double_quant": double_quant}
+    base: dict[str, Any] = {
+        "model": str(model_dir),
+        "kind": "causal_lm" if causal else "encoder",
+        "probe_tokens": sum(w.shape[1] for w in windows),
+        "blocksize": blocksize,
+        "double_quant": double_quant,
+    }
     if causal:
         base["fp_perplexity"] = perplexity(reference, windows)
     else:
@@ -131,9 +148,16 @@ def run_report(model_dir: Path, quantizer_names: Sequence[str], registry: Any, d
         if layers:
             total = sum(r["numel"] for r in layers)
             mse = sum(r["mse"] * r["numel"] for r in layers) / total
-            signal = sum(float((lin.weight.data.float() ** 2).sum()) for _, lin in iter_linear_layers(reference, DEFAULT_SKIP_MODULES)) / total
-            row.update({"weight_mse": mse, "weight_sqnr_db": 10 * math.log10(signal / mse) if mse > 0 else float("inf"),
-                        "worst_layers": sorted(layers, key=lambda r: r["sqnr_db"])[:worst]})
+            signal = (
+                sum(float((lin.weight.data.float() ** 2).sum()) for _, lin in iter_linear_layers(reference, DEFAULT_SKIP_MODULES)) / total
+            )
+            row.update(
+                {
+                    "weight_mse": mse,
+                    "weight_sqnr_db": 10 * math.log10(signal / mse) if mse > 0 else float("inf"),
+                    "worst_layers": sorted(layers, key=lambda r: r["sqnr_db"])[:worst],
+                }
+            )
         variants = [(row, None)]
         if frozen_dtype is not None:
             variants.append(({**row, "quantizer": f"{name}+frozen-{str(frozen_dtype).replace('torch.', '')}"}, frozen_dtype))
@@ -182,7 +206,9 @@ def format_report(report: dict) -> str:
             cells += [f"{r['hidden_relative_error']:.4f}", f"{r['hidden_cosine']:.5f}"]
         lines.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *lines)]
-    out = [f"{report['model']} ({report['kind']}, blocksize {report['blocksize']}, double quant {report['double_quant']}, {report['probe_tokens']} probe tokens)"]
+    out = [
+        f"{report['model']} ({report['kind']}, blocksize {report['blocksize']}, double quant {report['double_quant']}, {report['probe_tokens']} probe tokens)"
+    ]
     if causal:
         out.append(f"full-precision perplexity: {report['fp_perplexity']:.3f}")
     out.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)))

@@ -105,8 +105,9 @@ class BlockwiseQuantizer(Quantizer):
         """Dequantize named tensors back into a flat tensor of ``numel`` elements in ``dtype``."""
         raise NotImplementedError
 
-    def decode_block_range(self, state: dict, first: int, stop: int, numel: int, blocksize: int,
-                           dtype: "torch.dtype", out: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def decode_block_range(
+        self, state: dict, first: int, stop: int, numel: int, blocksize: int, dtype: "torch.dtype", out: "torch.Tensor | None" = None
+    ) -> "torch.Tensor":
         """Optional: dequantize only blocks ``[first, stop)`` of the flat weight (``numel`` elements
         in all; the last block may be partial) into a flat tensor of ``min(stop*blocksize, numel) -
         first*blocksize`` elements, written into ``out`` when given. ``state`` has its scales
@@ -152,7 +153,7 @@ class BlockwiseQuantizer(Quantizer):
         flat = dict(state)
         for key in self.scale_keys:
             prefix = f"{key}_dq_"
-            sub = {k[len(prefix):]: flat.pop(k) for k in list(flat) if k.startswith(prefix)}
+            sub = {k[len(prefix) :]: flat.pop(k) for k in list(flat) if k.startswith(prefix)}
             if sub:
                 flat[key] = self.scale_quantizer.decode(sub)
         numel = 1
@@ -194,7 +195,9 @@ class BlockwiseQuantizer(Quantizer):
             weight = module.weight.data if isinstance(module, torch.nn.Linear) else module.weight.data.t().contiguous()
             bias = module.bias.data if module.bias is not None else None
             state = self.encode(weight, name)
-            set_submodule(model, name, QuantLinear(weight.shape[1], weight.shape[0], self, state, bias, self.compute_dtype_for(weight.dtype), name))
+            set_submodule(
+                model, name, QuantLinear(weight.shape[1], weight.shape[0], self, state, bias, self.compute_dtype_for(weight.dtype), name)
+            )
             del module, weight  # the full-precision weight is released before the next layer
 
     def dequantize_model(self, model: Any) -> None:

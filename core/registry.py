@@ -204,6 +204,7 @@ class _PluginCode:
         if threading.current_thread() is threading.main_thread():
             try:
                 if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+
                     def on_sigint(signum: int, frame: Any) -> None:
                         self.interrupted = True
                         raise KeyboardInterrupt
@@ -278,9 +279,7 @@ class Registry:
         available = ", ".join(sorted(table)) or "none"
         suspects = [b for b in self.broken if b.stage in ("import", "hook") and b.kind in (None, kind)]
         hint = f"; it may come from a plugin that failed to load: {suspects[0].message()}" if suspects else ""
-        raise PluginError(
-            f"{where}unknown {label} '{short_text(name)}'{did_you_mean(str(name), table)}; available: {available}{hint}"
-        )
+        raise PluginError(f"{where}unknown {label} '{short_text(name)}'{did_you_mean(str(name), table)}; available: {available}{hint}")
 
     def registration(self, kind: str, name: str) -> Registration:
         self.get(kind, name)
@@ -298,8 +297,10 @@ class Registry:
             if name is None:
                 where = f"{config_path}.name: " if config_path else ""
                 label = kind.replace("_", " ")
-                raise PluginError(f"{where}no {label} plugin declares itself the default; name one "
-                                  f"(available: {', '.join(sorted(self.tables.get(kind, {}))) or 'none'})")
+                raise PluginError(
+                    f"{where}no {label} plugin declares itself the default; name one "
+                    f"(available: {', '.join(sorted(self.tables.get(kind, {}))) or 'none'})"
+                )
         cls = self.get(kind, name, f"{config_path}.name" if config_path else None)
         built = build_options(cls.Options, options or {}, config_path)
         return cls(built)
@@ -379,8 +380,7 @@ class Registry:
                 BrokenPlugin(
                     source,
                     "conflict",
-                    f"name already registered by {existing.source.describe()}; "
-                    f"set `replaces = True` on the class to take it over",
+                    f"name already registered by {existing.source.describe()}; set `replaces = True` on the class to take it over",
                     kind,
                     name,
                 )
@@ -395,11 +395,16 @@ class Registry:
             self.defaults[kind] = name
             return
         holder = self.tables[kind][current].source.describe()
-        self.broken.append(BrokenPlugin(
-            source, "conflict",
-            f"claims to be the default {kind.replace('_', ' ')}, which '{current}' from {holder} already is; "
-            f"set `replaces = True` on the class to take the default over (it stays registered as '{name}')",
-            kind, name))
+        self.broken.append(
+            BrokenPlugin(
+                source,
+                "conflict",
+                f"claims to be the default {kind.replace('_', ' ')}, which '{current}' from {holder} already is; "
+                f"set `replaces = True` on the class to take the default over (it stays registered as '{name}')",
+                kind,
+                name,
+            )
+        )
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:

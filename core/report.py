@@ -93,7 +93,10 @@ def summary_rows(report: dict) -> list[tuple[str, Any]]:
         ("model", report.get("model", {}).get("path", "-")),
         ("plugins", ", ".join(f"{k}={v['name']}" for k, v in plugins.items() if isinstance(v, dict))),
         ("parameters", f"{p.get('total', 0):,} total, {p.get('trainable', 0):,} trainable ({fmt(p.get('trainable_percent'), '.2f')}%)"),
-        ("quantized", f"{q.get('quantized_params', 0):,} params in {human_bytes(q.get('quantized_bytes'))} ({fmt(q.get('bits_per_param'), '.3f')} bits/param)"),
+        (
+            "quantized",
+            f"{q.get('quantized_params', 0):,} params in {human_bytes(q.get('quantized_bytes'))} ({fmt(q.get('bits_per_param'), '.3f')} bits/param)",
+        ),
     ]
     if t:
         rows += [

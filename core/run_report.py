@@ -88,8 +88,13 @@ class RunReport:
     @classmethod
     def start(cls, out: Path, config: Any, model_dir: Optional[Path], plugins: dict, versions: dict, device: str) -> "RunReport":
         """The report of a run about to load its model."""
-        model = {"path": str(model_dir), "source": config.model.source, "task": config.model.task, "dtype": config.model.dtype,
-                 "trust_remote_code": config.model.trust_remote_code}
+        model = {
+            "path": str(model_dir),
+            "source": config.model.source,
+            "task": config.model.task,
+            "dtype": config.model.dtype,
+            "trust_remote_code": config.model.trust_remote_code,
+        }
         return cls("running", str(out), str(config.source) if config.source else None, model, plugins, versions, device)
 
     def to_dict(self) -> dict:

@@ -27,8 +27,19 @@ from qlora_plugins.core.safety import (
     remove_aside,
 )
 
-__all__ = ["RUN_MARKER", "atomic_write_text", "atomic_write_json", "atomic_write_yaml", "atomic_directory", "check_run_output", "prepare_run_dir",
-           "strict_json", "MetricsWriter", "read_metrics", "write_error"]
+__all__ = [
+    "RUN_MARKER",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_write_yaml",
+    "atomic_directory",
+    "check_run_output",
+    "prepare_run_dir",
+    "strict_json",
+    "MetricsWriter",
+    "read_metrics",
+    "write_error",
+]
 
 
 def _umask() -> int:

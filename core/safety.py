@@ -51,8 +51,10 @@ def check_no_links(root: Path, what: str) -> None:
     """Refuse to write into ``root`` when it holds a symbolic link anywhere."""
     link = first_link(root)
     if link is not None:
-        raise UnsafeOutputError(f"{what}: {link} is a symbolic link; qlora never writes links, so it refuses to write into, "
-                                f"replace or delete anything in {root}")
+        raise UnsafeOutputError(
+            f"{what}: {link} is a symbolic link; qlora never writes links, so it refuses to write into, "
+            f"replace or delete anything in {root}"
+        )
 
 
 def check_no_link_between(root: Path, target: Path, what: str) -> None:
@@ -78,8 +80,10 @@ def check_holds_no_input(target: Path, inputs: Iterable[tuple[str, Path | None]]
         if path is None:
             continue
         if _inside(Path(path).resolve(), resolved):
-            raise UnsafeOutputError(f"{what}: {target} holds {label} ({path}), an input of this command; "
-                                    "refusing to replace it (choose another output directory)")
+            raise UnsafeOutputError(
+                f"{what}: {target} holds {label} ({path}), an input of this command; "
+                "refusing to replace it (choose another output directory)"
+            )
 
 
 def _read_json(path: Path) -> object:
@@ -171,8 +175,9 @@ def asides_of(path: Path) -> list[Path]:
     if not parent.is_dir():
         return []
     prefix = f".{path.name}{ASIDE_MARK}-"
-    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(TEMP_SUFFIX) and p.is_dir()
-                  and not p.is_symlink())
+    return sorted(
+        p for p in parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(TEMP_SUFFIX) and p.is_dir() and not p.is_symlink()
+    )
 
 
 def remove_stale_temporaries(directory: Path) -> None:

@@ -111,8 +111,18 @@ def release_free_memory() -> None:
 COPY_CHUNK_BYTES = 32 << 20
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def tensor_locations(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -122,8 +132,11 @@ def tensor_locations(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, i
 
     header, length, _size = read_safetensors_header(Path(file))
     base = 8 + length
-    return {key: (meta["dtype"], tuple(meta["shape"]), base + meta["data_offsets"][0], base + meta["data_offsets"][1])
-            for key, meta in header.items() if key != "__metadata__"}
+    return {
+        key: (meta["dtype"], tuple(meta["shape"]), base + meta["data_offsets"][0], base + meta["data_offsets"][1])
+        for key, meta in header.items()
+        if key != "__metadata__"
+    }
 
 
 def _readable_locations(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -150,8 +163,9 @@ def _read_rows(fd: int, location: tuple[str, tuple[int, ...], int, int], start: 
     return torch.frombuffer(data, dtype=torch_dtype).reshape((stop - start, *shape[1:]))
 
 
-def _copy_into(target: Any, handle: Any, key: str, fd: Optional[int] = None,
-               location: Optional[tuple[str, tuple[int, ...], int, int]] = None) -> None:
+def _copy_into(
+    target: Any, handle: Any, key: str, fd: Optional[int] = None, location: Optional[tuple[str, tuple[int, ...], int, int]] = None
+) -> None:
     """Copy checkpoint tensor ``key`` into ``target`` (converting its dtype in place), in row
     chunks read straight from the file (``fd``, ``location``) when it is large."""
     import torch
@@ -253,7 +267,9 @@ def stream_load(request: Any, make_layer: Callable[[str, Any, Any], Any], skip_m
                 advance(_nbytes(locations.get(key)))
     missing = {k for k in expected - seen if not k.endswith(".weight") or k not in weight_keys}
     tied = set()
-    if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) or getattr(
+        getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False
+    ):
         model.tie_weights()
         out = model.get_output_embeddings()
         if out is not None:

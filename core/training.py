@@ -102,7 +102,9 @@ def move_batch(batch: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def evaluate(model: Any, data: Sequence[dict], batch_size: int, pad_id: int, task: str, device: str, max_batches: int | None = None) -> dict:
+def evaluate(
+    model: Any, data: Sequence[dict], batch_size: int, pad_id: int, task: str, device: str, max_batches: int | None = None
+) -> dict:
     """Mean loss (and accuracy for classification) over ``data``."""
     import torch
 
@@ -184,13 +186,17 @@ class TrainLoop:
         if self.cfg.eval_max_batches is not None:
             batches = min(batches, self.cfg.eval_max_batches)
         with current().stage("eval", total=batches, unit="batch") as stage:
-            figures = evaluate(self.model, self.eval_data, self.cfg.batch_size, self.pad_id, self.task, self.device, self.cfg.eval_max_batches)
+            figures = evaluate(
+                self.model, self.eval_data, self.cfg.batch_size, self.pad_id, self.task, self.device, self.cfg.eval_max_batches
+            )
             if "eval_loss" in figures:
                 stage.set_postfix(loss=f"{figures['eval_loss']:.4f}")
         loss = figures.get("eval_loss")
         if loss is not None and not math.isfinite(loss):
-            raise TrainingError(f"eval loss became {loss} at step {self.state.step}; stopping (lower optimizer.lr, check the data); "
-                                "the last checkpoint is kept")
+            raise TrainingError(
+                f"eval loss became {loss} at step {self.state.step}; stopping (lower optimizer.lr, check the data); "
+                "the last checkpoint is kept"
+            )
         if figures:
             self.on_record({"step": self.state.step, **figures})
         return figures
@@ -215,7 +221,6 @@ class TrainLoop:
 
         cfg = self.cfg
         self._first_loss = self._last_loss = None
-        figures: dict = {}
         while self.state.step < self.total:
             started = time.perf_counter()
             # where this step starts: restored if Ctrl-C lands mid-step, so the saved state is exact
@@ -235,8 +240,14 @@ class TrainLoop:
             self._first_loss = loss_total if self._first_loss is None else self._first_loss
             self._last_loss = loss_total
             if self.state.step % cfg.log_every == 0 or self.state.step == self.total:
-                record = {"step": self.state.step, "loss": loss_total, "lr": lr,
-                          "step_time_s": round(elapsed, 5), "tokens": tokens, "epoch": self.state.epoch}
+                record = {
+                    "step": self.state.step,
+                    "loss": loss_total,
+                    "lr": lr,
+                    "step_time_s": round(elapsed, 5),
+                    "tokens": tokens,
+                    "epoch": self.state.epoch,
+                }
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 self.on_record(record)
@@ -244,7 +255,7 @@ class TrainLoop:
                 self.progress.update(1)
                 self.progress.set_postfix(loss=f"{loss_total:.4f}")
             if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < self.total:
-                figures = self._eval()
+                self._eval()
             self.on_step_end(self.state)
         return self._eval()
 
@@ -273,4 +284,3 @@ class TrainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         return loss_total, tokens, grad_norm
-

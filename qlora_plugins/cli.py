@@ -107,8 +107,11 @@ class QloraGroup(click.Group):
             # the command's own result (``sys.exit(0)`` used to end `qlora run` silently with 0)
             if (ctx.obj or {}).get("debug") or os.environ.get("QLORA_DEBUG") == "1":
                 raise
-            click.echo(f"Error: {ctx.invoked_subcommand or 'qlora'}: stopped by SystemExit({exc.code!r}){_origin(exc)}, "
-                       "not by the command; a plugin called sys.exit()?", err=True)
+            click.echo(
+                f"Error: {ctx.invoked_subcommand or 'qlora'}: stopped by SystemExit({exc.code!r}){_origin(exc)}, "
+                "not by the command; a plugin called sys.exit()?",
+                err=True,
+            )
             ctx.exit(2)
         except OSError as exc:  # the environment (permissions, full disk), not the input's content
             if debug():
@@ -144,7 +147,9 @@ def _raise_on_sigterm() -> None:
 @click.group(cls=QloraGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qlora-plugins", prog_name="qlora")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@click.option("--block", "blocked", multiple=True, metavar="NAME", help="Do not load the plugin NAME (entry point or builtin module); repeatable.")
+@click.option(
+    "--block", "blocked", multiple=True, metavar="NAME", help="Do not load the plugin NAME (entry point or builtin module); repeatable."
+)
 @click.option("--no-autoload", is_flag=True, help="Do not load plugins from installed packages (also QLORA_PLUGINS_DISABLE_AUTOLOAD=1).")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, blocked: tuple[str, ...], no_autoload: bool) -> None:
@@ -163,16 +168,37 @@ def cli(ctx: click.Context, debug: bool, blocked: tuple[str, ...], no_autoload: 
 
 @cli.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value, e.g. --set train.max_steps=20 (repeatable; values are YAML).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set train.max_steps=20 (repeatable; values are YAML).",
+)
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Run directory (default: runs/<config name>-<timestamp>).")
 @click.option("--force", is_flag=True, help="Replace an existing run directory.")
-@click.option("--resume", "resume_dir", is_flag=False, flag_value="", default=None, metavar="[RUN_DIR]",
-              help="Continue an interrupted run from its latest checkpoint (RUN_DIR, or --output).")
+@click.option(
+    "--resume",
+    "resume_dir",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[RUN_DIR]",
+    help="Continue an interrupted run from its latest checkpoint (RUN_DIR, or --output).",
+)
 @click.option("--no-progress", is_flag=True, help="Do not show progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the summary table.")
 @click.pass_context
-def run(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], output: Path | None, force: bool, resume_dir: str | None,
-        no_progress: bool, as_json: bool) -> None:
+def run(
+    ctx: click.Context,
+    config_path: Path,
+    overrides: tuple[str, ...],
+    output: Path | None,
+    force: bool,
+    resume_dir: str | None,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
     """Run the pipeline described by CONFIG: load, quantize, attach the adapter, train, export.
 
     Writes a run directory with the resolved config (config.yaml), metrics.jsonl, report.json,
@@ -272,12 +298,26 @@ def plugins(ctx: click.Context, kind: str | None, as_json: bool) -> None:
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Window length for perplexity.")
 @click.option("--max-tokens", default=4096, show_default=True, type=int, help="Probe tokens used at most.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code.")
-@click.option("--frozen-dtype", type=click.Choice(["bfloat16", "float16"]),
-              help="Also measure each scheme with the unquantized frozen weights (embeddings, head) in this dtype (model.frozen_dtype).")
+@click.option(
+    "--frozen-dtype",
+    type=click.Choice(["bfloat16", "float16"]),
+    help="Also measure each scheme with the unquantized frozen weights (embeddings, head) in this dtype (model.frozen_dtype).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.pass_context
-def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_quant: bool, blocksize: int, text_file: Path | None,
-                 seq_len: int, max_tokens: int, trust_remote_code: bool, frozen_dtype: str | None, as_json: bool) -> None:
+def quant_report(
+    ctx: click.Context,
+    model_dir: Path,
+    quantizers: str,
+    double_quant: bool,
+    blocksize: int,
+    text_file: Path | None,
+    seq_len: int,
+    max_tokens: int,
+    trust_remote_code: bool,
+    frozen_dtype: str | None,
+    as_json: bool,
+) -> None:
     """Quantize MODEL_DIR with each scheme and compare: bits/param, weight error, output fidelity.
 
     Causal LMs are compared by perplexity on the probe text against the full-precision model;
@@ -306,9 +346,19 @@ def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_qu
     import torch
 
     with _json_stdout(as_json) as out:
-        report = run_report(model_dir, names, _registry(ctx), double_quant, blocksize, text or DEFAULT_PROBE, seq_len, max_tokens,
-                            trust_remote_code=trust_remote_code, progress=log,
-                            frozen_dtype=getattr(torch, frozen_dtype) if frozen_dtype else None)
+        report = run_report(
+            model_dir,
+            names,
+            _registry(ctx),
+            double_quant,
+            blocksize,
+            text or DEFAULT_PROBE,
+            seq_len,
+            max_tokens,
+            trust_remote_code=trust_remote_code,
+            progress=log,
+            frozen_dtype=getattr(torch, frozen_dtype) if frozen_dtype else None,
+        )
     from qlora_plugins.core.rundir import dumps
 
     click.echo(dumps(report, indent=2) if as_json else format_report(report), file=out)
@@ -316,19 +366,36 @@ def quant_report(ctx: click.Context, model_dir: Path, quantizers: str, double_qu
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--exporter", "-e", "exporters", multiple=True, required=True, metavar="NAME",
-              help="Exporter to run (repeatable): adapter, merged, merged_4bit, or an installed plugin's.")
-@click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Export directory (default: RUN_DIR/exports/NAME; with several exporters, OUTPUT/NAME each).")
-@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="Exporter option (values are YAML; repeatable): KEY=VALUE applies to every --exporter, NAME.KEY=VALUE "
-                   "to exporter NAME only; e.g. --option dtype=bfloat16, --option merged_4bit.correction_rank=16, "
-                   "--option tolerance.max_kl=0.01.")
+@click.option(
+    "--exporter",
+    "-e",
+    "exporters",
+    multiple=True,
+    required=True,
+    metavar="NAME",
+    help="Exporter to run (repeatable): adapter, merged, merged_4bit, or an installed plugin's.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    help="Export directory (default: RUN_DIR/exports/NAME; with several exporters, OUTPUT/NAME each).",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Exporter option (values are YAML; repeatable): KEY=VALUE applies to every --exporter, NAME.KEY=VALUE "
+    "to exporter NAME only; e.g. --option dtype=bfloat16, --option merged_4bit.correction_rank=16, "
+    "--option tolerance.max_kl=0.01.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing export (it stays untouched if the new one fails).")
 @click.option("--json", "as_json", is_flag=True, help="Print the exports' facts and fidelity as JSON.")
 @click.pass_context
-def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output: Path | None, options: tuple[str, ...],
-           force: bool, as_json: bool) -> None:
+def export(
+    ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output: Path | None, options: tuple[str, ...], force: bool, as_json: bool
+) -> None:
     """Export the finished run in RUN_DIR (its config.yaml and adapter/) with one or more exporters.
 
     The trained model is loaded back through the run's own plugins. Each export is written to a
@@ -360,8 +427,11 @@ def export(ctx: click.Context, run_dir: Path, exporters: tuple[str, ...], output
     rows = []
     for name, info in results.items():
         fid = info.get("fidelity", {})
-        figures = ", ".join(f"{label} {fid[key]:.4g}" for key, label in (("kl", "KL"), ("top1", "top-1"), ("max_abs_diff", "max |dlogit|"))
-                            if isinstance(fid.get(key), (int, float)))
+        figures = ", ".join(
+            f"{label} {fid[key]:.4g}"
+            for key, label in (("kl", "KL"), ("top1", "top-1"), ("max_abs_diff", "max |dlogit|"))
+            if isinstance(fid.get(key), (int, float))
+        )
         rows.append((name, f"{info['path']} ({len(info['files'])} files, {human_bytes(info.get('bytes'))})"))
         rows.append(("  fidelity", f"{fid.get('status', '-')}" + (f": {figures}" if figures else "")))
     click.echo(format_table(rows, "qlora export: completed"))
@@ -375,7 +445,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     # honour the root options before plugins add their subcommands (so --block hides them too)
-    blocked = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--block"] + [a.split("=", 1)[1] for a in args if a.startswith("--block=")]
+    blocked = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--block"] + [
+        a.split("=", 1)[1] for a in args if a.startswith("--block=")
+    ]
     registry = create_registry(blocked=blocked, load_entrypoints=False if "--no-autoload" in args else None)
     registry.add_commands(cli)
     _raise_on_sigterm()

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import assert_user_error, base_config, invoke, new_registry
+
 from qlora_plugins.core.interfaces import AdapterContext
 
 
@@ -50,8 +50,9 @@ def test_cli_refuses_full_on_nf4_without_writing(write_config, tmp_path):
 
 @pytest.mark.slow
 def test_full_fine_tuning_runs_and_saves_loadable_weights(write_config, tmp_path, tiny_llama_dir):
-    config = write_config(base_config(quantizer={"name": "none"}, adapter={"name": "full"},
-                                      train={"max_steps": 2, "batch_size": 4, "seed": 0}))
+    config = write_config(
+        base_config(quantizer={"name": "none"}, adapter={"name": "full"}, train={"max_steps": 2, "batch_size": 4, "seed": 0})
+    )
     out = tmp_path / "run"
     result = invoke("run", config, "--output", out, "--no-progress")
     assert result.exit_code == 0, result.output

@@ -181,67 +181,137 @@ CASES = [
     Case("unknown-plugin-key-suggests", cfg(adapter={"alpah": 8}), ("adapter.alpah: unknown key (did you mean 'alpha'?)",)),
     Case("unknown-plugin-key-lists-valid-keys", cfg(adapter={"rank": 8}), ("adapter.rank: unknown key; valid keys: alpha, bias, dropout",)),
     Case("unknown-section-suggests", cfg(optimiser={"lr": 1e-3}), ("optimiser: unknown section (did you mean 'optimizer'?)",)),
-    Case("unknown-plugin-suggests", cfg(quantizer={"name": "nf5"}), ("quantizer.name: unknown quantizer 'nf5' (did you mean 'nf4'?); available:",)),
+    Case(
+        "unknown-plugin-suggests",
+        cfg(quantizer={"name": "nf5"}),
+        ("quantizer.name: unknown quantizer 'nf5' (did you mean 'nf4'?); available:",),
+    ),
     Case("out-of-range-rank", cfg(adapter={"r": 0}), ("adapter.r: must be in [1, 4096], got 0",)),
-    Case("out-of-range-blocksize", cfg(quantizer={"blocksize": 100}), ("quantizer.blocksize: must be a power of two in [32, 4096], got 100",)),
+    Case(
+        "out-of-range-blocksize", cfg(quantizer={"blocksize": 100}), ("quantizer.blocksize: must be a power of two in [32, 4096], got 100",)
+    ),
     Case("out-of-range-negative-lr", cfg(optimizer={"lr": -0.1}), ("optimizer.lr: must be > 0",)),
-    Case("non-finite-lr", "model: {source: tiny-llama}\ndata: {name: instruction, path: %s}\noptimizer: {name: adamw, lr: .nan}\n" % INSTRUCTIONS,
-         ("optimizer.lr: must be a finite number",)),
+    Case(
+        "non-finite-lr",
+        "model: {source: tiny-llama}\ndata: {name: instruction, path: %s}\noptimizer: {name: adamw, lr: .nan}\n" % INSTRUCTIONS,
+        ("optimizer.lr: must be a finite number",),
+    ),
     Case("conflict-path-and-source", cfg(model={"path": "m", "source": "tiny-llama"}), ("model: set exactly one of 'path'",)),
     Case("conflict-neither-path-nor-source", cfg(model={"task": "causal_lm", "source": None}), ("model: set exactly one of 'path'",)),
-    Case("conflict-task-and-data-format", cfg(data={"name": "classification"}), ("data.name: data format 'classification' supports task(s) seq_cls",)),
+    Case(
+        "conflict-task-and-data-format",
+        cfg(data={"name": "classification"}),
+        ("data.name: data format 'classification' supports task(s) seq_cls",),
+    ),
     Case("conflict-duplicate-exporter", cfg(export=["adapter", "adapter"]), ("export[1].name: duplicate exporter 'adapter'",)),
     Case("training-without-data", cfg(data=None), ("data: is required when train.enabled is true",)),
     Case("bad-set-override", cfg(), ("--set: expected KEY=VALUE",), args=("--set", "train.max_steps")),
     Case("bad-instruction-template", cfg(data={"template": "{question}"}), ("data.template: unknown placeholder {question}",)),
     # datasets -----------------------------------------------------------------------------
-    Case("data-missing-columns", on_data("qa.jsonl"), ("data.path: qa.jsonl lacks column(s) instruction, output; it has: question, answer",),
-         files={"qa.jsonl": '{"question": "q", "answer": "a"}\n'}),
+    Case(
+        "data-missing-columns",
+        on_data("qa.jsonl"),
+        ("data.path: qa.jsonl lacks column(s) instruction, output; it has: question, answer",),
+        files={"qa.jsonl": '{"question": "q", "answer": "a"}\n'},
+    ),
     Case("data-empty-file", on_data("empty.jsonl"), ("data.path: ", "empty.jsonl is empty"), files={"empty.jsonl": ""}),
     Case("data-blank-lines", on_data("blank.jsonl"), ("blank.jsonl has no rows",), files={"blank.jsonl": "\n\n\n"}),
     Case("data-csv-header-only", on_data("header.csv"), ("header.csv has no rows",), files={"header.csv": "instruction,output\n"}),
     Case("data-json-empty-list", on_data("rows.json"), ("rows.json has no rows",), files={"rows.json": "[]"}),
-    Case("data-latin1-bytes", on_data("latin1.jsonl"), ("latin1.jsonl is not UTF-8 text (byte ",),
-         files={"latin1.jsonl": '{"instruction": "Say caf\xe9", "output": "caf\xe9"}\n'.encode("latin-1")}),
-    Case("data-non-json-line", on_data("broken.jsonl"), ("data.path: cannot parse ", "broken.jsonl"),
-         files={"broken.jsonl": '{"instruction": "a", "output": "b"}\nthis line is not JSON\n{"instruction": "c", "output": "d"}\n'}),
-    Case("data-truncated-json-line", on_data("cut.jsonl"), ("data.path: cannot parse ", "cut.jsonl"),
-         files={"cut.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "c", "outp\n'}),
+    Case(
+        "data-latin1-bytes",
+        on_data("latin1.jsonl"),
+        ("latin1.jsonl is not UTF-8 text (byte ",),
+        files={"latin1.jsonl": '{"instruction": "Say caf\xe9", "output": "caf\xe9"}\n'.encode("latin-1")},
+    ),
+    Case(
+        "data-non-json-line",
+        on_data("broken.jsonl"),
+        ("data.path: cannot parse ", "broken.jsonl"),
+        files={"broken.jsonl": '{"instruction": "a", "output": "b"}\nthis line is not JSON\n{"instruction": "c", "output": "d"}\n'},
+    ),
+    Case(
+        "data-truncated-json-line",
+        on_data("cut.jsonl"),
+        ("data.path: cannot parse ", "cut.jsonl"),
+        files={"cut.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "c", "outp\n'},
+    ),
     Case("data-json-scalar", on_data("scalar.json"), ("data.path: ", "scalar.json"), files={"scalar.json": "42\n"}),
-    Case("data-prompts-longer-than-max-length", on_data("long.jsonl", max_length=16), ("data.max_length: every prompt in long.jsonl is at least 16 tokens",),
-         files={"long.jsonl": json.dumps({"instruction": LONG_PROMPT, "output": "ok"}) + "\n"}),
-    Case("data-unsupported-type", on_data("rows.xlsx"), ("data.path: rows.xlsx: unsupported file type '.xlsx'",), files={"rows.xlsx": "PK\x03\x04"}),
+    Case(
+        "data-prompts-longer-than-max-length",
+        on_data("long.jsonl", max_length=16),
+        ("data.max_length: every prompt in long.jsonl is at least 16 tokens",),
+        files={"long.jsonl": json.dumps({"instruction": LONG_PROMPT, "output": "ok"}) + "\n"},
+    ),
+    Case(
+        "data-unsupported-type",
+        on_data("rows.xlsx"),
+        ("data.path: rows.xlsx: unsupported file type '.xlsx'",),
+        files={"rows.xlsx": "PK\x03\x04"},
+    ),
     Case("data-path-is-a-directory", on_data("somedir"), ("data.path: not a file: ",), files={"somedir/rows.jsonl": "{}\n"}),
-    Case("data-text-shorter-than-a-block", cfg(data={"name": "text", "path": "tiny.txt", "max_length": 512}), ("fewer than one block of max_length=512",),
-         files={"tiny.txt": "too short\n"}),
-    Case("data-single-label-class", cfg(model={"source": "tiny-bert", "task": "seq_cls"}, data={"name": "classification", "path": "one.csv"}),
-         ("one.csv has a single label class",), files={"one.csv": "text,label\na,x\nb,x\nc,x\n"}),
+    Case(
+        "data-text-shorter-than-a-block",
+        cfg(data={"name": "text", "path": "tiny.txt", "max_length": 512}),
+        ("fewer than one block of max_length=512",),
+        files={"tiny.txt": "too short\n"},
+    ),
+    Case(
+        "data-single-label-class",
+        cfg(model={"source": "tiny-bert", "task": "seq_cls"}, data={"name": "classification", "path": "one.csv"}),
+        ("one.csv has a single label class",),
+        files={"one.csv": "text,label\na,x\nb,x\nc,x\n"},
+    ),
     # checkpoints --------------------------------------------------------------------------
     Case("ckpt-truncated-safetensors", on_model(), ("model.safetensors", "corrupt or truncated"), model=truncate_weights),
     Case("ckpt-garbage-safetensors", on_model(), ("model.safetensors", "corrupt or truncated"), model=garbage_weights),
     Case("ckpt-corrupt-header", on_model(), ("model.safetensors", "corrupt or truncated"), model=corrupt_header),
-    Case("ckpt-shapes-do-not-match-config", on_model(), ("model.path: cannot load ", "shape"), model=edit_config(hidden_size=96, head_dim=24)),
+    Case(
+        "ckpt-shapes-do-not-match-config", on_model(), ("model.path: cannot load ", "shape"), model=edit_config(hidden_size=96, head_dim=24)
+    ),
     Case("ckpt-pickled-weights-with-globals", on_model(), ("model.path: ", "pytorch_model.bin"), model=pickled_weights),
-    Case("ckpt-missing-config-json", on_model(), ("model.path: ", "is not a model directory (no config.json)"), model=remove("config.json")),
+    Case(
+        "ckpt-missing-config-json", on_model(), ("model.path: ", "is not a model directory (no config.json)"), model=remove("config.json")
+    ),
     Case("ckpt-config-json-not-json", on_model(), ("config.json is not valid JSON",), model=write("config.json", "{not json")),
     Case("ckpt-config-without-model-type", on_model(), ("has no 'model_type'",), model=edit_config(model_type=None)),
     Case("ckpt-unknown-model-type", on_model(), ("model.path: ", "nonexistent-arch"), model=edit_config(model_type="nonexistent-arch")),
-    Case("ckpt-index-names-a-missing-shard", on_model(), ("names the shard model-00002-of-00002.safetensors, which is missing",),
-         model=write("model.safetensors.index.json", json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))),
+    Case(
+        "ckpt-index-names-a-missing-shard",
+        on_model(),
+        ("names the shard model-00002-of-00002.safetensors, which is missing",),
+        model=write("model.safetensors.index.json", json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})),
+    ),
     Case("ckpt-no-weights", on_model(), ("has no weights",), model=remove("model.safetensors")),
     Case("ckpt-not-a-model-directory", on_model(), ("is not a model directory (no config.json)",), model=not_a_model),
     Case("ckpt-path-is-a-file", on_model(), ("model.path: not a directory: ",), model=model_is_a_file),
     # paths --------------------------------------------------------------------------------
     Case("path-missing-config", None, ("WORK/nope.yaml: config file not found",), config_name="nope.yaml"),
-    Case("path-config-is-a-directory", None, ("WORK/cfgdir: is a directory, not a config file",), files={"cfgdir/a.yaml": "model: {}\n"},
-         config_name="cfgdir"),
+    Case(
+        "path-config-is-a-directory",
+        None,
+        ("WORK/cfgdir: is a directory, not a config file",),
+        files={"cfgdir/a.yaml": "model: {}\n"},
+        config_name="cfgdir",
+    ),
     Case("path-missing-model", on_model(), ("model.path: model directory not found: ",), model=model_missing),
-    Case("path-missing-data", cfg(data={"path": "nowhere/rows.jsonl"}), ("data.path: data file not found: ", "rows.jsonl"), command="validate"),
+    Case(
+        "path-missing-data",
+        cfg(data={"path": "nowhere/rows.jsonl"}),
+        ("data.path: data file not found: ", "rows.jsonl"),
+        command="validate",
+    ),
     Case("path-output-under-a-file", cfg(), ("--output: ", "somefile"), files={"somefile": "a regular file\n"}, output="somefile/run"),
     Case("path-output-inside-model", on_model(), ("--output: ", "inside the model directory"), model=intact, output="model/run"),
     Case("path-output-is-a-file", cfg(), ("--output: WORK/out exists and is not a directory",), files={"out": "a regular file\n"}),
     Case("path-output-not-empty", cfg(), ("exists and is not empty; pass --force",), files={"out/notes.txt": "keep me\n"}),
-    Case("path-resume-not-a-run", cfg(), ("--resume: ", "is not a qlora run directory"), files={"out/notes.txt": "keep me\n"}, args=("--resume",)),
+    Case(
+        "path-resume-not-a-run",
+        cfg(),
+        ("--resume: ", "is not a qlora run directory"),
+        files={"out/notes.txt": "keep me\n"},
+        args=("--resume",),
+    ),
 ]
 
 
@@ -310,7 +380,9 @@ def test_long_rows_are_truncated_not_refused(tiny_llama_dir: Path, tmp_path: Pat
     ]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plugin = create_registry(load_entrypoints=False).create("data_format", "instruction", {"path": str(path), "max_length": 64, "eval_fraction": 0.0})
+    plugin = create_registry(load_entrypoints=False).create(
+        "data_format", "instruction", {"path": str(path), "max_length": 64, "eval_fraction": 0.0}
+    )
     splits = plugin.load(DataContext(load_tokenizer(tiny_llama_dir), "causal_lm", 0, tmp_path))
     assert len(splits.train) == 2
     lengths = sorted(len(e["input_ids"]) for e in splits.train)
@@ -318,4 +390,3 @@ def test_long_rows_are_truncated_not_refused(tiny_llama_dir: Path, tmp_path: Pat
     for example in splits.train:
         assert len(example["labels"]) == len(example["input_ids"])
         assert any(label != -100 for label in example["labels"])
-

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import assert_user_error, base_config, new_registry
+
 from qlora_plugins.builtin_plugins import commands_bench
 
 

@@ -78,8 +78,15 @@ def expected_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
 
 @pytest.mark.parametrize(
     "name, double_quant, backend",
-    [("nf4", False, "default"), ("nf4", True, "default"), ("fp4", False, "default"), ("fp4", True, "default"),
-     ("nf4", False, "bitsandbytes"), ("nf4", True, "bitsandbytes"), ("fp4", True, "bitsandbytes")],
+    [
+        ("nf4", False, "default"),
+        ("nf4", True, "default"),
+        ("fp4", False, "default"),
+        ("fp4", True, "default"),
+        ("nf4", False, "bitsandbytes"),
+        ("nf4", True, "bitsandbytes"),
+        ("fp4", True, "bitsandbytes"),
+    ],
     ids=lambda v: {False: "plain", True: "dq"}.get(v, v) if isinstance(v, bool) else v,
 )
 @pytest.mark.slow
@@ -446,8 +453,16 @@ def test_instruction_reads_every_file_type_alike(ext, llama_tokenizer, tmp_path)
 def test_instruction_custom_columns_and_template(llama_tokenizer, tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) + "\n" for i in range(5)))
-    splits = load_data("instruction", llama_tokenizer, base_dir=tmp_path, path=str(path), instruction_column="q",
-                       output_column="a", template="Q: {instruction}\nA: ", eval_fraction=0.0)
+    splits = load_data(
+        "instruction",
+        llama_tokenizer,
+        base_dir=tmp_path,
+        path=str(path),
+        instruction_column="q",
+        output_column="a",
+        template="Q: {instruction}\nA: ",
+        eval_fraction=0.0,
+    )
     ex = splits.train[0]
     n_prompt = sum(1 for x in ex["labels"] if x == -100)
     assert llama_tokenizer.decode(ex["input_ids"][1:n_prompt]).startswith("Q: q")
@@ -464,7 +479,9 @@ def test_text_is_cut_into_blocks(llama_tokenizer, tmp_path):
     # the same text from a parquet/jsonl column
     paths = as_files([{"body": line} for line in lines], tmp_path, "corpus")
     for ext in ("jsonl", "parquet", "csv"):
-        again = load_data("text", llama_tokenizer, base_dir=tmp_path, path=paths[ext].name, text_column="body", max_length=64, eval_fraction=0.25)
+        again = load_data(
+            "text", llama_tokenizer, base_dir=tmp_path, path=paths[ext].name, text_column="body", max_length=64, eval_fraction=0.25
+        )
         assert again.train == splits.train, ext
 
 
@@ -487,8 +504,16 @@ def test_classification_maps_string_labels(bert_tokenizer, tmp_path):
     rows = [{"sentence": f"text {i}", "target": i % 3} for i in range(9)]
     paths = as_files(rows, tmp_path, "ints")
     for ext in ("jsonl", "parquet"):
-        ints = load_data("classification", bert_tokenizer, task="seq_cls", base_dir=tmp_path, path=paths[ext].name,
-                         text_column="sentence", label_column="target", eval_fraction=0.0)
+        ints = load_data(
+            "classification",
+            bert_tokenizer,
+            task="seq_cls",
+            base_dir=tmp_path,
+            path=paths[ext].name,
+            text_column="sentence",
+            label_column="target",
+            eval_fraction=0.0,
+        )
         assert ints.num_labels == 3 and sorted(e["labels"] for e in ints.train) == sorted(r["target"] for r in rows)
     long = load_data("classification", bert_tokenizer, task="seq_cls", path=CLASSIFY.name, max_length=8)
     assert all(len(e["input_ids"]) <= 8 for e in long.train)

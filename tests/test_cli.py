@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLASSIFY, INSTRUCTIONS, assert_user_error, base_config, invoke
+from conftest import CLASSIFY, assert_user_error, base_config, invoke
 
 from qlora_plugins.core.interfaces import KINDS
 from qlora_plugins.errors import QloraError
@@ -49,7 +49,10 @@ PREFLIGHT = [
     (["quantiser.name=nf4"], ["quantiser: unknown section (did you mean 'quantizer'?)"]),
     (["data.path=missing.jsonl"], ["data.path: data file not found: ", "missing.jsonl"]),
     (["data.path=data.xlsx"], ["data.path: data file not found"]),
-    (["model.task=seq_cls", "data.name=classification", f"data.path={CLASSIFY}"], ["model.task: model source 'tiny-llama' is a causal_lm model, but model.task is seq_cls"]),
+    (
+        ["model.task=seq_cls", "data.name=classification", f"data.path={CLASSIFY}"],
+        ["model.task: model source 'tiny-llama' is a causal_lm model, but model.task is seq_cls"],
+    ),
     (["data.name=classification"], ["data.name: data format 'classification' supports task(s) seq_cls, not model.task=causal_lm"]),
     (["train.max_steps"], ["--set: expected KEY=VALUE"]),
     (["train.device=cuda"] if not __import__("torch").cuda.is_available() else ["train.device=gpu"], ["train.device: "]),
@@ -70,10 +73,11 @@ def test_config_file_problems(write_config, tmp_path):
     line = assert_user_error(invoke("run", bad_yaml, "-o", out), f"{bad_yaml}: invalid YAML at line ")
     assert int(line.split("at line ")[1].split(",")[0]) in (5, 6)
     assert_user_error(invoke("run", tmp_path / "nope.yaml", "-o", out), "nope.yaml: config file not found")
-    assert_user_error(invoke("run", write_config({"data": {"name": "text", "path": "x"}}, "nomodel.yaml"), "-o", out),
-                      "model: is required")
-    assert_user_error(invoke("run", write_config(base_config(model={"source": "tiny-llama", "path": "m"}), "both.yaml"), "-o", out),
-                      "model: set exactly one of 'path'")
+    assert_user_error(invoke("run", write_config({"data": {"name": "text", "path": "x"}}, "nomodel.yaml"), "-o", out), "model: is required")
+    assert_user_error(
+        invoke("run", write_config(base_config(model={"source": "tiny-llama", "path": "m"}), "both.yaml"), "-o", out),
+        "model: set exactly one of 'path'",
+    )
     assert not out.exists()
 
 
@@ -194,7 +198,9 @@ def test_validate_with_overrides_and_failures(write_config, tmp_path):
     assert ok.exit_code == 0 and "quantizer=fp4" in ok.stdout and "export=" not in ok.stdout
     assert_user_error(invoke("validate", path, "--set", "quantizer.blocksize=100"), f"{path}: quantizer.blocksize: must be a power of two")
     assert_user_error(invoke("validate", path, "--set", "data.path=gone.jsonl"), "data.path: data file not found")
-    seq = write_config(base_config(model={"source": "tiny-bert", "task": "seq_cls"}, data={"name": "classification", "path": str(CLASSIFY)}), "seq.yaml")
+    seq = write_config(
+        base_config(model={"source": "tiny-bert", "task": "seq_cls"}, data={"name": "classification", "path": str(CLASSIFY)}), "seq.yaml"
+    )
     assert invoke("validate", seq).exit_code == 0
 
 
@@ -207,9 +213,18 @@ def test_plugins_table():
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["KIND", "NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION"]
     rows = {tuple(line.split()[:3]) for line in lines[1:]}
-    for kind, name in [("quantizer", "nf4"), ("quantizer", "fp4"), ("quantizer", "none"), ("adapter", "lora"),
-                       ("optimizer", "paged_adamw"), ("optimizer", "adamw"), ("optimizer", "adamw_8bit"),
-                       ("exporter", "adapter"), ("data_format", "instruction"), ("model_source", "tiny-llama")]:
+    for kind, name in [
+        ("quantizer", "nf4"),
+        ("quantizer", "fp4"),
+        ("quantizer", "none"),
+        ("adapter", "lora"),
+        ("optimizer", "paged_adamw"),
+        ("optimizer", "adamw"),
+        ("optimizer", "adamw_8bit"),
+        ("exporter", "adapter"),
+        ("data_format", "instruction"),
+        ("model_source", "tiny-llama"),
+    ]:
         assert (kind, name, "qlora-plugins") in rows
     assert not [line for line in lines if line.startswith(("BROKEN", "BLOCKED"))]
 

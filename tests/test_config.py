@@ -14,7 +14,17 @@ from conftest import INSTRUCTIONS, base_config, new_registry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qlora_plugins.core.config import SECTIONS, ModelSection, TrainSection, apply_overrides, load_config, parse_config, read_config_file, resolve_plugins, resolved_dict
+from qlora_plugins.core.config import (
+    SECTIONS,
+    ModelSection,
+    TrainSection,
+    apply_overrides,
+    load_config,
+    parse_config,
+    read_config_file,
+    resolve_plugins,
+    resolved_dict,
+)
 from qlora_plugins.errors import ConfigError, PluginError, QloraError
 
 REGISTRY = new_registry()
@@ -182,7 +192,9 @@ def test_overrides_do_not_modify_their_input():
 def test_override_list_items_by_index():
     out = apply_overrides({}, ["export.0.name=adapter"])
     assert out == {"export": [{"name": "adapter"}]}
-    out = apply_overrides(out, ["export.1.name=merged", "export.0.name=other", "adapter.target_modules.0=q_proj", "adapter.target_modules.1=k_proj"])
+    out = apply_overrides(
+        out, ["export.1.name=merged", "export.0.name=other", "adapter.target_modules.0=q_proj", "adapter.target_modules.1=k_proj"]
+    )
     assert out["export"] == [{"name": "other"}, {"name": "merged"}]
     assert out["adapter"]["target_modules"] == ["q_proj", "k_proj"]
 
@@ -369,7 +381,15 @@ def test_shorthands():
 def test_defaults_are_filled_in_the_resolved_config():
     out = resolved({"model": {"source": "tiny-llama"}, "data": {"name": "instruction", "path": "d.jsonl"}})
     assert list(out) == ["model", "quantizer", "adapter", "optimizer", "data", "train", "export"]
-    assert out["model"] == {"path": None, "source": "tiny-llama", "task": "causal_lm", "dtype": "float32", "frozen_dtype": None, "trust_remote_code": False, "num_labels": None}
+    assert out["model"] == {
+        "path": None,
+        "source": "tiny-llama",
+        "task": "causal_lm",
+        "dtype": "float32",
+        "frozen_dtype": None,
+        "trust_remote_code": False,
+        "num_labels": None,
+    }
     assert out["quantizer"]["name"] == "nf4"
     assert out["quantizer"]["blocksize"] == 64 and out["quantizer"]["double_quant"] is True
     assert out["adapter"]["name"] == "lora"
@@ -467,16 +487,28 @@ def _mutate(base: dict, edits: list) -> dict:
 
 
 EDITS = st.sampled_from(SECTIONS).flatmap(
-    lambda section: st.tuples(st.just(section), st.sampled_from(_section_keys(section)), st.one_of(SCALARS, VALUES), st.booleans().map(lambda b: b and False) | st.just(False) | st.booleans())
+    lambda section: st.tuples(
+        st.just(section),
+        st.sampled_from(_section_keys(section)),
+        st.one_of(SCALARS, VALUES),
+        st.booleans().map(lambda b: b and False) | st.just(False) | st.booleans(),
+    )
 )
-VALID_BASES = st.sampled_from([
-    base_config(),
-    base_config(quantizer="fp4", export=["adapter"], train={"enabled": False}),
-    base_config(model={"source": "tiny-bert", "task": "seq_cls"}, data={"name": "classification", "path": "c.csv"}),
-])
+VALID_BASES = st.sampled_from(
+    [
+        base_config(),
+        base_config(quantizer="fp4", export=["adapter"], train={"enabled": False}),
+        base_config(model={"source": "tiny-bert", "task": "seq_cls"}, data={"name": "classification", "path": "c.csv"}),
+    ]
+)
 MUTATED = st.builds(_mutate, VALID_BASES, st.lists(EDITS, min_size=1, max_size=3))
 CONFIGS = st.one_of(CONFIGS, MUTATED, MUTATED)
-FUZZ = settings(max_examples=int(os.environ.get("QLORA_FUZZ_EXAMPLES", "150")), deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("QLORA_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def _resolve_or_user_error(data: dict) -> dict | None:
@@ -499,8 +531,15 @@ def test_fuzz_parse_and_resolve_raise_only_user_errors(data):
         assert _resolve_or_user_error(yaml.safe_load(yaml.safe_dump(out))) == out
 
 
-OVERRIDE_KEYS = st.lists(st.one_of(st.sampled_from(list(SECTIONS) + _option_names()), st.sampled_from(["0", "1", "3"]), st.text(max_size=4)), min_size=1, max_size=4).map(".".join)
-OVERRIDE_VALUES = st.one_of(st.text(max_size=12), st.sampled_from(["[a, b]", "{x: 1}", "null", "true", "1e-4", "64", "nf4", "[", "{", "'", "!!python/name:os.system", "&a [*a]"]))
+OVERRIDE_KEYS = st.lists(
+    st.one_of(st.sampled_from(list(SECTIONS) + _option_names()), st.sampled_from(["0", "1", "3"]), st.text(max_size=4)),
+    min_size=1,
+    max_size=4,
+).map(".".join)
+OVERRIDE_VALUES = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["[a, b]", "{x: 1}", "null", "true", "1e-4", "64", "nf4", "[", "{", "'", "!!python/name:os.system", "&a [*a]"]),
+)
 OVERRIDES = st.lists(st.tuples(OVERRIDE_KEYS, st.sampled_from(["=", "=", ""]), OVERRIDE_VALUES).map("".join), max_size=5)
 
 

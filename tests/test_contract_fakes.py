@@ -100,8 +100,11 @@ class FakeLowRank(Adapter):
         return SavedAdapter(base_model=None)
 
     def planned_trainable(self, layers, arch):
-        return sum(self.RANK * (shape.in_features + shape.out_features) * shape.count for shape in layers
-                   if shape.name.rsplit(".", 1)[-1] in self.TARGETS)
+        return sum(
+            self.RANK * (shape.in_features + shape.out_features) * shape.count
+            for shape in layers
+            if shape.name.rsplit(".", 1)[-1] in self.TARGETS
+        )
 
     def planned_activations(self, compute_dtype, dtype_bytes):
         from qlora_plugins.planning import ActivationCoefficients
@@ -126,8 +129,15 @@ def write_config(path: Path, steps: int, exports: list) -> Path:
         "adapter": {"name": "fake_lowrank"},
         "optimizer": {"name": "adamw", "lr": 5e-3},
         "data": {"name": "instruction", "path": str(DATA), "max_length": 64},
-        "train": {"max_steps": steps, "batch_size": 4, "seed": 0, "checkpoint_every": 1, "keep_checkpoints": 2,
-                  "lr_scheduler": "constant", "warmup_steps": 0},  # a 2-step run resumed to 4 takes the same steps as a 4-step run
+        "train": {
+            "max_steps": steps,
+            "batch_size": 4,
+            "seed": 0,
+            "checkpoint_every": 1,
+            "keep_checkpoints": 2,
+            "lr_scheduler": "constant",
+            "warmup_steps": 0,
+        },  # a 2-step run resumed to 4 takes the same steps as a 4-step run
         "export": exports,
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -190,8 +200,17 @@ def test_plan_through_the_contract(runs):
     """qlora plan asks the fake plugins (planned_bytes, planned_trainable): its figures are the
     ones the run measured."""
     model = yaml.safe_load((runs["root"] / "full.yaml").read_text())["model"]["path"]
-    result = run_cli("plan", model, "--quantizer", "fake_int8", "--no-double-quant", "--adapter", "fake_lowrank", "--json",
-                     registry=make_registry([FakePlugins()]))
+    result = run_cli(
+        "plan",
+        model,
+        "--quantizer",
+        "fake_int8",
+        "--no-double-quant",
+        "--adapter",
+        "fake_lowrank",
+        "--json",
+        registry=make_registry([FakePlugins()]),
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     report = json.loads((runs["root"] / "full" / "report.json").read_text())

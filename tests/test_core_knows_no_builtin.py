@@ -36,8 +36,9 @@ CORE = Path(__file__).resolve().parents[1] / "core"
 AMBIGUOUS = frozenset({"none", "text", "full", "adapter", "merged"})
 
 #: Parameters and keywords whose value is a plugin name.
-NAME_PARAMETERS = frozenset({"name", "quantizer", "adapter", "optimizer", "exporter", "export", "data", "data_format",
-                             "model_source", "source"})
+NAME_PARAMETERS = frozenset(
+    {"name", "quantizer", "adapter", "optimizer", "exporter", "export", "data", "data_format", "model_source", "source"}
+)
 
 #: Registry methods whose second positional argument (after the kind) is a plugin name.
 NAME_METHODS = frozenset({"create", "get", "registration"})
@@ -46,9 +47,9 @@ NAME_METHODS = frozenset({"create", "get", "registration"})
 ALLOWED: dict[tuple[str, str], str] = {
     ("datafiles.py", 'if builder in ("json", "csv", "text"):'): "the datasets library's builder names, not a data format",
     ("checkpoint_format.py", '_BNB_TYPES = ("nf4", "fp4")'): "bitsandbytes' own quant_type names (the on-disk format), "
-                                                              "compared with a quantizer's declared quant_type, not a plugin name",
+    "compared with a quantizer's declared quant_type, not a plugin name",
     ("__init__.py", 'for quant_type, table in (("nf4", nf4_code), ("fp4", fp4_code)):'): "bitsandbytes' quant_type argument of its "
-                                                                                       "own CUDA kernels (kernels/__init__.py), not a plugin name",
+    "own CUDA kernels (kernels/__init__.py), not a plugin name",
 }
 
 
@@ -142,7 +143,7 @@ def violations(source: str, filename: str) -> list[str]:
                     flag(node, f"passes the builtin name {_string(kw.value)!r} as {kw.arg}")
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             params = [*node.args.posonlyargs, *node.args.args]
-            pairs = list(zip(params[len(params) - len(node.args.defaults):], node.args.defaults))
+            pairs = list(zip(params[len(params) - len(node.args.defaults) :], node.args.defaults))
             pairs += [(a, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
             for param, default in pairs:
                 if param.arg in NAME_PARAMETERS and _string(default) in NAMES:
@@ -186,9 +187,28 @@ def _cases() -> list:
 
 
 def test_the_builtin_names_are_collected_from_the_registry():
-    assert {"nf4", "fp4", "int4_sym", "int4_asym", "none", "lora", "full", "adamw", "paged_adamw", "adamw_8bit", "offload_adamw",
-            "adapter", "merged", "merged_4bit", "instruction", "text", "classification", "tiny-llama", "tiny-gpt2",
-            "tiny-bert"} <= NAMES
+    assert {
+        "nf4",
+        "fp4",
+        "int4_sym",
+        "int4_asym",
+        "none",
+        "lora",
+        "full",
+        "adamw",
+        "paged_adamw",
+        "adamw_8bit",
+        "offload_adamw",
+        "adapter",
+        "merged",
+        "merged_4bit",
+        "instruction",
+        "text",
+        "classification",
+        "tiny-llama",
+        "tiny-gpt2",
+        "tiny-bert",
+    } <= NAMES
     assert {"nf4", "lora", "paged_adamw", "instruction", "classification", "tiny-llama"} <= UNAMBIGUOUS
 
 
@@ -198,35 +218,41 @@ def test_core_module_names_no_builtin_plugin(path: Path):
     assert not found, "the core names builtin plugins (ask the plugin through a declared method):\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize("source", [
-    'QUANTIZERS = {"nf4": 1}',
-    'if settings.quantizer == "none":\n    pass',
-    'ok = adapter in ("lora", "full")',
-    'ok = adapter not in ("full",)',
-    'x = registry.create("adapter", "full", {})',
-    'x = registry.get("exporter", "merged")',
-    'Settings(quantizer="none")',
-    'def f(adapter="full"):\n    pass',
-    'table = {"none": 0}',
-    'from qlora_plugins.builtin_plugins import adapter_lora',
-    'import qlora_plugins.builtin_plugins.bnb_backend',
-    'MODULE = "qlora_plugins.builtin_plugins.quantizer_none"',
-    'def lora():\n    pass',
-    'x = config.paged_adamw',
-    'x = "tiny-llama"',
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        'QUANTIZERS = {"nf4": 1}',
+        'if settings.quantizer == "none":\n    pass',
+        'ok = adapter in ("lora", "full")',
+        'ok = adapter not in ("full",)',
+        'x = registry.create("adapter", "full", {})',
+        'x = registry.get("exporter", "merged")',
+        'Settings(quantizer="none")',
+        'def f(adapter="full"):\n    pass',
+        'table = {"none": 0}',
+        "from qlora_plugins.builtin_plugins import adapter_lora",
+        "import qlora_plugins.builtin_plugins.bnb_backend",
+        'MODULE = "qlora_plugins.builtin_plugins.quantizer_none"',
+        "def lora():\n    pass",
+        "x = config.paged_adamw",
+        'x = "tiny-llama"',
+    ],
+)
 def test_the_check_catches_builtin_names(source: str):
     assert violations(source, "example.py")
 
 
-@pytest.mark.parametrize("source", [
-    'def f():\n    "Quantize with nf4 like lora does."\n    return 1',
-    'report = {"adapter": 1, "quantizer": 2}',
-    'config = LoraConfig(bias="none")',
-    'text = ", ".join(names) or "none"',
-    'shown = short_text(text, 200)',
-    'path = out / "adapter"',
-    'x = registry.create("adapter", spec.name, spec.options, "adapter")',
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        'def f():\n    "Quantize with nf4 like lora does."\n    return 1',
+        'report = {"adapter": 1, "quantizer": 2}',
+        'config = LoraConfig(bias="none")',
+        'text = ", ".join(names) or "none"',
+        "shown = short_text(text, 200)",
+        'path = out / "adapter"',
+        'x = registry.create("adapter", spec.name, spec.options, "adapter")',
+    ],
+)
 def test_the_check_leaves_ordinary_words_alone(source: str):
     assert violations(source, "example.py") == []

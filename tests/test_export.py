@@ -19,6 +19,10 @@ import torch
 from conftest import new_registry
 
 from qlora_plugins import AdapterContext, ExportContext, Exporter, hookimpl
+from qlora_plugins.core.checkpoint_format import check_safetensors
+from qlora_plugins.core.exporting import effective_tolerance, run_exports
+from qlora_plugins.core.modeling import auto_class, load_tokenizer
+from qlora_plugins.errors import ConfigError, ExportError, ModelError
 from qlora_plugins.exporting import (
     ExportOptions,
     check_name,
@@ -30,10 +34,6 @@ from qlora_plugins.exporting import (
     safe_path,
     save_model_checkpoint,
 )
-from qlora_plugins.core.checkpoint_format import check_safetensors
-from qlora_plugins.core.exporting import effective_tolerance, run_exports
-from qlora_plugins.core.modeling import auto_class, load_tokenizer
-from qlora_plugins.errors import ConfigError, ExportError, ModelError
 from qlora_plugins.quantized import BlockwiseQuantizer
 
 #: The tiny models are random: their next-token distributions are nearly flat, so re-quantization
@@ -52,11 +52,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_context(model_dir: Path, registry, quantizer: str = "nf4", task: str = "causal_lm", quantizer_options: dict | None = None,
-                 lora: dict | None = None, scale: float = 0.05, config: dict | None = None) -> ExportContext:
+def make_context(
+    model_dir: Path,
+    registry,
+    quantizer: str = "nf4",
+    task: str = "causal_lm",
+    quantizer_options: dict | None = None,
+    lora: dict | None = None,
+    scale: float = 0.05,
+    config: dict | None = None,
+) -> ExportContext:
     """A quantized base + LoRA whose B matrices are random (seeded): a stand-in for a trained model."""
-    from qlora_plugins.core.pipeline import model_request
     from qlora_plugins.core.config import parse_config
+    from qlora_plugins.core.pipeline import model_request
 
     cfg = parse_config({"model": {"path": str(model_dir), "task": task}, "train": {"enabled": False}})
     request = model_request(cfg, model_dir, "cpu", 2 if task == "seq_cls" else None)
@@ -116,7 +124,10 @@ def save_logits(context, path: Path) -> None:
     from safetensors.torch import save_file
 
     batch, _ = probe_batch(context)
-    save_file({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits": model_logits(context.model, batch)}, str(path))
+    save_file(
+        {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits": model_logits(context.model, batch)},
+        str(path),
+    )
 
 
 CHECK = """
@@ -208,11 +219,14 @@ def test_exports_load_without_the_project(llama_exports, tmp_path):
     """Plain transformers loads the merged model; transformers + bitsandbytes the 4-bit one and
     peft its correction; qlora_plugins cannot even be imported in that interpreter."""
     root, merged, m4 = llama_exports
-    code = ISOLATED_CHECK.format(probe=str(root / "probe.safetensors"), merged=str(root / "merged"), m4=str(root / "m4"),
-                                 correction=str(root / "m4" / "correction"))
+    code = ISOLATED_CHECK.format(
+        probe=str(root / "probe.safetensors"), merged=str(root / "merged"), m4=str(root / "m4"), correction=str(root / "m4" / "correction")
+    )
     result = run_isolated(code, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ")[0] in ("MERGED", "M4", "M4CORRECTED", "BLOCKED"))
+    lines = dict(
+        line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ")[0] in ("MERGED", "M4", "M4CORRECTED", "BLOCKED")
+    )
     assert lines["BLOCKED"] == "True"
     assert float(lines["MERGED"]) < 1e-3
     # the same figures as the fidelity check measured in this process
@@ -518,14 +532,17 @@ class WriterPlugin:
         register(WriterExporter)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"write": "model.bin"}, "only safetensors"),
-    ({"write": "sub/state.pt"}, "only safetensors"),
-    ({"write": "../escape.safetensors"}, "outside"),
-    ({"write": "/tmp/abs.safetensors"}, "outside"),
-    ({"write": "manifest.json"}, "reserved"),
-    ({"link": True}, "link"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"write": "model.bin"}, "only safetensors"),
+        ({"write": "sub/state.pt"}, "only safetensors"),
+        ({"write": "../escape.safetensors"}, "outside"),
+        ({"write": "/tmp/abs.safetensors"}, "outside"),
+        ({"write": "manifest.json"}, "reserved"),
+        ({"link": True}, "link"),
+    ],
+)
 def test_unsafe_artifacts_are_refused(llama_nf4, tmp_path, options, message):
     context, _ = llama_nf4
     registry = new_registry(plugins=[WriterPlugin()])

@@ -105,8 +105,20 @@ def test_export_refuses_an_existing_export_then_replaces_it_with_force(trained_r
 @pytest.mark.slow
 def test_export_several_to_an_output_directory_as_json(trained_run, tmp_path):
     out = tmp_path / "out"
-    result = invoke("export", trained_run, "-e", "adapter", "-e", "merged_4bit", "-o", out, "--json",
-                    "--option", "merged_4bit.correction_rank=4", NO_TOP1)
+    result = invoke(
+        "export",
+        trained_run,
+        "-e",
+        "adapter",
+        "-e",
+        "merged_4bit",
+        "-o",
+        out,
+        "--json",
+        "--option",
+        "merged_4bit.correction_rank=4",
+        NO_TOP1,
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     data = json.loads(result.stdout)
     assert set(data) == {"adapter", "merged_4bit"}
@@ -139,8 +151,12 @@ def test_unknown_exporter(trained_run):
 
 
 def test_bad_exporter_option(trained_run):
-    assert_user_error(invoke("export", trained_run, "-e", "merged", "--option", "dtype=float64", "--force"), "--exporter merged.dtype", "float64")
-    assert_user_error(invoke("export", trained_run, "-e", "merged", "--option", "tolerance.max_kll=1", "--force"), "max_kll", "did you mean 'max_kl'")
+    assert_user_error(
+        invoke("export", trained_run, "-e", "merged", "--option", "dtype=float64", "--force"), "--exporter merged.dtype", "float64"
+    )
+    assert_user_error(
+        invoke("export", trained_run, "-e", "merged", "--option", "tolerance.max_kll=1", "--force"), "max_kll", "did you mean 'max_kl'"
+    )
     assert_user_error(invoke("export", trained_run, "-e", "merged", "--option", "directory=../x", "--force"), "directory")
 
 
@@ -189,7 +205,9 @@ def test_adapter_of_another_shape(trained_run, tmp_path, tiny_llama_dir):
 
 def test_output_may_not_replace_the_run(trained_run):
     assert_user_error(invoke("export", trained_run, "-e", "merged", "-o", trained_run, "--force"), "would replace the run directory")
-    assert_user_error(invoke("export", trained_run, "-e", "merged", "-o", trained_run / "adapter", "--force"), "would replace the run directory")
+    assert_user_error(
+        invoke("export", trained_run, "-e", "merged", "-o", trained_run / "adapter", "--force"), "would replace the run directory"
+    )
     assert (trained_run / "adapter" / "adapter_config.json").is_file()
 
 

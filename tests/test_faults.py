@@ -167,10 +167,13 @@ def test_error_line_points_at_the_broken_plugin(mode, fake_distribution, tmp_pat
     assert FAULTY_DIST in line
 
 
-@pytest.mark.parametrize("mode", [
-    "quantize-runtime",
-    "quantize-other",
-])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "quantize-runtime",
+        "quantize-other",
+    ],
+)
 def test_quantizer_raising_while_quantizing(mode, fake_distribution, tmp_path):
     install_faulty(fake_distribution, mode)
     config = write_yaml(tmp_path / "c.yaml", base_config(quantizer={"name": "faulty"}))
@@ -268,8 +271,11 @@ class SmallDisk:
 def small_disk(base: Path) -> Iterator[SmallDisk]:
     mount = base / "disk"
     mount.mkdir()
-    mounted = hasattr(os, "geteuid") and os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mount)], capture_output=True).returncode == 0
+    mounted = (
+        hasattr(os, "geteuid")
+        and os.geteuid() == 0
+        and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mount)], capture_output=True).returncode == 0
+    )
     disk = SmallDisk(mount, mounted)
     try:
         yield disk
@@ -426,16 +432,24 @@ def qlora_process(args: list[str], home: Path) -> subprocess.Popen:
     code = "from qlora_plugins.cli import main; main()"
     # SIGINT back to its default in the child: a test run started in the background by a shell
     # without job control inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
-    return subprocess.Popen([sys.executable, "-c", code, *args, "--no-progress"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(qlora_home, tmp_path):
     """SIGINT to a real `qlora run` mid-training (no periodic checkpoints): exit code 130, a
     checkpoint of the last completed step, and `--resume` finishes with every step logged once."""
-    config = write_yaml(tmp_path / "c.yaml", base_config(
-        train={"max_steps": CTRL_C_STEPS, "batch_size": 2, "seed": 0, "checkpoint_every": 100_000}, export=[]))
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        base_config(train={"max_steps": CTRL_C_STEPS, "batch_size": 2, "seed": 0, "checkpoint_every": 100_000}, export=[]),
+    )
     out = tmp_path / "run"
     proc = qlora_process(["run", str(config), "-o", str(out)], qlora_home)
     deadline = time.time() + 300

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import assert_user_error, base_config, invoke, new_registry
 from torch import nn
 
-from conftest import assert_user_error, base_config, invoke, new_registry
 from qlora_plugins.core import frozen
 from qlora_plugins.core.interfaces import AdapterContext, ModelRequest
 from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, auto_class
@@ -25,8 +25,10 @@ def test_linear_and_embedding_compute_in_fp32_on_rounded_weights(dtype, monkeypa
     for p in model.parameters():
         p.requires_grad_(False)
     rounded = nn.Sequential(nn.Embedding(50, 12), nn.Linear(12, 23))
-    rounded.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items() if k.endswith("weight")}
-                            | {"1.bias": model[1].bias.data}, strict=True)
+    rounded.load_state_dict(
+        {k: v.to(dtype).float() for k, v in model.state_dict().items() if k.endswith("weight")} | {"1.bias": model[1].bias.data},
+        strict=True,
+    )
     assert sorted(frozen.keep_frozen_16bit(model, dtype, torch.float32)) == ["0", "1"]
     assert model[0].weight.dtype == dtype and model[1].weight.dtype == dtype and model[1].bias.dtype == torch.float32
     ids = torch.randint(0, 50, (3, 7), generator=gen)
@@ -52,8 +54,14 @@ def test_trainable_weights_are_refused():
 def test_quantized_llama_with_16bit_frozen_weights(tiny_llama_dir):
     def load(frozen_dtype):
         q = new_registry().create("quantizer", "nf4", {})
-        request = ModelRequest(path=tiny_llama_dir, task="causal_lm", auto_class=auto_class("causal_lm"), dtype=torch.float32,
-                               skip_modules=list(DEFAULT_SKIP_MODULES), frozen_dtype=frozen_dtype)
+        request = ModelRequest(
+            path=tiny_llama_dir,
+            task="causal_lm",
+            auto_class=auto_class("causal_lm"),
+            dtype=torch.float32,
+            skip_modules=list(DEFAULT_SKIP_MODULES),
+            frozen_dtype=frozen_dtype,
+        )
         model = q.load_model(request)
         prepare_for_kbit_training(model, True)
         if frozen_dtype is not None:

@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import pytest
@@ -41,8 +40,7 @@ def qlora(*args, site: Path | None = None, timeout: float = 60, env_extra: dict 
         env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(env_extra or {})
     code = "from qlora_plugins.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=cwd)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
 
 
 def one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -76,9 +74,11 @@ def alias_bomb(levels: int = 9, width: int = 9) -> str:
 def test_alias_bomb_is_refused_quickly_in_one_line(where: str, tmp_path: Path) -> None:
     bomb = alias_bomb()
     assert len(bomb) < 600
-    text = {"section": f"model: {{source: tiny-llama}}\ntrain: {bomb}\n",
-            "key": f"model: {{source: tiny-llama}}\ntrain: {{max_steps: {bomb}}}\n",
-            "set-override": "model: {source: tiny-llama}\n"}[where]
+    text = {
+        "section": f"model: {{source: tiny-llama}}\ntrain: {bomb}\n",
+        "key": f"model: {{source: tiny-llama}}\ntrain: {{max_steps: {bomb}}}\n",
+        "set-override": "model: {source: tiny-llama}\n",
+    }[where]
     config = write(tmp_path / "bomb.yaml", text)
     args = ["--set", f"train.max_steps={bomb}"] if where == "set-override" else []
     proc = qlora("validate", config, *args, timeout=20)  # it used to run for minutes
@@ -113,23 +113,31 @@ def test_legitimate_anchors_and_merge_keys_still_work(write_config) -> None:
     assert load_config(config).quantizer.options == {"blocksize": 128}
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("model: &m [*m]\n", "an alias refers to a value that contains it"),
-    ("model: " + "[" * 80 + "]" * 80 + "\n", "nesting deeper than 64 levels"),
-    ("model: " + "[" * 5000 + "\n", "invalid YAML"),
-], ids=["recursive-alias", "nesting-80", "nesting-5000"])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("model: &m [*m]\n", "an alias refers to a value that contains it"),
+        ("model: " + "[" * 80 + "]" * 80 + "\n", "nesting deeper than 64 levels"),
+        ("model: " + "[" * 5000 + "\n", "invalid YAML"),
+    ],
+    ids=["recursive-alias", "nesting-80", "nesting-5000"],
+)
 def test_recursive_and_deeply_nested_yaml_is_refused(text: str, fragment: str, write_config) -> None:
     line = assert_user_error(invoke("validate", write_config(text)), fragment)
     assert len(line) < MAX_LINE
 
 
-@pytest.mark.parametrize("value, fragment", [
-    ("x" * 300_000, "train.max_steps: must be an integer, got 'xxxx"),
-    ("[" + ", ".join(["1"] * 100_000) + "]", "train.max_steps: must be an integer, got [1, 1, 1"),
-    ("{" + ", ".join(f"k{i}: {i}" for i in range(20_000)) + "}", "train.max_steps: must be an integer, got {'k0': 0"),
-    ("1" * 5000, "invalid YAML: unreadable value: Exceeds the limit (4300 digits)"),
-    ("-" + "1" * 1000, "train.max_steps: must be > 0, got <an integer of 3319 bits>"),
-], ids=["long-string", "long-list", "big-mapping", "int-over-4300-digits", "int-1000-digits"])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("x" * 300_000, "train.max_steps: must be an integer, got 'xxxx"),
+        ("[" + ", ".join(["1"] * 100_000) + "]", "train.max_steps: must be an integer, got [1, 1, 1"),
+        ("{" + ", ".join(f"k{i}: {i}" for i in range(20_000)) + "}", "train.max_steps: must be an integer, got {'k0': 0"),
+        ("1" * 5000, "invalid YAML: unreadable value: Exceeds the limit (4300 digits)"),
+        ("-" + "1" * 1000, "train.max_steps: must be > 0, got <an integer of 3319 bits>"),
+    ],
+    ids=["long-string", "long-list", "big-mapping", "int-over-4300-digits", "int-1000-digits"],
+)
 @pytest.mark.slow
 def test_huge_values_are_quoted_in_a_bounded_size(value: str, fragment: str, tmp_path: Path) -> None:
     config = write(tmp_path / "big.yaml", f"model: {{source: tiny-llama}}\ntrain: {{max_steps: {value}}}\n")
@@ -141,18 +149,24 @@ def test_huge_values_are_quoted_in_a_bounded_size(value: str, fragment: str, tmp
 LONG = "x" * 300_000
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    ({"model": {"path": LONG}}, "model.path: cannot use "),
-    ({"model": {"path": "/".join(["y" * 200] * 1000)}}, "model.path: cannot use "),
-    ({"model": {"source": LONG}}, "model.source: unknown model source 'xxx"),
-    ({"quantizer": {"name": LONG}}, "quantizer.name: unknown quantizer 'xxx"),
-    ({"data": {"name": LONG, "path": "rows.jsonl"}}, "data.name: unknown data format 'xxx"),
-    ({"data": {"name": "instruction", "path": LONG}}, "data.path: cannot use "),
-    ({"data": {"name": "instruction", "path": str(INSTRUCTIONS), "template": "{" + LONG + "}"}}, "data.template: unknown placeholder {xxx"),
-    ({"export": [LONG]}, "export[0].name: unknown exporter 'xxx"),
-    ({"model": {"source": "tiny-llama", "task": LONG}}, "model.task: must be one of 'causal_lm', 'seq_cls', got 'xxx"),
-], ids=["model-path", "model-path-components", "model-source", "quantizer-name", "data-name", "data-path", "template", "exporter",
-        "task"])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"model": {"path": LONG}}, "model.path: cannot use "),
+        ({"model": {"path": "/".join(["y" * 200] * 1000)}}, "model.path: cannot use "),
+        ({"model": {"source": LONG}}, "model.source: unknown model source 'xxx"),
+        ({"quantizer": {"name": LONG}}, "quantizer.name: unknown quantizer 'xxx"),
+        ({"data": {"name": LONG, "path": "rows.jsonl"}}, "data.name: unknown data format 'xxx"),
+        ({"data": {"name": "instruction", "path": LONG}}, "data.path: cannot use "),
+        (
+            {"data": {"name": "instruction", "path": str(INSTRUCTIONS), "template": "{" + LONG + "}"}},
+            "data.template: unknown placeholder {xxx",
+        ),
+        ({"export": [LONG]}, "export[0].name: unknown exporter 'xxx"),
+        ({"model": {"source": "tiny-llama", "task": LONG}}, "model.task: must be one of 'causal_lm', 'seq_cls', got 'xxx"),
+    ],
+    ids=["model-path", "model-path-components", "model-source", "quantizer-name", "data-name", "data-path", "template", "exporter", "task"],
+)
 def test_huge_strings_are_quoted_in_a_bounded_size(changes: dict, fragment: str, tmp_path: Path) -> None:
     config = tmp_path / "long.yaml"
     config.write_text(yaml.safe_dump({**base_config(), **changes}, width=10**9), encoding="utf-8")
@@ -167,7 +181,9 @@ def test_huge_config_file_name_is_quoted_in_a_bounded_size() -> None:
 
 def test_huge_output_path_is_one_error_line(tmp_path: Path, write_config) -> None:
     config = write_config(base_config())
-    line = assert_user_error(invoke("run", config, "-o", tmp_path / ("o" * 5000), "--no-progress"), "--output: cannot use ", "File name too long")
+    line = assert_user_error(
+        invoke("run", config, "-o", tmp_path / ("o" * 5000), "--no-progress"), "--output: cannot use ", "File name too long"
+    )
     assert len(line) < MAX_LINE
     line = assert_user_error(invoke("export", tmp_path / ("r" * 5000), "-e", "adapter"), "RUN_DIR: cannot use ")
     assert len(line) < MAX_LINE
@@ -183,7 +199,9 @@ def test_huge_set_override_path_is_bounded(write_config) -> None:
 
 def test_huge_unknown_key_is_named_in_a_bounded_size(write_config) -> None:
     key = "k" * 1000  # libyaml allows simple keys of at most 1024 characters
-    line = assert_user_error(invoke("validate", write_config(f"model: {{source: tiny-llama}}\ntrain:\n  {key}: 1\n")), "train.kkkk", "unknown key")
+    line = assert_user_error(
+        invoke("validate", write_config(f"model: {{source: tiny-llama}}\ntrain:\n  {key}: 1\n")), "train.kkkk", "unknown key"
+    )
     assert "k" * 80 not in line and "k" * 70 + "..." in line
 
 
@@ -192,13 +210,21 @@ def test_config_files_over_one_mebibyte_are_refused(write_config) -> None:
     assert_user_error(invoke("validate", config), "a config file may be at most 1,048,576 bytes")
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("model: {source: tiny-llama}\ntrain:\n  max_steps: 3\n  batch_size: 2\n  max_steps: 30\n",
-     "invalid YAML at line 5, column 3: duplicate key 'max_steps' (first at line 3)"),
-    ("model: {source: tiny-llama}\ntrain: {max_steps: 3}\nmodel: {source: tiny-gpt2}\n",
-     "invalid YAML at line 3, column 1: duplicate key 'model' (first at line 1)"),
-    ("model: {source: tiny-llama, 'source': tiny-gpt2}\n", "duplicate key 'source'"),
-], ids=["nested-key", "section", "quoted-twin"])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (
+            "model: {source: tiny-llama}\ntrain:\n  max_steps: 3\n  batch_size: 2\n  max_steps: 30\n",
+            "invalid YAML at line 5, column 3: duplicate key 'max_steps' (first at line 3)",
+        ),
+        (
+            "model: {source: tiny-llama}\ntrain: {max_steps: 3}\nmodel: {source: tiny-gpt2}\n",
+            "invalid YAML at line 3, column 1: duplicate key 'model' (first at line 1)",
+        ),
+        ("model: {source: tiny-llama, 'source': tiny-gpt2}\n", "duplicate key 'source'"),
+    ],
+    ids=["nested-key", "section", "quoted-twin"],
+)
 def test_duplicate_yaml_keys_are_refused(text: str, fragment: str, write_config) -> None:
     assert_user_error(invoke("validate", write_config(text)), fragment)
 
@@ -237,13 +263,16 @@ def test_duplicate_toml_keys_are_refused(write_config) -> None:
 # --- option ranges ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed, fragment", [
-    (-1, "train.seed: must be in [0, 4294967295], got -1"),
-    (2**32, "train.seed: must be in [0, 4294967295], got 4294967296"),
-    (2**70, "train.seed: must be in [0, 4294967295]"),
-    (1.5, "train.seed: must be an integer, got 1.5"),
-    (True, "train.seed: must be an integer, got True"),
-])
+@pytest.mark.parametrize(
+    "seed, fragment",
+    [
+        (-1, "train.seed: must be in [0, 4294967295], got -1"),
+        (2**32, "train.seed: must be in [0, 4294967295], got 4294967296"),
+        (2**70, "train.seed: must be in [0, 4294967295]"),
+        (1.5, "train.seed: must be an integer, got 1.5"),
+        (True, "train.seed: must be an integer, got True"),
+    ],
+)
 def test_seed_out_of_range_is_refused(seed, fragment: str, write_config) -> None:
     assert_user_error(invoke("validate", write_config(base_config(train={"max_steps": 3, "seed": seed}))), fragment)
 
@@ -262,31 +291,37 @@ def test_largest_seed_is_accepted(write_config) -> None:
     assert invoke("validate", write_config(base_config(train={"max_steps": 3, "seed": seed}))).exit_code == 0
 
 
-@pytest.mark.parametrize("options, fragment", [
-    ({"alpha": 0}, "adapter.alpha: must be > 0, got 0"),
-    ({"alpha": -8}, "adapter.alpha: must be > 0, got -8"),
-    ({"r": 0}, "adapter.r: must be in [1, 4096], got 0"),
-    ({"dropout": 1.0}, "adapter.dropout: must be in [0.0, 0.99], got 1.0"),
-    ({"dropout": -0.1}, "adapter.dropout: must be in [0.0, 0.99], got -0.1"),
-    ({"target_modules": []}, "adapter.target_modules: must name at least one module"),
-])
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"alpha": 0}, "adapter.alpha: must be > 0, got 0"),
+        ({"alpha": -8}, "adapter.alpha: must be > 0, got -8"),
+        ({"r": 0}, "adapter.r: must be in [1, 4096], got 0"),
+        ({"dropout": 1.0}, "adapter.dropout: must be in [0.0, 0.99], got 1.0"),
+        ({"dropout": -0.1}, "adapter.dropout: must be in [0.0, 0.99], got -0.1"),
+        ({"target_modules": []}, "adapter.target_modules: must name at least one module"),
+    ],
+)
 def test_lora_options_out_of_range_are_refused(options: dict, fragment: str, write_config) -> None:
     config = write_config(base_config(adapter={"name": "lora", "r": 4, "alpha": 8, **options}))
     assert_user_error(invoke("validate", config), fragment)
 
 
-@pytest.mark.parametrize("args, option, fragment", [
-    (["--batch", "0"], "--batch", "must be in [1, 1000000], got 0"),
-    (["--seq", "0"], "--seq", "must be in [1, 10000000], got 0"),
-    (["--seq-len", "-5"], "--seq", "got -5"),
-    (["--lora-r", "0"], "--lora-r", "must be in [1, 4096], got 0"),
-    (["--lora-dropout", "1.5"], "--lora-dropout", "must be in [0.0, 0.99], got 1.5"),
-    (["--lora-dropout", "nan"], "--lora-dropout", "must be a finite number"),
-    (["--blocksize", "100"], "--blocksize", "power of two"),
-    (["--device-memory", "0GB"], "--device-memory", "must be a positive size"),
-    (["--host-memory", "lots"], "--host-memory", "not a size: 'lots'"),
-    (["--host-memory", "9" * 400], "--host-memory", "must be a positive size"),
-])
+@pytest.mark.parametrize(
+    "args, option, fragment",
+    [
+        (["--batch", "0"], "--batch", "must be in [1, 1000000], got 0"),
+        (["--seq", "0"], "--seq", "must be in [1, 10000000], got 0"),
+        (["--seq-len", "-5"], "--seq", "got -5"),
+        (["--lora-r", "0"], "--lora-r", "must be in [1, 4096], got 0"),
+        (["--lora-dropout", "1.5"], "--lora-dropout", "must be in [0.0, 0.99], got 1.5"),
+        (["--lora-dropout", "nan"], "--lora-dropout", "must be a finite number"),
+        (["--blocksize", "100"], "--blocksize", "power of two"),
+        (["--device-memory", "0GB"], "--device-memory", "must be a positive size"),
+        (["--host-memory", "lots"], "--host-memory", "not a size: 'lots'"),
+        (["--host-memory", "9" * 400], "--host-memory", "must be a positive size"),
+    ],
+)
 def test_plan_options_out_of_range_name_the_option(args: list, option: str, fragment: str) -> None:
     from click.testing import CliRunner
 
@@ -312,13 +347,16 @@ def test_planner_settings_name_the_wrong_field() -> None:
         assert info.value.path == option
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--seq-len", "1"], "--seq-len: must be in [2, 1000000], got 1"),
-    (["--seq-len", "0"], "--seq-len: must be in [2, 1000000], got 0"),
-    (["--max-tokens", "0"], "--max-tokens: must be in [2, 100000000], got 0"),
-    (["--quantizers", " , "], "--quantizers: name at least one quantizer"),
-    (["--blocksize", "48"], "--blocksize: must be a power of two"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--seq-len", "1"], "--seq-len: must be in [2, 1000000], got 1"),
+        (["--seq-len", "0"], "--seq-len: must be in [2, 1000000], got 0"),
+        (["--max-tokens", "0"], "--max-tokens: must be in [2, 100000000], got 0"),
+        (["--quantizers", " , "], "--quantizers: name at least one quantizer"),
+        (["--blocksize", "48"], "--blocksize: must be a power of two"),
+    ],
+)
 def test_quant_report_options_out_of_range_name_the_option(args: list, fragment: str, tiny_llama_dir: Path) -> None:
     assert_user_error(invoke("quant-report", tiny_llama_dir, *args), fragment)
 
@@ -338,22 +376,26 @@ def fake_site(root: Path, source: str, name: str = "qlora-hostile") -> Path:
     return site
 
 
-HOOK_PLUGIN = '''
+HOOK_PLUGIN = """
 from qlora_plugins import hookimpl
 import sys
 
 @hookimpl
 def {hook}({arg}):
     {body}
-'''
+"""
 
 
-@pytest.mark.parametrize("body, error", [
-    ("raise SystemExit(0)", "SystemExit: 0"),
-    ("raise SystemExit(3)", "SystemExit: 3"),
-    ("import sys; sys.exit('plugin says bye')", "SystemExit: plugin says bye"),
-    ("raise KeyboardInterrupt", "KeyboardInterrupt"),
-], ids=["exit-0", "exit-3", "sys-exit-message", "keyboard-interrupt"])
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        ("raise SystemExit(0)", "SystemExit: 0"),
+        ("raise SystemExit(3)", "SystemExit: 3"),
+        ("import sys; sys.exit('plugin says bye')", "SystemExit: plugin says bye"),
+        ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+    ],
+    ids=["exit-0", "exit-3", "sys-exit-message", "keyboard-interrupt"],
+)
 @pytest.mark.slow
 def test_plugin_that_exits_at_import_is_a_broken_plugin(body: str, error: str, tmp_path: Path, write_config) -> None:
     site = fake_site(tmp_path, body + "\n")
@@ -374,12 +416,21 @@ def test_plugin_that_exits_at_import_is_a_broken_plugin(body: str, error: str, t
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("hook, arg, body, stage_error", [
-    ("register_quantizers", "register", "raise SystemExit(0)", "register_quantizers raised SystemExit: 0"),
-    ("register_optimizers", "register", "raise KeyboardInterrupt('from a hook')", "register_optimizers raised KeyboardInterrupt: from a hook"),
-    ("register_commands", "cli", "sys.exit(0)", "register_commands raised SystemExit: 0"),
-    ("register_commands", "cli", "raise KeyboardInterrupt", "register_commands raised KeyboardInterrupt"),
-], ids=["quantizers-exit", "optimizers-interrupt", "commands-exit", "commands-interrupt"])
+@pytest.mark.parametrize(
+    "hook, arg, body, stage_error",
+    [
+        ("register_quantizers", "register", "raise SystemExit(0)", "register_quantizers raised SystemExit: 0"),
+        (
+            "register_optimizers",
+            "register",
+            "raise KeyboardInterrupt('from a hook')",
+            "register_optimizers raised KeyboardInterrupt: from a hook",
+        ),
+        ("register_commands", "cli", "sys.exit(0)", "register_commands raised SystemExit: 0"),
+        ("register_commands", "cli", "raise KeyboardInterrupt", "register_commands raised KeyboardInterrupt"),
+    ],
+    ids=["quantizers-exit", "optimizers-interrupt", "commands-exit", "commands-interrupt"],
+)
 @pytest.mark.slow
 def test_plugin_that_exits_in_a_hook_is_a_broken_plugin(hook: str, arg: str, body: str, stage_error: str, tmp_path: Path) -> None:
     site = fake_site(tmp_path, HOOK_PLUGIN.format(hook=hook, arg=arg, body=body))
@@ -480,8 +531,9 @@ def test_plugin_that_exits_while_quantizing_fails_the_run(tmp_path: Path, write_
 
     from qlora_plugins.cli import cli
 
-    result = CliRunner().invoke(cli, ["run", str(config), "-o", str(tmp_path / "out"), "--no-progress"],
-                                obj={"registry": new_registry(plugins=[Plugin()])})
+    result = CliRunner().invoke(
+        cli, ["run", str(config), "-o", str(tmp_path / "out"), "--no-progress"], obj={"registry": new_registry(plugins=[Plugin()])}
+    )
     assert_user_error(result, "Error: run: stopped by SystemExit(0) raised at ", "test_hostile_inputs.py:", "a plugin called sys.exit()?")
     assert not (tmp_path / "out").exists()
 
@@ -536,17 +588,23 @@ def data_config(write_config, path: Path, **data) -> Path:
     return write_config(base_config(data={"name": "instruction", "path": str(path), "max_length": 64, **data}))
 
 
-@pytest.mark.parametrize("cell, kind", [
-    (["a", "b"], "a list"),
-    ({"text": "a"}, "a mapping"),
-    (True, "a boolean"),
-], ids=["list", "mapping", "boolean"])
+@pytest.mark.parametrize(
+    "cell, kind",
+    [
+        (["a", "b"], "a list"),
+        ({"text": "a"}, "a mapping"),
+        (True, "a boolean"),
+    ],
+    ids=["list", "mapping", "boolean"],
+)
 def test_non_text_cells_are_refused_naming_row_and_column(cell, kind: str, tmp_path: Path, write_config) -> None:
     good = [{"instruction": f"Say {i}.", "output": f"word {i}"} for i in range(6)]
     data = rows(tmp_path / "rows.jsonl", [{**row, "output": cell} for row in good])
     before = data.read_bytes()
-    line = assert_user_error(invoke("run", data_config(write_config, data), "-o", tmp_path / "out", "--no-progress"),
-                             f"data.path: rows.jsonl row 1 column 'output': expected text, got {kind}")
+    line = assert_user_error(
+        invoke("run", data_config(write_config, data), "-o", tmp_path / "out", "--no-progress"),
+        f"data.path: rows.jsonl row 1 column 'output': expected text, got {kind}",
+    )
     assert len(line) < MAX_LINE
     assert data.read_bytes() == before and not (tmp_path / "out").exists()
 
@@ -554,26 +612,36 @@ def test_non_text_cells_are_refused_naming_row_and_column(cell, kind: str, tmp_p
 def test_nan_cell_is_refused(tmp_path: Path, write_config) -> None:
     data = tmp_path / "rows.jsonl"  # a column of numbers (NaN in a text column is read as null)
     data.write_text('{"instruction": "a", "output": 1.5}\n{"instruction": "b", "output": NaN}\n', encoding="utf-8")
-    assert_user_error(invoke("run", data_config(write_config, data), "-o", tmp_path / "out", "--no-progress"),
-                      "rows.jsonl row 2 column 'output': expected text, got NaN")
+    assert_user_error(
+        invoke("run", data_config(write_config, data), "-o", tmp_path / "out", "--no-progress"),
+        "rows.jsonl row 2 column 'output': expected text, got NaN",
+    )
 
 
 def test_non_text_cells_in_text_and_classification_formats(tmp_path: Path, write_config) -> None:
     text = rows(tmp_path / "text.jsonl", [{"text": ["a", "list"]}] * 4)
     config = write_config(base_config(data={"name": "text", "path": str(text), "max_length": 16}))
-    assert_user_error(invoke("run", config, "-o", tmp_path / "o1", "--no-progress"), "text.jsonl row 1 column 'text': expected text, got a list")
+    assert_user_error(
+        invoke("run", config, "-o", tmp_path / "o1", "--no-progress"), "text.jsonl row 1 column 'text': expected text, got a list"
+    )
     labels = tmp_path / "labels.jsonl"
     rows(labels, [{"text": "good", "label": [1]}, {"text": "bad", "label": [0]}])
-    config = write_config(base_config(model={"source": "tiny-bert", "task": "seq_cls"}, data={"name": "classification", "path": str(labels)}))
-    assert_user_error(invoke("run", config, "-o", tmp_path / "o2", "--no-progress"),
-                      "labels.jsonl row 1 column 'label': expected an integer or text label, got a list")
+    config = write_config(
+        base_config(model={"source": "tiny-bert", "task": "seq_cls"}, data={"name": "classification", "path": str(labels)})
+    )
+    assert_user_error(
+        invoke("run", config, "-o", tmp_path / "o2", "--no-progress"),
+        "labels.jsonl row 1 column 'label': expected an integer or text label, got a list",
+    )
 
 
 @pytest.mark.parametrize("outputs", [["", "", ""], [None, None, None], ["", None, "   "]], ids=["empty", "null", "mixed"])
 def test_every_target_empty_is_refused(outputs: list, tmp_path: Path, write_config) -> None:
     data = rows(tmp_path / "rows.jsonl", [{"instruction": f"Say {i}.", "output": out} for i, out in enumerate(outputs)])
-    assert_user_error(invoke("run", data_config(write_config, data), "-o", tmp_path / "out", "--no-progress"),
-                      "rows.jsonl: column 'output' is empty in every row")
+    assert_user_error(
+        invoke("run", data_config(write_config, data), "-o", tmp_path / "out", "--no-progress"),
+        "rows.jsonl: column 'output' is empty in every row",
+    )
 
 
 def test_every_text_empty_is_refused(tmp_path: Path, write_config) -> None:
@@ -585,9 +653,12 @@ def test_every_text_empty_is_refused(tmp_path: Path, write_config) -> None:
 def test_most_rows_dropped_is_refused_with_the_counts(tmp_path: Path, write_config) -> None:
     """The issue's case: the quickstart data at max_length 64 keeps 6 of 276 rows."""
     data = REPO / "examples" / "data" / "instructions.jsonl"
-    line = assert_user_error(invoke("run", data_config(write_config, data), "-o", tmp_path / "out", "--no-progress"),
-                             "data.max_length: only 6 of 276 rows of instructions.jsonl are usable",
-                             "270 dropped: 270 with a prompt of at least max_length=64 tokens", "min_kept_fraction is 0.5")
+    line = assert_user_error(
+        invoke("run", data_config(write_config, data), "-o", tmp_path / "out", "--no-progress"),
+        "data.max_length: only 6 of 276 rows of instructions.jsonl are usable",
+        "270 dropped: 270 with a prompt of at least max_length=64 tokens",
+        "min_kept_fraction is 0.5",
+    )
     assert not (tmp_path / "out").exists() and len(line) < MAX_LINE
 
 
@@ -638,9 +709,12 @@ def gpt2_with_llama_config(tmp_path: Path, tiny_gpt2_dir: Path, tiny_llama_dir: 
 @pytest.mark.parametrize("quantizer", ["nf4", "none"])
 def test_architecture_mismatch_is_a_model_error(quantizer: str, gpt2_with_llama_config: Path, tmp_path: Path, write_config) -> None:
     config = write_config(base_config(model={"path": str(gpt2_with_llama_config)}, quantizer={"name": quantizer}))
-    line = assert_user_error(invoke("run", config, "-o", tmp_path / "out", "--no-progress"),
-                             f"model.path: {gpt2_with_llama_config}: the weights do not match the LlamaForCausalLM that config.json describes",
-                             "missing from the checkpoint (e.g. lm_head.weight", "in the checkpoint but not in the model (e.g. transformer.")
+    line = assert_user_error(
+        invoke("run", config, "-o", tmp_path / "out", "--no-progress"),
+        f"model.path: {gpt2_with_llama_config}: the weights do not match the LlamaForCausalLM that config.json describes",
+        "missing from the checkpoint (e.g. lm_head.weight",
+        "in the checkpoint but not in the model (e.g. transformer.",
+    )
     assert len(line) < MAX_LINE * 2
     assert not (tmp_path / "out").exists()
 
@@ -650,10 +724,10 @@ def test_architecture_mismatch_in_quant_report(gpt2_with_llama_config: Path) -> 
 
 
 def test_a_new_classification_head_is_not_a_mismatch(tiny_llama_dir: Path) -> None:
+    import torch
+
     from qlora_plugins.core.interfaces import ModelRequest
     from qlora_plugins.core.modeling import auto_class
-
-    import torch
 
     request = ModelRequest(tiny_llama_dir, "seq_cls", auto_class("seq_cls"), torch.float32, model_kwargs={"num_labels": 2})
     model = request.load_full_precision()

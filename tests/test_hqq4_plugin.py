@@ -48,14 +48,18 @@ def test_hqq4_end_to_end(hqq4_installed, tiny_llama_dir, qlora_home, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": "Echo", "input": str(i), "output": str(i)}) + "\n" for i in range(12)))
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({
-        "model": {"path": str(tiny_llama_dir)},
-        "quantizer": {"name": "hqq4", "iterations": 2, "double_quant": True},
-        "adapter": {"name": "lora", "r": 4},
-        "optimizer": {"name": "adamw"},
-        "data": {"name": "instruction", "path": str(data), "max_length": 96},
-        "train": {"max_steps": 2, "batch_size": 4},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"path": str(tiny_llama_dir)},
+                "quantizer": {"name": "hqq4", "iterations": 2, "double_quant": True},
+                "adapter": {"name": "lora", "r": 4},
+                "optimizer": {"name": "adamw"},
+                "data": {"name": "instruction", "path": str(data), "max_length": 96},
+                "train": {"max_steps": 2, "batch_size": 4},
+            }
+        )
+    )
     run = qlora("run", str(config), "-o", str(tmp_path / "run"), "--no-progress", home=qlora_home)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())

@@ -41,8 +41,9 @@ def test_nothing_is_installed_at_the_top_level(name, tmp_path):
 def _source_tree(dest) -> None:
     """The working tree's tracked and untracked-but-not-ignored files, copied to ``dest`` (so the
     build never writes into the repository others are working in)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
     for rel in filter(None, listed):
         src = REPO / rel
         if src.is_file():
@@ -57,8 +58,12 @@ def test_wheel_contents(tmp_path):
     src = tmp_path / "src"
     _source_tree(src)
     wheels = tmp_path / "wheels"
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(wheels), str(src)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(wheels), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = wheels.glob("qlora_plugins-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

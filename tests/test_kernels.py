@@ -532,10 +532,7 @@ def test_concurrent_builds_share_cache(tmp_path):
     )
     env = dict(os.environ, QLORA_PLUGINS_CACHE=str(tmp_path))
     env.pop("QLORA_PLUGINS_NO_NATIVE", None)
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(2)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     for pr in procs:
         _, err = pr.communicate(timeout=120)
         assert pr.returncode == 0, err.decode()[-2000:]

@@ -39,8 +39,9 @@ def write_yaml(path: Path, data: dict) -> Path:
 def finished_run(tmp_path_factory, qlora_home) -> Path:
     """One real run (3 steps, a checkpoint each step, the adapter export)."""
     root = tmp_path_factory.mktemp("finished")
-    config = write_yaml(root / "c.yaml", base_config(train={"max_steps": 3, "batch_size": 4, "seed": 0, "checkpoint_every": 1,
-                                                              "keep_checkpoints": 3}))
+    config = write_yaml(
+        root / "c.yaml", base_config(train={"max_steps": 3, "batch_size": 4, "seed": 0, "checkpoint_every": 1, "keep_checkpoints": 3})
+    )
     result = invoke("run", config, "-o", root / "run", "--no-progress")
     assert result.exit_code == 0, result.output
     return root / "run"
@@ -94,8 +95,9 @@ def test_force_refuses_a_run_json_that_does_not_name_the_tool(marker, config, tm
     assert snapshot(target) == before
 
 
-@pytest.mark.parametrize("where", ["src/thesis.tex", "exports/notes.txt", "exports/mine/file.txt", "checkpoints/keep.txt",
-                                   "adapter-old/x.bin"])
+@pytest.mark.parametrize(
+    "where", ["src/thesis.tex", "exports/notes.txt", "exports/mine/file.txt", "checkpoints/keep.txt", "adapter-old/x.bin"]
+)
 @pytest.mark.slow
 def test_force_refuses_a_run_directory_holding_files_a_run_does_not_write(where, run_copy, config):
     extra = run_copy / where
@@ -157,8 +159,10 @@ def test_force_refuses_a_previous_run_that_holds_the_data(run_copy, tmp_path):
     from conftest import INSTRUCTIONS
 
     fake_export(run_copy / "exports" / "data", {Path("rows.jsonl"): INSTRUCTIONS.read_bytes()})
-    config = write_yaml(tmp_path / "c.yaml", base_config(data={"name": "instruction", "path": str(run_copy / "exports" / "data" / "rows.jsonl"),
-                                                               "max_length": 64}))
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        base_config(data={"name": "instruction", "path": str(run_copy / "exports" / "data" / "rows.jsonl"), "max_length": 64}),
+    )
     before = snapshot(run_copy)
     assert_user_error(invoke("run", config, "-o", run_copy, "--force", "--no-progress"), "the data", "an input of this command")
     assert snapshot(run_copy) == before
@@ -344,8 +348,16 @@ def damage(checkpoint: Path, how: str) -> None:
         raise AssertionError(how)
 
 
-DAMAGES = ["truncated weights", "missing optimizer file", "partial trainer_state", "step is text", "step of another checkpoint",
-           "no optimizer state", "optimizer state names missing tensors", "NaN weights"]
+DAMAGES = [
+    "truncated weights",
+    "missing optimizer file",
+    "partial trainer_state",
+    "step is text",
+    "step of another checkpoint",
+    "no optimizer state",
+    "optimizer state names missing tensors",
+    "NaN weights",
+]
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -375,5 +387,7 @@ def test_resume_with_no_intact_checkpoint_is_one_line(run_copy, tmp_path):
 def test_resume_refuses_a_directory_whose_run_json_is_not_ours(run_copy, tmp_path):
     (run_copy / "run.json").write_text('{"name": "web app"}')
     before = snapshot(run_copy)
-    assert_user_error(invoke("run", resume_config(run_copy, tmp_path), "--resume", run_copy, "--no-progress"), "not written by qlora-plugins")
+    assert_user_error(
+        invoke("run", resume_config(run_copy, tmp_path), "--resume", run_copy, "--no-progress"), "not written by qlora-plugins"
+    )
     assert snapshot(run_copy) == before

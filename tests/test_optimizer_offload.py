@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import base_config, invoke, new_registry
+
 from qlora_plugins.builtin_plugins.optimizer_offload import host_adamw_class
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)

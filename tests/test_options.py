@@ -52,8 +52,21 @@ def message(**data: Any) -> str:
 def test_defaults_and_values():
     opts = build()
     assert opts == Example(path="p")
-    opts = build(count=3, ratio=1, flag=True, mode="slow", size=128, color="blue", names=["a"], numbers=[1, 2.5],
-                 limit=None, targets=["q", "v"], extra={"k": 1}, anything=[1, "x"], inner={"depth": 3})
+    opts = build(
+        count=3,
+        ratio=1,
+        flag=True,
+        mode="slow",
+        size=128,
+        color="blue",
+        names=["a"],
+        numbers=[1, 2.5],
+        limit=None,
+        targets=["q", "v"],
+        extra={"k": 1},
+        anything=[1, "x"],
+        inner={"depth": 3},
+    )
     assert opts.ratio == 1.0 and isinstance(opts.ratio, float)
     assert opts.numbers == [1.0, 2.5] and all(isinstance(n, float) for n in opts.numbers)
     assert opts.targets == ["q", "v"] and opts.inner == Inner(3)

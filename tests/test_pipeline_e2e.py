@@ -55,8 +55,14 @@ def recipe_run(tmp_path_factory, tiny_llama_dir):
         quantizer={"name": "nf4", "blocksize": 64, "double_quant": True},
         adapter={"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
         optimizer={"name": "paged_adamw", "lr": 1e-2},
-        train={"max_steps": RUN_STEPS, "batch_size": 4, "eval_every": 10, "lr_scheduler": "constant", "seed": 0,
-               "gradient_checkpointing": True},
+        train={
+            "max_steps": RUN_STEPS,
+            "batch_size": 4,
+            "eval_every": 10,
+            "lr_scheduler": "constant",
+            "seed": 0,
+            "gradient_checkpointing": True,
+        },
     )
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -265,9 +271,17 @@ class SmallLlama(ModelSource):
         from qlora_plugins.builtin_plugins.model_sources import byte_level_tokenizer
 
         tok = byte_level_tokenizer()
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(str(directory), safe_serialization=True)
         tok.save_pretrained(str(directory))
@@ -380,26 +394,35 @@ def test_a_pipeline_built_entirely_from_plugins(tmp_path, qlora_home):
 
     registry = new_registry(plugins=[EveryKind])
     assert registry.broken == []
-    config = parse_config({
-        "model": {"source": "test-small-llama"},
-        "quantizer": "test-row-int8",
-        "adapter": "test-narrow-lora",
-        "optimizer": {"name": "test-sgd", "lr": 0.05},
-        "data": {"name": "test-counting", "count": 10},
-        "train": {"max_steps": 3, "batch_size": 4},
-        "export": ["test-trainable-list", "adapter"],
-    })
+    config = parse_config(
+        {
+            "model": {"source": "test-small-llama"},
+            "quantizer": "test-row-int8",
+            "adapter": "test-narrow-lora",
+            "optimizer": {"name": "test-sgd", "lr": 0.05},
+            "data": {"name": "test-counting", "count": 10},
+            "train": {"max_steps": 3, "batch_size": 4},
+            "export": ["test-trainable-list", "adapter"],
+        }
+    )
     logs = []
     report = pipeline.run(config, registry, tmp_path / "run", log=logs.append, progress=False)
     assert (qlora_home / "models" / "test-small-llama-v1" / "config.json").is_file()
     assert {k: v["name"] for k, v in report["plugins"].items() if isinstance(v, dict)} == {
-        "quantizer": "test-row-int8", "adapter": "test-narrow-lora", "optimizer": "test-sgd", "data": "test-counting"}
+        "quantizer": "test-row-int8",
+        "adapter": "test-narrow-lora",
+        "optimizer": "test-sgd",
+        "data": "test-counting",
+    }
     assert all(v["distribution"] == "local" for k, v in report["plugins"].items() if isinstance(v, dict))
     # 1 layer: q, k, v, o 64x64 and gate, up, down 64<->128
     params = 4 * 64 * 64 + 3 * 64 * 128
-    assert report["quantization"] == {"quantized_params": params, "quantized_bytes": params + 4 * (4 * 64 + 2 * 128 + 64),
-                                      "bits_per_param": pytest.approx(8 * (params + 4 * (4 * 64 + 2 * 128 + 64)) / params),
-                                      "format": "int8-rows"}
+    assert report["quantization"] == {
+        "quantized_params": params,
+        "quantized_bytes": params + 4 * (4 * 64 + 2 * 128 + 64),
+        "bits_per_param": pytest.approx(8 * (params + 4 * (4 * 64 + 2 * 128 + 64)) / params),
+        "format": "int8-rows",
+    }
     assert report["parameters"]["trainable"] == 2 * ((64 + 64) + (64 + 64))
     assert report["training"]["steps"] == 3 and report["training"]["train_examples"] == 8
     listed = json.loads((tmp_path / "run" / "exports" / "test-trainable-list" / "trainable.json").read_text())

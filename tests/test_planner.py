@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import assert_user_error, new_registry
+
 from qlora_plugins.builtin_plugins.commands_plan import plan_settings
 from qlora_plugins.core import planner as P
 
@@ -33,8 +33,9 @@ def plan_cli(*args):
 # --- architectures --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, params", [("llama-2-7b", 6.738e9), ("llama-2-13b", 13.016e9), ("llama-2-70b", 68.977e9),
-                                          ("mistral-7b", 7.242e9)])
+@pytest.mark.parametrize(
+    "name, params", [("llama-2-7b", 6.738e9), ("llama-2-13b", 13.016e9), ("llama-2-70b", 68.977e9), ("mistral-7b", 7.242e9)]
+)
 def test_presets_have_the_public_parameter_counts(name, params):
     arch = P.load_architecture(name)
     assert arch.total_params == pytest.approx(params, rel=1e-3)
@@ -171,8 +172,19 @@ def test_plan_cli_text_and_budget():
     result = plan_cli("llama-2-70b", "--dtype", "bfloat16", "--device-memory", "24GB", "--host-memory", "64GB")
     assert result.exit_code == 0, result.output
     out = result.output
-    for fragment in ("base weights (nf4 + DQ", "quantization constants", "LoRA adapters", "gradients", "optimizer states",
-                     "activations", "total (device peak)", "total (host peak)", "nf4 + DQ", "4.127", "does NOT fit"):
+    for fragment in (
+        "base weights (nf4 + DQ",
+        "quantization constants",
+        "LoRA adapters",
+        "gradients",
+        "optimizer states",
+        "activations",
+        "total (device peak)",
+        "total (host peak)",
+        "nf4 + DQ",
+        "4.127",
+        "does NOT fit",
+    ):
         assert fragment in out, fragment
 
 
@@ -181,16 +193,35 @@ def test_plan_cli_json(tiny_llama_dir):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["model"]["source"] == "checkpoint" and data["budget"]["fits"] is True
-    assert {r["component"] for r in data["rows"]} >= {"base_weights", "quant_constants", "adapters", "adapter_grads", "optimizer",
-                                                      "activations"}
+    assert {r["component"] for r in data["rows"]} >= {
+        "base_weights",
+        "quant_constants",
+        "adapters",
+        "adapter_grads",
+        "optimizer",
+        "activations",
+    }
     assert data["totals"]["host_peak_bytes"] > data["totals"]["host_baseline_bytes"]
     assert data["activations"]["checkpointing_on"]["stored"] < data["activations"]["checkpointing_off"]["stored"]
     assert len(data["quantizers"]) == 9
 
 
 def test_plan_cli_tells_what_would_fit():
-    result = plan_cli("llama-2-7b", "--dtype", "bfloat16", "--batch", "16", "--seq", "2048", "--no-gradient-checkpointing",
-                      "--optimizer", "adamw", "--device-memory", "24GB", "--json")
+    result = plan_cli(
+        "llama-2-7b",
+        "--dtype",
+        "bfloat16",
+        "--batch",
+        "16",
+        "--seq",
+        "2048",
+        "--no-gradient-checkpointing",
+        "--optimizer",
+        "adamw",
+        "--device-memory",
+        "24GB",
+        "--json",
+    )
     data = json.loads(result.output)
     assert data["budget"]["fits"] is False and data["budget"]["suggestions"]
 
@@ -244,8 +275,9 @@ def test_a_third_party_quantizer_is_planned_through_its_declared_bytes(tiny_llam
     from qlora_plugins.cli import cli
 
     registry.add_commands(cli)
-    result = CliRunner().invoke(cli, ["plan", str(tiny_llama_dir), "--quantizer", "hqq4", "--device", "cpu", "--json"],
-                                obj={"registry": registry})
+    result = CliRunner().invoke(
+        cli, ["plan", str(tiny_llama_dir), "--quantizer", "hqq4", "--device", "cpu", "--json"], obj={"registry": registry}
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["settings"]["quantizer"] == "hqq4"
 
@@ -284,24 +316,34 @@ def test_plugins_that_declare_nothing_are_refused_on_one_line():
             register(Silent)
 
     registry = new_registry(plugins=[Plugin()])
-    for kwargs, option, name in (({"quantizer": "opaque"}, "--quantizer", "opaque"), ({"adapter": "mystery"}, "--adapter", "mystery"),
-                                 ({"optimizer": "silent"}, "--optimizer", "silent")):
+    for kwargs, option, name in (
+        ({"quantizer": "opaque"}, "--quantizer", "opaque"),
+        ({"adapter": "mystery"}, "--adapter", "mystery"),
+        ({"optimizer": "silent"}, "--optimizer", "silent"),
+    ):
         with pytest.raises(P.ConfigError) as info:
             plan_settings(registry, **kwargs)
         assert info.value.path == option and f"'{name}' does not declare planned_" in info.value.message
     # an undeclared plugin is neither in the table nor suggested
     settings = plan_settings(registry)
     assert "opaque" not in {r["quantizer"] for r in P.quantizer_table(P.load_architecture("llama-2-7b"), settings)}
-    verdict = P.check_budget(P.load_architecture("llama-2-7b"), attrs.evolve(settings, optimizer=registry.create("optimizer", "adamw")),
-                             P.parse_size("5GB"), None)
+    verdict = P.check_budget(
+        P.load_architecture("llama-2-7b"),
+        attrs.evolve(settings, optimizer=registry.create("optimizer", "adamw")),
+        P.parse_size("5GB"),
+        None,
+    )
     assert all(s["settings"].get("optimizer") is None or s["settings"]["optimizer"].name != "silent" for s in verdict["suggestions"])
 
 
 def test_plan_uses_the_registry_defaults():
     """No name in the planner: omitted plugins are the registry's defaults (nf4, lora, paged_adamw)."""
     settings = P.Settings.from_names(REGISTRY)
-    assert (settings.quantizer.name, settings.adapter.name, settings.optimizer.name) == (
-        REGISTRY.default("quantizer"), REGISTRY.default("adapter"), REGISTRY.default("optimizer")) == ("nf4", "lora", "paged_adamw")
+    assert (
+        (settings.quantizer.name, settings.adapter.name, settings.optimizer.name)
+        == (REGISTRY.default("quantizer"), REGISTRY.default("adapter"), REGISTRY.default("optimizer"))
+        == ("nf4", "lora", "paged_adamw")
+    )
     assert P.make_plan(P.load_architecture("llama-2-7b"), settings).totals == P.make_plan(P.load_architecture("llama-2-7b"), S()).totals
 
 

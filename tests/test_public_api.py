@@ -11,9 +11,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PUBLIC = ["qlora_plugins", "qlora_plugins.api", "qlora_plugins.errors", "qlora_plugins.options", "qlora_plugins.exporting",
-          "qlora_plugins.quantized", "qlora_plugins.quant_linear", "qlora_plugins.kernels", "qlora_plugins.modeling",
-          "qlora_plugins.data", "qlora_plugins.testing", "qlora_plugins.planning"]
+PUBLIC = [
+    "qlora_plugins",
+    "qlora_plugins.api",
+    "qlora_plugins.errors",
+    "qlora_plugins.options",
+    "qlora_plugins.exporting",
+    "qlora_plugins.quantized",
+    "qlora_plugins.quant_linear",
+    "qlora_plugins.kernels",
+    "qlora_plugins.modeling",
+    "qlora_plugins.data",
+    "qlora_plugins.testing",
+    "qlora_plugins.planning",
+]
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -41,8 +52,9 @@ def test_the_scan_sees_builtins_and_examples():
 
 @pytest.mark.parametrize("path", plugin_code(), ids=lambda p: str(p.relative_to(REPO)))
 def test_builtins_and_examples_use_only_the_public_api(path):
-    bad = [(line, module) for line, module in imports_of(path)
-           if module == "qlora_plugins.core" or module.startswith("qlora_plugins.core.")]
+    bad = [
+        (line, module) for line, module in imports_of(path) if module == "qlora_plugins.core" or module.startswith("qlora_plugins.core.")
+    ]
     assert not bad, f"{path.relative_to(REPO)} imports the core: {bad} (add the name to a public module under qlora_plugins/)"
 
 
@@ -85,9 +97,17 @@ def test_the_testing_kit_runs_a_plugin_through_the_cli(tmp_path):
     assert (model / "config.json").is_file()
     config = tmp_path / "c.yaml"
     data = REPO / "tests" / "data" / "instructions.jsonl"
-    config.write_text(yaml.safe_dump({"model": {"path": str(model)}, "optimizer": {"name": "kit_sgd", "lr": 0.01},
-                                      "data": {"name": "instruction", "path": str(data), "max_length": 64},
-                                      "train": {"max_steps": 2, "batch_size": 4}, "export": []}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(model)},
+                "optimizer": {"name": "kit_sgd", "lr": 0.01},
+                "data": {"name": "instruction", "path": str(data), "max_length": 64},
+                "train": {"max_steps": 2, "batch_size": 4},
+                "export": [],
+            }
+        )
+    )
     result = run_cli("run", config, "-o", tmp_path / "run", "--no-progress", registry=make_registry([Plugin()]))
     assert result.exit_code == 0, result.output
     assert "kit_sgd" in result.stdout

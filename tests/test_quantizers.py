@@ -60,8 +60,13 @@ def test_nf4_fp4_are_bitsandbytes_interchangeable(name, double_quant):
 
 @pytest.mark.parametrize(
     "name,double_quant,bits",
-    [("nf4", False, 4.5), ("nf4", True, 4 + 8 / 64 + 32 / (64 * 256)), ("int4_sym", False, 4.5), ("int4_asym", False, 5.0),
-     ("int4_asym", True, 4 + 2 * (8 / 64 + 32 / (64 * 256)))],
+    [
+        ("nf4", False, 4.5),
+        ("nf4", True, 4 + 8 / 64 + 32 / (64 * 256)),
+        ("int4_sym", False, 4.5),
+        ("int4_asym", False, 5.0),
+        ("int4_asym", True, 4 + 2 * (8 / 64 + 32 / (64 * 256))),
+    ],
 )
 def test_bits_per_parameter(name, double_quant, bits):
     # 256 x 4096 = 16384 blocks of 64 = 64 second-level blocks: no partial blocks anywhere
@@ -103,7 +108,9 @@ def test_quant_linear_backward_keeps_no_dequantized_weight():
 
 def test_vit_from_config_quantizes_and_runs():
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
     torch.manual_seed(0)
     model = transformers.ViTModel(config).eval()
     pixels = torch.randn(2, 3, 32, 32)
@@ -118,8 +125,8 @@ def test_vit_from_config_quantizes_and_runs():
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_bert_dir"])
 def test_streamed_load_equals_quantize_after_load(fixture, request):
-    from qlora_plugins.core.pipeline import model_request
     from qlora_plugins.core.config import parse_config
+    from qlora_plugins.core.pipeline import model_request
 
     model_dir = request.getfixturevalue(fixture)
     task = "seq_cls" if "bert" in fixture else "causal_lm"
@@ -175,14 +182,18 @@ def test_pipeline_trains_with_every_format(name, tiny_llama_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Say {i}", "input": "", "output": f"{i} {i}"}) + "\n" for i in range(12)))
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({
-        "model": {"path": str(tiny_llama_dir)},
-        "quantizer": {"name": name, "blocksize": 128, "double_quant": True},
-        "adapter": {"name": "lora", "r": 4},
-        "optimizer": {"name": "adamw", "lr": 0.01},
-        "data": {"name": "instruction", "path": str(data), "max_length": 48},
-        "train": {"max_steps": 3, "batch_size": 4},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"path": str(tiny_llama_dir)},
+                "quantizer": {"name": name, "blocksize": 128, "double_quant": True},
+                "adapter": {"name": "lora", "r": 4},
+                "optimizer": {"name": "adamw", "lr": 0.01},
+                "data": {"name": "instruction", "path": str(data), "max_length": 48},
+                "train": {"max_steps": 3, "batch_size": 4},
+            }
+        )
+    )
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["run", str(config), "-o", str(out), "--no-progress"], obj={})
     assert result.exit_code == 0, result.output

@@ -79,7 +79,6 @@ class ShinySource(ModelSource):
 class AllKindsPlugin:
     """One plugin providing a class of every kind."""
 
-
     @hookimpl
     def register_quantizers(register):
         register(ShinyQuantizer)
@@ -209,14 +208,12 @@ class ReplacementNF4(Quantizer):
 
 
 class ImpostorPlugin:
-
     @hookimpl
     def register_quantizers(register):
         register(ImpostorNF4)
 
 
 class ReplacingPlugin:
-
     @hookimpl
     def register_quantizers(register):
         register(ReplacementNF4)
@@ -263,7 +260,6 @@ class NewDefault(Adapter):
 
 
 class DefaultsPlugin:
-
     @hookimpl
     def register_quantizers(register):
         register(GreedyDefault)
@@ -275,11 +271,22 @@ class DefaultsPlugin:
 
 def test_defaults_come_from_the_builtins_default_attribute(registry):
     declared = {kind: [r.name for r in registry.in_order(kind) if r.cls.default] for kind in KINDS}
-    assert declared == {"quantizer": ["nf4"], "adapter": ["lora"], "optimizer": ["paged_adamw"], "exporter": ["adapter"],
-                        "data_format": [], "model_source": []}
+    assert declared == {
+        "quantizer": ["nf4"],
+        "adapter": ["lora"],
+        "optimizer": ["paged_adamw"],
+        "exporter": ["adapter"],
+        "data_format": [],
+        "model_source": [],
+    }
     assert {kind: registry.default(kind) for kind in KINDS} == {
-        "quantizer": "nf4", "adapter": "lora", "optimizer": "paged_adamw", "exporter": "adapter", "data_format": None,
-        "model_source": None}
+        "quantizer": "nf4",
+        "adapter": "lora",
+        "optimizer": "paged_adamw",
+        "exporter": "adapter",
+        "data_format": None,
+        "model_source": None,
+    }
     assert registry.create("quantizer", None).name == "nf4"
     with pytest.raises(PluginError, match="no data format plugin declares itself the default"):
         registry.create("data_format", None, {}, "data")
@@ -341,7 +348,6 @@ def test_same_class_registered_twice_is_deduplicated():
 
 
 class RaisingPlugin:
-
     @hookimpl
     def register_exporters(register):
         raise RuntimeError("boom in the hook")
@@ -357,7 +363,6 @@ def test_plugin_whose_hook_raises_is_broken_and_others_load():
 
 
 class MisspeltPlugin:
-
     @hookimpl
     def register_quantizer(register):  # the hook is register_quantizers
         register(ShinyQuantizer)
@@ -396,7 +401,6 @@ class NotAttrsOptions(Quantizer):
 
 
 class InvalidClassesPlugin:
-
     @hookimpl
     def register_quantizers(register):
         register(NotAQuantizer)
@@ -502,7 +506,9 @@ def test_entry_point_plugin_loads_with_its_distribution(fake_distribution):
 
 
 def test_disable_autoload_env_skips_entry_points(fake_distribution, monkeypatch):
-    fake_distribution("qlora-fake-sgd2", {"fake_sgd2_ep": "qlora_fake_sgd2_mod"}, {"qlora_fake_sgd2_mod": GOOD_MODULE.replace("fake_sgd", "fake_sgd2")})
+    fake_distribution(
+        "qlora-fake-sgd2", {"fake_sgd2_ep": "qlora_fake_sgd2_mod"}, {"qlora_fake_sgd2_mod": GOOD_MODULE.replace("fake_sgd", "fake_sgd2")}
+    )
     from qlora_plugins.core.registry import create_registry
 
     assert "fake_sgd2" in create_registry().names("optimizer")
@@ -520,7 +526,9 @@ def test_disable_autoload_env_skips_entry_points(fake_distribution, monkeypatch)
 
 def test_broken_entry_point_is_listed_and_others_still_load(fake_distribution):
     fake_distribution("qlora-broken-thing", {"broken_thing": "qlora_no_such_module_xyz:plugin"})
-    fake_distribution("qlora-fake-sgd3", {"fake_sgd3_ep": "qlora_fake_sgd3_mod"}, {"qlora_fake_sgd3_mod": GOOD_MODULE.replace("fake_sgd", "fake_sgd3")})
+    fake_distribution(
+        "qlora-fake-sgd3", {"fake_sgd3_ep": "qlora_fake_sgd3_mod"}, {"qlora_fake_sgd3_mod": GOOD_MODULE.replace("fake_sgd", "fake_sgd3")}
+    )
     from qlora_plugins.core.registry import create_registry
 
     reg = create_registry()
@@ -572,7 +580,6 @@ def test_blocking_an_entry_point_by_name(fake_distribution, monkeypatch):
 
 
 class CommandsPlugin:
-
     @hookimpl
     def register_commands(cli):
         @cli.command()
@@ -583,7 +590,6 @@ class CommandsPlugin:
 
 
 class RaisingCommandsPlugin:
-
     @hookimpl
     def register_commands(cli):
         raise ValueError("cannot add commands")

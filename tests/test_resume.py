@@ -22,7 +22,9 @@ MAX_STEPS = 10
 def write_config(tmp_path: Path, model_dir: Path, **train) -> Path:
     data = tmp_path / "data.jsonl"
     if not data.exists():
-        rows = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in ["apple", "river", "stone", "cloud", "lamp", "tiger"] * 4]
+        rows = [
+            {"instruction": "Repeat the word.", "input": w, "output": w} for w in ["apple", "river", "stone", "cloud", "lamp", "tiger"] * 4
+        ]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
         "model": {"path": str(model_dir)},
@@ -30,8 +32,17 @@ def write_config(tmp_path: Path, model_dir: Path, **train) -> Path:
         "adapter": {"name": "lora", "r": 4, "dropout": 0.1},
         "optimizer": {"name": "adamw", "lr": 0.003},
         "data": {"name": "instruction", "path": str(data), "max_length": 96},
-        "train": {"max_steps": MAX_STEPS, "batch_size": 4, "checkpoint_every": 1, "keep_checkpoints": 2, "lr_scheduler": "cosine",
-                  "warmup_steps": 2, "eval_every": 4, "seed": 3, **train},
+        "train": {
+            "max_steps": MAX_STEPS,
+            "batch_size": 4,
+            "checkpoint_every": 1,
+            "keep_checkpoints": 2,
+            "lr_scheduler": "cosine",
+            "warmup_steps": 2,
+            "eval_every": 4,
+            "seed": 3,
+            **train,
+        },
     }
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
     path.write_text(json.dumps(config))
@@ -41,7 +52,9 @@ def write_config(tmp_path: Path, model_dir: Path, **train) -> Path:
 def qlora_process(*args: str, home: Path) -> subprocess.Popen:
     env = {**os.environ, "QLORA_PLUGINS_HOME": str(home), "QLORA_PLUGINS_DISABLE_AUTOLOAD": "1"}
     code = "from qlora_plugins.cli import main; main()"
-    return subprocess.Popen([sys.executable, "-c", code, *args, "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def steps_logged(run_dir: Path) -> list[int]:
@@ -138,8 +151,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_llama_dir, t
 
     config = write_config(tmp_path, tiny_llama_dir, max_steps=6)
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["run", str(config), "-o", str(run_dir), "--set", "optimizer.lr=1e30", "--set", "train.max_grad_norm=null",
-                                      "--no-progress"], obj={})
+    result = CliRunner().invoke(
+        cli,
+        ["run", str(config), "-o", str(run_dir), "--set", "optimizer.lr=1e30", "--set", "train.max_grad_norm=null", "--no-progress"],
+        obj={},
+    )
     assert result.exit_code == 2, result.output
     assert "at step" in result.output and "Traceback" not in result.output
     from qlora_plugins.core.checkpointing import latest_checkpoint

@@ -77,7 +77,9 @@ def unsafe_constructs(path: Path, rel: str | None = None) -> list[str]:
                 found.append(f"{where}: {func}()")
             elif func == "__import__" and not (node.args and isinstance(node.args[0], ast.Constant)):
                 found.append(f"{where}: __import__ of a computed name")
-            elif last == "import_module" and rel not in DYNAMIC_IMPORT_ALLOWED and not (node.args and isinstance(node.args[0], ast.Constant)):
+            elif (
+                last == "import_module" and rel not in DYNAMIC_IMPORT_ALLOWED and not (node.args and isinstance(node.args[0], ast.Constant))
+            ):
                 found.append(f"{where}: import_module of a computed name")
             if _keyword(node, "trust_remote_code") is True:
                 found.append(f"{where}: trust_remote_code=True hard-coded")
@@ -91,9 +93,11 @@ def test_the_scan_sees_the_source_tree():
 
 def test_the_scan_finds_what_it_looks_for(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import pickle\nimport torch, yaml, importlib\ntorch.load(f)\ntorch.load(f, weights_only=False)\n"
-                   "yaml.load(s)\neval(s)\nimportlib.import_module(name)\nm.from_pretrained(p, trust_remote_code=True)\n"
-                   "torch.load(f, weights_only=True)\n")
+    bad.write_text(
+        "import pickle\nimport torch, yaml, importlib\ntorch.load(f)\ntorch.load(f, weights_only=False)\n"
+        "yaml.load(s)\neval(s)\nimportlib.import_module(name)\nm.from_pretrained(p, trust_remote_code=True)\n"
+        "torch.load(f, weights_only=True)\n"
+    )
     found = unsafe_constructs(bad, "bad.py")
     assert sorted(f.split(": ", 1)[0] for f in found) == [f"bad.py:{n}" for n in (1, 3, 4, 5, 6, 7, 8)], found
 
@@ -232,10 +236,24 @@ def sentinel_module(tmp_path, monkeypatch):
     sys.modules.pop(SENTINEL, None)
 
 
-IMPORT_LIKE_NAMES = [SENTINEL, f"{SENTINEL}:Plugin", f"{SENTINEL}.Plugin", "os.system", "os:system", "builtins:exec",
-                     "qlora_plugins.builtin_plugins.quantizer_none:NoQuantization", "subprocess.Popen"]
-PLUGIN_PATHS = {"quantizer.name": "unknown quantizer", "adapter.name": "unknown adapter", "optimizer.name": "unknown optimizer",
-                "data.name": "unknown data format", "export.0.name": "unknown exporter", "model.source": "unknown model source"}
+IMPORT_LIKE_NAMES = [
+    SENTINEL,
+    f"{SENTINEL}:Plugin",
+    f"{SENTINEL}.Plugin",
+    "os.system",
+    "os:system",
+    "builtins:exec",
+    "qlora_plugins.builtin_plugins.quantizer_none:NoQuantization",
+    "subprocess.Popen",
+]
+PLUGIN_PATHS = {
+    "quantizer.name": "unknown quantizer",
+    "adapter.name": "unknown adapter",
+    "optimizer.name": "unknown optimizer",
+    "data.name": "unknown data format",
+    "export.0.name": "unknown exporter",
+    "model.source": "unknown model source",
+}
 
 
 @pytest.mark.parametrize("path", sorted(PLUGIN_PATHS))
@@ -249,20 +267,24 @@ def test_a_plugin_name_is_never_imported(path, sentinel_module, write_config):
     assert not sentinel_module.exists() and SENTINEL not in sys.modules
 
 
-@pytest.mark.parametrize("text", [
-    f"model: !!python/object/apply:{SENTINEL}.plugin [1]\n",
-    "model: !!python/object/apply:os.system ['true']\n",
-    f"model: !!python/name:{SENTINEL}.Plugin\n",
-    f"model: !!python/module:{SENTINEL}\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"model: !!python/object/apply:{SENTINEL}.plugin [1]\n",
+        "model: !!python/object/apply:os.system ['true']\n",
+        f"model: !!python/name:{SENTINEL}.Plugin\n",
+        f"model: !!python/module:{SENTINEL}\n",
+    ],
+)
 def test_yaml_tags_cannot_build_python_objects(text, sentinel_module, write_config):
     result = invoke("validate", write_config(text))
     assert result.exit_code == 2 and "invalid YAML" in result.stderr, result.output
     assert not sentinel_module.exists() and SENTINEL not in sys.modules
 
 
-@pytest.mark.parametrize("template", ["{instruction.__class__}", "{instruction.__class__.__mro__}", "{instruction[0]}",
-                                      "{input_block.upper}"])
+@pytest.mark.parametrize(
+    "template", ["{instruction.__class__}", "{instruction.__class__.__mro__}", "{instruction[0]}", "{input_block.upper}"]
+)
 def test_templates_cannot_reach_python_attributes(template, write_config):
     """An instruction template may only name its placeholders: `{instruction.__class__...}`
     would otherwise format Python internals into the training data."""

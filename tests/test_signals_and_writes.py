@@ -93,8 +93,9 @@ def qlora(args: list[str], home: Path, site: Path | None = None, **env: str) -> 
         environment.pop("QLORA_PLUGINS_DISABLE_AUTOLOAD")
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), environment.get("PYTHONPATH")]))
     code = "from qlora_plugins.cli import main; main()"
-    return subprocess.Popen([sys.executable, "-c", code, *args, "--no-progress"], env=environment, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--no-progress"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -109,8 +110,10 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
 @pytest.mark.slow
 def test_sigterm_mid_training_checkpoints_the_last_step_and_resume_finishes(qlora_home, tmp_path):
     total = 40
-    config = write_yaml(tmp_path / "c.yaml", base_config(
-        train={"max_steps": total, "batch_size": 2, "seed": 0, "checkpoint_every": 1000, "threads": 1}, export=[]))
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        base_config(train={"max_steps": total, "batch_size": 2, "seed": 0, "checkpoint_every": 1000, "threads": 1}, export=[]),
+    )
     out = tmp_path / "run"
     proc = qlora(["run", str(config), "-o", str(out)], qlora_home)
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(steps_logged(out)) >= 3, proc)
@@ -260,14 +263,18 @@ def test_metrics_jsonl_that_is_a_directory_is_one_line(tmp_path):
 
 
 def test_a_non_finite_eval_loss_stops_the_run_and_every_json_file_is_strict(tmp_path):
-    config = write_yaml(tmp_path / "c.yaml", base_config(optimizer={"name": "adamw", "lr": 1e30}, export=[{"name": "adapter"}],
-                                                         train={"max_steps": 1, "batch_size": 4, "seed": 0}))
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        base_config(
+            optimizer={"name": "adamw", "lr": 1e30}, export=[{"name": "adapter"}], train={"max_steps": 1, "batch_size": 4, "seed": 0}
+        ),
+    )
     out = tmp_path / "run"
     line = assert_user_error(invoke("run", config, "-o", out, "--no-progress"), "eval loss became")
     assert "tolerance" not in line
     assert status(out)["status"].startswith("failed: eval loss became")
     for path in out.rglob("*.json*"):
-        for text in ([path.read_text()] if path.suffix == ".json" else path.read_text().splitlines()):
+        for text in [path.read_text()] if path.suffix == ".json" else path.read_text().splitlines():
             strict_load(text)
     assert not (out / "exports").exists()
 

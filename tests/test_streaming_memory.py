@@ -5,8 +5,8 @@ dequantization workspace gives exactly the fresh path's results and never serves
 from __future__ import annotations
 
 import torch
-
 from conftest import new_registry
+
 from qlora_plugins.core import quant_linear as ql
 from qlora_plugins.core import streaming
 from qlora_plugins.core.interfaces import AdapterContext, ModelRequest
@@ -15,8 +15,9 @@ from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, auto_class
 
 def load_quantized(path, name="nf4", options=None):
     q = new_registry().create("quantizer", name, options or {})
-    request = ModelRequest(path=path, task="causal_lm", auto_class=auto_class("causal_lm"), dtype=torch.float32,
-                           skip_modules=list(DEFAULT_SKIP_MODULES))
+    request = ModelRequest(
+        path=path, task="causal_lm", auto_class=auto_class("causal_lm"), dtype=torch.float32, skip_modules=list(DEFAULT_SKIP_MODULES)
+    )
     return q, q.load_model(request)
 
 

@@ -31,7 +31,19 @@ def lion_site(tmp_path_factory) -> Path:
     source = root / "src"  # build from a copy: pip writes build/ and *.egg-info next to the sources
     shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     site = root / "site"
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "--target", str(site), str(source)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "--target",
+        str(site),
+        str(source),
+    ]
     out = subprocess.run(pip, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     infos = list(site.glob("qlora_lion-*.dist-info"))
@@ -44,8 +56,9 @@ def qlora(site: Path, *args, env_extra: dict | None = None, cwd: Path | None = N
     env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(env_extra or {})
     code = "from qlora_plugins.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=cwd or Path.cwd(), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd or Path.cwd(), timeout=600
+    )
 
 
 def test_installed_plugin_is_listed(lion_site):
@@ -75,8 +88,19 @@ def test_autoload_off_and_blocking_hide_it(lion_site):
 def test_installed_plugin_runs_in_a_pipeline(lion_site, tmp_path, tiny_llama_dir):
     config = tmp_path / "lion.yaml"
     config.write_text(yaml.safe_dump(base_config(train={"max_steps": 3, "batch_size": 4})), encoding="utf-8")
-    out = qlora(lion_site, "run", config, "--set", "optimizer.name=lion", "--set", "optimizer.lr=3e-4",
-                "-o", tmp_path / "run", "--json", "--no-progress")
+    out = qlora(
+        lion_site,
+        "run",
+        config,
+        "--set",
+        "optimizer.name=lion",
+        "--set",
+        "optimizer.lr=3e-4",
+        "-o",
+        tmp_path / "run",
+        "--json",
+        "--no-progress",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     optimizer = report["plugins"]["optimizer"]

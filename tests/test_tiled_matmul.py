@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import new_registry
 
 import qlora_plugins.core.kernels as K
-from conftest import new_registry
 from qlora_plugins.core import quant_linear as ql
 from qlora_plugins.core.quant_linear import QuantLinear, product_path
 from qlora_plugins.quantized import BlockwiseQuantizer
@@ -161,8 +161,13 @@ def test_lora_training_under_gradient_checkpointing_matches_the_whole_path(tiny_
     from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, auto_class
 
     q = new_registry().create("quantizer", "nf4", {})
-    request = ModelRequest(path=tiny_llama_dir, task="causal_lm", auto_class=auto_class("causal_lm"), dtype=torch.float32,
-                           skip_modules=list(DEFAULT_SKIP_MODULES))
+    request = ModelRequest(
+        path=tiny_llama_dir,
+        task="causal_lm",
+        auto_class=auto_class("causal_lm"),
+        dtype=torch.float32,
+        skip_modules=list(DEFAULT_SKIP_MODULES),
+    )
     model = q.load_model(request)
     for p in model.parameters():
         p.requires_grad_(False)

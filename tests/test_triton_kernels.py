@@ -45,8 +45,12 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 CASES = [(1000, 64), (777, 32), (4097, 128), (31, 4096)]  # tail blocks, odd counts, one partial block
-TABLES = {"nf4": (K.nf4_code, None), "fp4": (K.fp4_code, None), "int4_sym": (lambda: K.int4_code(True), True),
-          "int4_asym": (lambda: K.int4_code(False), False)}
+TABLES = {
+    "nf4": (K.nf4_code, None),
+    "fp4": (K.fp4_code, None),
+    "int4_sym": (lambda: K.int4_code(True), True),
+    "int4_asym": (lambda: K.int4_code(False), False),
+}
 
 
 @pytest.mark.parametrize("fmt", list(TABLES))

@@ -90,7 +90,14 @@ def compare_logits(reference: Any, candidate: Any, attention_mask: Any) -> dict:
     else:
         ref, new = reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1])
     if not torch.isfinite(new).all():
-        return {"max_abs_diff": math.inf, "mean_abs_diff": math.inf, "kl": math.inf, "kl_max": math.inf, "top1": 0.0, "positions": int(ref.shape[0])}
+        return {
+            "max_abs_diff": math.inf,
+            "mean_abs_diff": math.inf,
+            "kl": math.inf,
+            "kl_max": math.inf,
+            "top1": 0.0,
+            "positions": int(ref.shape[0]),
+        }
     diff = (ref - new).abs()
     logp_ref = torch.log_softmax(ref.double(), dim=-1)
     logp_new = torch.log_softmax(new.double(), dim=-1)
@@ -123,7 +130,9 @@ def load_adapter_onto_base(context: ExportContext, directory: Path) -> Any:
     ``directory`` through the run's adapter plugin (what ``peft.PeftModel.from_pretrained`` does
     for LoRA)."""
     base = context.quantizer.load_model(context.model_request)
-    model = context.adapter.load(base, directory, AdapterContext(task=context.task, quantized=context.quantizer.footprint(base).quantized_params > 0))
+    model = context.adapter.load(
+        base, directory, AdapterContext(task=context.task, quantized=context.quantizer.footprint(base).quantized_params > 0)
+    )
     return model.eval()
 
 
@@ -179,7 +188,11 @@ def _summary(figures: dict) -> str:
     for key, label in (("kl", "KL"), ("top1", "top-1"), ("max_abs_diff", "max |dlogit|"), ("mean_abs_diff", "mean |dlogit|")):
         if key in figures:
             parts.append(f"{label} {_fmt(figures[key])}")
-    extra = [k for k in figures if k not in ("kl", "kl_max", "top1", "max_abs_diff", "mean_abs_diff", "positions", "probe", "tolerance", "status")]
+    extra = [
+        k
+        for k in figures
+        if k not in ("kl", "kl_max", "top1", "max_abs_diff", "mean_abs_diff", "positions", "probe", "tolerance", "status")
+    ]
     parts += [f"{k} {_fmt(figures[k])}" for k in extra if isinstance(figures[k], (int, float))]
     return ", ".join(parts)
 
@@ -204,4 +217,3 @@ class _Reference:
             logits = model_logits(self.context.model, batch)
             self._cache[probe_text] = (batch, source, logits)
         return logits
-

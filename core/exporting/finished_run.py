@@ -69,7 +69,9 @@ def _check_adapter_base(adapter: Any, adapter_dir: Path, model_dir: Path) -> Non
     if recorded and Path(recorded).is_dir() and Path(recorded).resolve() != Path(model_dir).resolve():
         trained, now = _model_type(Path(recorded)), _model_type(model_dir)
         if trained and now and trained != now:
-            raise ExportError(f"the adapter in {adapter_dir} was trained on a {trained} model ({recorded}), but the run's base model {model_dir} is a {now} model")
+            raise ExportError(
+                f"the adapter in {adapter_dir} was trained on a {trained} model ({recorded}), but the run's base model {model_dir} is a {now} model"
+            )
 
 
 class FinishedRun:
@@ -118,13 +120,23 @@ class FinishedRun:
         except Exception as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
             detail = next((line for line in lines if "size mismatch" in line or "not found" in line), lines[0])
-            raise ExportError(f"the adapter in {self.adapter_dir} does not match the base model {model_dir} "
-                              f"({_model_type(model_dir)}): {detail[:300]}") from None
+            raise ExportError(
+                f"the adapter in {self.adapter_dir} does not match the base model {model_dir} ({_model_type(model_dir)}): {detail[:300]}"
+            ) from None
         splits = prepared.splits
         probe = list(splits.eval[:PROBE_MAX_EXAMPLES] or splits.train[:PROBE_MAX_EXAMPLES]) if splits else []
         plugins = checked.plugins
-        return ExportContext(attached.model, prepared.tokenizer, model_dir, checked.config.model.task, plugins.quantizer, plugins.adapter,
-                             self.resolved, loaded.request, probe)
+        return ExportContext(
+            attached.model,
+            prepared.tokenizer,
+            model_dir,
+            checked.config.model.task,
+            plugins.quantizer,
+            plugins.adapter,
+            self.resolved,
+            loaded.request,
+            probe,
+        )
 
 
 def load_run(run_dir: Path, registry: Any, log: Log = lambda m: None) -> ExportContext:
@@ -182,8 +194,15 @@ def _exporter_options(run_config: dict, name: str, overrides: Sequence[str], nam
     return options
 
 
-def export_run(run_dir: Path, names: Sequence[str], registry: Any, output: Path | None = None, options: Sequence[str] = (),
-               force: bool = False, log: Log = lambda m: None) -> dict:
+def export_run(
+    run_dir: Path,
+    names: Sequence[str],
+    registry: Any,
+    output: Path | None = None,
+    options: Sequence[str] = (),
+    force: bool = False,
+    log: Log = lambda m: None,
+) -> dict:
     """``qlora export``: run exporters ``names`` on the finished run in ``run_dir``.
 
     The artifact of a single exporter goes to ``output`` (default ``RUN_DIR/exports/<name>``);
@@ -242,8 +261,9 @@ def _check_before_loading(run_config: dict, exporters: list, registry: Any) -> N
     adapter = registry.create("adapter", config.adapter.name, config.adapter.options, "adapter")
     model = run_config.get("model") or {}
     base = Path(model["path"]) if isinstance(model.get("path"), str) else None
-    check_exporters(exporters, ExportCheck(config.model.task, quantizer, adapter, base), registry,
-                    [f"--exporter {e.name}" for e in exporters])
+    check_exporters(
+        exporters, ExportCheck(config.model.task, quantizer, adapter, base), registry, [f"--exporter {e.name}" for e in exporters]
+    )
 
 
 def _run_inputs(run_config: dict, run_dir: Path) -> list[tuple[str, Path | None]]:
@@ -269,4 +289,3 @@ def _record_in_report(run_dir: Path, results: dict) -> None:
         if isinstance(report, dict):
             report.setdefault("exports", {}).update(results)
             atomic_write_json(path, report)
-

@@ -45,7 +45,9 @@ def _registration(registry: Any, kind: str, plugin: Any) -> dict:
     return out
 
 
-def build_manifest(exporter: Any, context: ExportContext, directory: Path, files: Sequence[Path], info: dict, fidelity: dict, registry: Any) -> dict:
+def build_manifest(
+    exporter: Any, context: ExportContext, directory: Path, files: Sequence[Path], info: dict, fidelity: dict, registry: Any
+) -> dict:
     """The ``manifest.json`` of an export (see docs/exporters.md)."""
     from qlora_plugins.core.checkpoint_format import file_sha256
     from qlora_plugins.core.pipeline import versions
@@ -67,4 +69,3 @@ def build_manifest(exporter: Any, context: ExportContext, directory: Path, files
         "files": [{"path": str(p.relative_to(directory)), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in files],
         "config": context.config,
     }
-

@@ -17,8 +17,16 @@ FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".jobli
 def check_name(name: str) -> str:
     """Return ``name`` if it is one plain path component (no separators, not ``.``/``..``,
     not hidden, not absolute); raise :class:`ExportError` otherwise."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
-            or "/" in name or "\\" in name or "\x00" in name or ":" in name):
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or ":" in name
+    ):
         raise ExportError(f"{name!r} is not a plain file or directory name")
     return name
 
@@ -92,4 +100,3 @@ def remove_own_temporaries(final: Path) -> None:
     for entry in parent.glob(f".{final.name}.*.tmp"):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
-

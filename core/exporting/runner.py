@@ -43,8 +43,9 @@ def current_registry() -> Any:
 RESERVED_RESULT_KEYS = frozenset({"exporter", "path", "files", "bytes", "seconds", "fidelity"})
 
 
-def run_exports(context: ExportContext, exporters: list, exports_dir: Path, registry: Any, force: bool, log: Log,
-                outputs: Sequence[Path] | None = None) -> dict:
+def run_exports(
+    context: ExportContext, exporters: list, exports_dir: Path, registry: Any, force: bool, log: Log, outputs: Sequence[Path] | None = None
+) -> dict:
     """Run, verify and record each exporter into ``exports_dir/<name>`` (or ``outputs[i]``)
     through a temporary directory; return facts and fidelity keyed by exporter name (by directory
     name when an exporter runs twice)."""
@@ -65,8 +66,10 @@ def run_exports(context: ExportContext, exporters: list, exports_dir: Path, regi
         for exporter, final in zip(exporters, targets):
             log(f"Exporting with '{exporter.name}' to {final}")
             started = time.perf_counter()
-            with current_progress().stage(f"export {exporter.name}", unit="file") as stage, \
-                    atomic_directory(final, force=force, not_ours=not_an_export_because) as tmp:
+            with (
+                current_progress().stage(f"export {exporter.name}", unit="file") as stage,
+                atomic_directory(final, force=force, not_ours=not_an_export_because) as tmp,
+            ):
                 try:
                     info = exporter.export(context, tmp) or {}
                 except QloraError:
@@ -74,7 +77,9 @@ def run_exports(context: ExportContext, exporters: list, exports_dir: Path, regi
                 except Exception as exc:
                     reg = registry.registration("exporter", exporter.name)
                     first = (str(exc).strip().splitlines() or [""])[0]
-                    raise ExportError(f"exporter '{exporter.name}' ({reg.source.describe()}) failed: {type(exc).__name__}: {first}") from exc
+                    raise ExportError(
+                        f"exporter '{exporter.name}' ({reg.source.describe()}) failed: {type(exc).__name__}: {first}"
+                    ) from exc
                 check_artifact(tmp, exporter.name)
                 fidelity = measure_fidelity(exporter, tmp, context, reference, registry, log)
                 files = check_artifact(tmp, exporter.name)
@@ -94,4 +99,3 @@ def run_exports(context: ExportContext, exporters: list, exports_dir: Path, regi
     finally:
         _registry.reset(token)
     return results
-

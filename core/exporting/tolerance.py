@@ -10,9 +10,8 @@ import attrs
 
 from qlora_plugins.core.errors import ExportError
 from qlora_plugins.core.exporting.paths import check_name
-from qlora_plugins.core.options import in_range
-
 from qlora_plugins.core.interfaces import GENERIC_TOLERANCE  # noqa: F401  (re-exported)
+from qlora_plugins.core.options import in_range
 
 
 def _bound(figure: str, kind: str, low: float, high: float | None):
@@ -60,7 +59,11 @@ class ExportOptions:
 
 
 def _tolerance_fields(tolerance: Any) -> dict[str, tuple[str, str]]:
-    return {f.name: (f.metadata.get("figure", f.name), f.metadata.get("bound", "max")) for f in attrs.fields(type(tolerance)) if "figure" in f.metadata}
+    return {
+        f.name: (f.metadata.get("figure", f.name), f.metadata.get("bound", "max"))
+        for f in attrs.fields(type(tolerance))
+        if "figure" in f.metadata
+    }
 
 
 def effective_tolerance(exporter: Any) -> dict:
@@ -99,4 +102,3 @@ def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     return str(x)
-

@@ -86,11 +86,10 @@ blocksize (a bnb bug); we always use flat blocks, like bnb's quantizer and CUDA.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Union
 
 import torch
-
-import os
 
 from . import native, reference
 from .native import backend_name
@@ -203,8 +202,9 @@ def _bnb_dequant(packed, absmax, code, blocksize, shp, out_dtype):
         if torch.equal(code.cpu(), table()):
             import bitsandbytes.functional as F
 
-            state = F.QuantState(absmax=absmax, shape=torch.Size(shp), code=code, blocksize=blocksize,
-                                 quant_type=quant_type, dtype=out_dtype)
+            state = F.QuantState(
+                absmax=absmax, shape=torch.Size(shp), code=code, blocksize=blocksize, quant_type=quant_type, dtype=out_dtype
+            )
             return F.dequantize_4bit(packed.view(-1, 1), state)
     return None
 
@@ -261,9 +261,7 @@ def _check_stats(t: torch.Tensor, nb: int, name: str, device: torch.device, fini
 # --------------------------------------------------------------------------- #
 
 
-def quantize_4bit_lut(
-    x: torch.Tensor, code: torch.Tensor, blocksize: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit_lut(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax 4-bit quantization with a 16-entry lookup table (nf4, fp4).
 
     Bit-exact with ``bitsandbytes.functional.quantize_4bit(x, blocksize, quant_type,
@@ -345,13 +343,7 @@ def dequantize_4bit_lut(
         offset = _check_stats(offset, nb, "offset", dev, lib is None)
     code = _code16(code, dev)
     if out is not None:
-        if (
-            not isinstance(out, torch.Tensor)
-            or out.dtype != out_dtype
-            or out.numel() != n
-            or out.device != dev
-            or not out.is_contiguous()
-        ):
+        if not isinstance(out, torch.Tensor) or out.dtype != out_dtype or out.numel() != n or out.device != dev or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {out_dtype} tensor of {n} elements on {dev}")
     if lib is None:
         gpu = _gpu_kernels(packed)
@@ -510,9 +502,7 @@ def dequantize_blockwise_8bit(
     return out
 
 
-def double_quantize(
-    absmax: torch.Tensor, blocksize: int = 256
-) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
     """Quantize 4-bit absmax statistics like ``quantize_4bit(..., compress_statistics=True)``.
 
     ``offset = absmax.mean()``; ``codes, absmax2 = quantize_blockwise_8bit(absmax - offset,
@@ -542,10 +532,10 @@ def double_dequantize(
     (exactly bnb's ``dequantize_blockwise(...); absmax += offset``)."""
     gpu = _gpu_kernels(codes) if isinstance(codes, torch.Tensor) and _native_for(codes) is None else None
     if gpu is not None:
-            _check_blocksize(blocksize)
-            c = codes.contiguous().reshape(-1)
-            a2 = _check_stats(absmax2, _nblocks(c.numel(), blocksize), "absmax", c.device, True)
-            return gpu.dequantize_blockwise_8bit(c, a2, _code256(code256, c.device), blocksize, float(offset))
+        _check_blocksize(blocksize)
+        c = codes.contiguous().reshape(-1)
+        a2 = _check_stats(absmax2, _nblocks(c.numel(), blocksize), "absmax", c.device, True)
+        return gpu.dequantize_blockwise_8bit(c, a2, _code256(code256, c.device), blocksize, float(offset))
     out = dequantize_blockwise_8bit(codes, absmax2, code256, blocksize, torch.float32).reshape(-1)
     off = torch.as_tensor(offset, dtype=torch.float32, device=out.device)
     return out + off

@@ -119,11 +119,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qp_dequantize_8bit.restype = c_int
     lib.qp_dequantize_8bit.argtypes = [c_vp, c_vp, c_vp, c_i64, c_i64, c_vp, c_int, c_int]
     lib.qp_matmul_4bit_lut_xwt.restype = c_int
-    lib.qp_matmul_4bit_lut_xwt.argtypes = [c_vp, c_i64, c_i64, c_i64, c_vp, c_vp, c_vp, c_vp, c_i64, c_vp, c_i64, c_i64,
-                                           c_vp, c_int]
+    lib.qp_matmul_4bit_lut_xwt.argtypes = [c_vp, c_i64, c_i64, c_i64, c_vp, c_vp, c_vp, c_vp, c_i64, c_vp, c_i64, c_i64, c_vp, c_int]
     lib.qp_matmul_4bit_lut_gw.restype = c_int
-    lib.qp_matmul_4bit_lut_gw.argtypes = [c_vp, c_i64, c_i64, c_i64, c_i64, c_vp, c_vp, c_vp, c_vp, c_i64, c_vp, c_i64,
-                                          c_vp, c_int]
+    lib.qp_matmul_4bit_lut_gw.argtypes = [c_vp, c_i64, c_i64, c_i64, c_i64, c_vp, c_vp, c_vp, c_vp, c_i64, c_vp, c_i64, c_vp, c_int]
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -157,9 +155,7 @@ def _load() -> Optional[ctypes.CDLL]:
                         break
                 except Exception as exc:  # noqa: BLE001 - any failure means: try the next variant
                     errors.append(str(exc))
-    logger.debug(
-        "qlora_plugins kernels: native build unavailable (%s), using the torch reference", "; ".join(errors)[-4000:]
-    )
+    logger.debug("qlora_plugins kernels: native build unavailable (%s), using the torch reference", "; ".join(errors)[-4000:])
     return None
 
 
@@ -191,8 +187,10 @@ def _loaded_libraries() -> list[str]:
     except OSError:
         return []
     keys = ("torch_cpu", "mkl", "openblas", "blas")
-    return sorted((p for p in paths if any(k in os.path.basename(p) for k in keys)),
-                  key=lambda p: [k in os.path.basename(p) for k in keys].index(True))
+    return sorted(
+        (p for p in paths if any(k in os.path.basename(p) for k in keys)),
+        key=lambda p: [k in os.path.basename(p) for k in keys].index(True),
+    )
 
 
 def _find_blas() -> Optional[tuple]:
@@ -248,8 +246,9 @@ def _blas_self_check(found: tuple) -> bool:
     w = torch.empty(rows * cols, dtype=torch.float32)
     lib.qp_dequantize_4bit_lut(codes.data_ptr(), absmax.data_ptr(), None, code.data_ptr(), rows * cols, bs, w.data_ptr(), 0, 1)
     y = torch.empty(m, rows, dtype=torch.float32)
-    rc = lib.qp_matmul_4bit_lut_xwt(x.data_ptr(), m, cols, rows, codes.data_ptr(), absmax.data_ptr(), None, code.data_ptr(),
-                                    bs, y.data_ptr(), rows, 2, found[0], 1)
+    rc = lib.qp_matmul_4bit_lut_xwt(
+        x.data_ptr(), m, cols, rows, codes.data_ptr(), absmax.data_ptr(), None, code.data_ptr(), bs, y.data_ptr(), rows, 2, found[0], 1
+    )
     return rc == 0 and torch.allclose(y, x @ w.view(rows, cols).t(), rtol=1e-5, atol=1e-5)
 
 

@@ -216,9 +216,7 @@ def _blocks_padded(a: torch.Tensor, blocksize: int, fill: float) -> torch.Tensor
     return a.view(nb, blocksize)
 
 
-def quantize_4bit_int(
-    x: torch.Tensor, blocksize: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def quantize_4bit_int(x: torch.Tensor, blocksize: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Affine int4 quantization (formulas in the package docstring)."""
     a = x.reshape(-1).float()
     n = a.numel()
@@ -360,9 +358,7 @@ def bnb8_boundaries(code256: torch.Tensor) -> torch.Tensor:
     return torch.tensor(_bnb8_boundaries_cached(_code_bytes(code256)), dtype=torch.float32)
 
 
-def quantize_blockwise_8bit(
-    x: torch.Tensor, code256: torch.Tensor, blocksize: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit(x: torch.Tensor, code256: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """bnb's CPU ``quantize_blockwise``: ``v = x * (1/absmax)``, ``q = #{B[j] <= v}``; all-zero block -> 0."""
     bnd = bnb8_boundaries(code256).to(x.device)
     a = x.reshape(-1).float()

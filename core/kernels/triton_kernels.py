@@ -51,9 +51,19 @@ def _launch_options() -> dict:
 if triton is not None:
 
     @triton.jit
-    def _dequant_4bit_kernel(packed_ptr, absmax_ptr, offset_ptr, code_ptr, out_ptr, n,
-                             BS: tl.constexpr, HAS_OFFSET: tl.constexpr, OUT: tl.constexpr, BF16: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _dequant_4bit_kernel(
+        packed_ptr,
+        absmax_ptr,
+        offset_ptr,
+        code_ptr,
+        out_ptr,
+        n,
+        BS: tl.constexpr,
+        HAS_OFFSET: tl.constexpr,
+        OUT: tl.constexpr,
+        BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < n
@@ -71,8 +81,9 @@ if triton is not None:
             tl.store(out_ptr + idx, v.to(OUT), mask=mask)
 
     @triton.jit
-    def _dequant_8bit_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n, offset,
-                             BS: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+    def _dequant_8bit_kernel(
+        q_ptr, absmax_ptr, code_ptr, out_ptr, n, offset, BS: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr
+    ):
         pid = tl.program_id(0)
         idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < n
@@ -83,9 +94,21 @@ if triton is not None:
         tl.store(out_ptr + idx, v, mask=mask)
 
     @triton.jit
-    def _matmul_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, offset_ptr, code_ptr, y_ptr, rows, cols,
-                            BS: tl.constexpr, HAS_OFFSET: tl.constexpr, OUT: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+    def _matmul_4bit_kernel(
+        x_ptr,
+        packed_ptr,
+        absmax_ptr,
+        offset_ptr,
+        code_ptr,
+        y_ptr,
+        rows,
+        cols,
+        BS: tl.constexpr,
+        HAS_OFFSET: tl.constexpr,
+        OUT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         # y[m, n0:n0+BLOCK_N] = x[m, :] @ W[n0:n0+BLOCK_N, :]^T, W decoded a BLOCK_N x BLOCK_K tile at a time
         pid_n = tl.program_id(0)
         m = tl.program_id(1).to(tl.int64)
@@ -109,39 +132,80 @@ if triton is not None:
 _BLOCK = 1024
 
 
-def dequantize_4bit_lut(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int,
-                        out_dtype: torch.dtype, offset: Optional[torch.Tensor] = None,
-                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dequantize_4bit_lut(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    n: int,
+    out_dtype: torch.dtype,
+    offset: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Flat ``n``-element dequantization (arguments already validated by the caller)."""
     out = torch.empty(n, dtype=out_dtype, device=packed.device) if out is None else out.view(-1)
     bf16 = out_dtype == torch.bfloat16
     grid = (triton.cdiv(n, _BLOCK),)
-    _dequant_4bit_kernel[grid](packed, absmax, offset if offset is not None else absmax, code,
-                               out.view(torch.uint16) if bf16 else out, n, BS=blocksize, HAS_OFFSET=offset is not None,
-                               OUT=_OUT[out_dtype], BF16=bf16, BLOCK=_BLOCK, **_launch_options())
+    _dequant_4bit_kernel[grid](
+        packed,
+        absmax,
+        offset if offset is not None else absmax,
+        code,
+        out.view(torch.uint16) if bf16 else out,
+        n,
+        BS=blocksize,
+        HAS_OFFSET=offset is not None,
+        OUT=_OUT[out_dtype],
+        BF16=bf16,
+        BLOCK=_BLOCK,
+        **_launch_options(),
+    )
     return out
 
 
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code256: torch.Tensor, blocksize: int,
-                              offset: Optional[float] = None) -> torch.Tensor:
+def dequantize_blockwise_8bit(
+    codes: torch.Tensor, absmax: torch.Tensor, code256: torch.Tensor, blocksize: int, offset: Optional[float] = None
+) -> torch.Tensor:
     """Flat fp32 ``code256[q] * absmax[b]`` (``+ offset``, rounded separately: bnb's nested absmax)."""
     n = codes.numel()
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
     grid = (triton.cdiv(n, _BLOCK),)
-    _dequant_8bit_kernel[grid](codes, absmax, code256, out, n, float(offset or 0.0), BS=blocksize,
-                               HAS_OFFSET=offset is not None, BLOCK=_BLOCK, **_launch_options())
+    _dequant_8bit_kernel[grid](
+        codes, absmax, code256, out, n, float(offset or 0.0), BS=blocksize, HAS_OFFSET=offset is not None, BLOCK=_BLOCK, **_launch_options()
+    )
     return out
 
 
-def matmul_4bit_lut(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                    rows: int, cols: int, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+def matmul_4bit_lut(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    rows: int,
+    cols: int,
+    offset: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``x @ W.T`` for a contiguous ``x`` of shape ``[m, cols]`` (small ``m``; any float dtype, summed
     in fp32, the result in ``x``'s dtype), fused: W is decoded tile by tile in registers."""
     m = x.shape[0]
     y = torch.empty(m, rows, dtype=x.dtype, device=x.device)
     block_n, block_k = 32, 64
     grid = (triton.cdiv(rows, block_n), m)
-    _matmul_4bit_kernel[grid](x, packed, absmax, offset if offset is not None else absmax, code, y, rows, cols,
-                              BS=blocksize, HAS_OFFSET=offset is not None, OUT=_OUT[x.dtype], BLOCK_N=block_n, BLOCK_K=block_k,
-                              **_launch_options())
+    _matmul_4bit_kernel[grid](
+        x,
+        packed,
+        absmax,
+        offset if offset is not None else absmax,
+        code,
+        y,
+        rows,
+        cols,
+        BS=blocksize,
+        HAS_OFFSET=offset is not None,
+        OUT=_OUT[x.dtype],
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **_launch_options(),
+    )
     return y

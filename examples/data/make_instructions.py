@@ -7,8 +7,9 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ("apple river stone cloud garden lamp winter orange candle forest silver ocean paper "
-         "window bridge yellow tiger music pencil castle").split()
+WORDS = (
+    "apple river stone cloud garden lamp winter orange candle forest silver ocean paper window bridge yellow tiger music pencil castle"
+).split()
 COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow"}
 
 

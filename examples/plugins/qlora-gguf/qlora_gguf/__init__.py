@@ -17,8 +17,8 @@ from typing import Any, Literal, Optional
 import attrs
 
 from qlora_plugins import ExportContext, Exporter, hookimpl
-from qlora_plugins.exporting import ExportOptions, Tolerance, check_name, merged_model, safe_path
 from qlora_plugins.errors import ExportError
+from qlora_plugins.exporting import ExportOptions, Tolerance, check_name, merged_model, safe_path
 from qlora_plugins.options import in_range
 
 #: transformers model_type -> gguf architecture (both use llama.cpp's llama graph).
@@ -34,7 +34,8 @@ class GGUFTolerance(Tolerance):
     """The logit bounds plus one on the tensors read back from the file."""
 
     max_tensor_rel_error: Optional[float] = attrs.field(
-        default=None, validator=in_range(0.0, None), metadata={"figure": "tensor_rel_error", "bound": "max"})
+        default=None, validator=in_range(0.0, None), metadata={"figure": "tensor_rel_error", "bound": "max"}
+    )
 
 
 def _gguf_filename(_instance: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -91,7 +92,9 @@ class GGUFExporter(Exporter):
 
         config = context.model.get_base_model().config if hasattr(context.model, "get_base_model") else context.model.config
         if context.task != "causal_lm" or config.model_type not in ARCHITECTURES:
-            raise ExportError(f"exporter 'gguf' writes Llama-family causal LMs ({', '.join(ARCHITECTURES)}), not a {config.model_type} {context.task} model")
+            raise ExportError(
+                f"exporter 'gguf' writes Llama-family causal LMs ({', '.join(ARCHITECTURES)}), not a {config.model_type} {context.task} model"
+            )
         rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
         if rope.get("rope_type", "default") != "default":
             raise ExportError(f"exporter 'gguf' supports plain RoPE only, not rope_type {rope['rope_type']!r}")
@@ -138,7 +141,9 @@ class GGUFExporter(Exporter):
                 writer.add_tensor(new_name, data.astype(np.float32))
                 types[new_name] = "F32"
             elif q8 and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-                writer.add_tensor(new_name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(
+                    new_name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+                )
                 types[new_name] = "Q8_0"
             else:
                 writer.add_tensor(new_name, data.astype(np.float16))
@@ -153,8 +158,16 @@ class GGUFExporter(Exporter):
             counts[t] = counts.get(t, 0) + 1
         import importlib.metadata as md
 
-        return {"format": "gguf", "file": self.options.filename, "outtype": self.options.outtype, "architecture": gguf.MODEL_ARCH_NAMES[arch],
-                "tensors": len(types), "tensor_types": counts, "tokenizer": tokenizer_model, "gguf_version": md.version("gguf")}
+        return {
+            "format": "gguf",
+            "file": self.options.filename,
+            "outtype": self.options.outtype,
+            "architecture": gguf.MODEL_ARCH_NAMES[arch],
+            "tensors": len(types),
+            "tensor_types": counts,
+            "tokenizer": tokenizer_model,
+            "gguf_version": md.version("gguf"),
+        }
 
     @staticmethod
     def _add_tokenizer(writer: Any, tokenizer: Any, gguf: Any) -> str:
@@ -181,8 +194,12 @@ class GGUFExporter(Exporter):
             writer.add_token_merges(merges)
         else:
             writer.add_token_scores([0.0] * len(tokens))
-        for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                          ("pad_token_id", writer.add_pad_token_id), ("unk_token_id", writer.add_unk_token_id)):
+        for attr, add in (
+            ("bos_token_id", writer.add_bos_token_id),
+            ("eos_token_id", writer.add_eos_token_id),
+            ("pad_token_id", writer.add_pad_token_id),
+            ("unk_token_id", writer.add_unk_token_id),
+        ):
             value = getattr(tokenizer, attr, None)
             if value is not None:
                 add(int(value))
