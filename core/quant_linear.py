@@ -167,17 +167,6 @@ def _decoder(quantizer: BlockwiseQuantizer, device: "torch.device"):
     return decode
 
 
-def _decoded_scales(quantizer: BlockwiseQuantizer, state: dict) -> dict:
-    """``state`` with double-quantized scales decoded (the first step of ``decode``)."""
-    flat = dict(state)
-    for key in quantizer.scale_keys:
-        prefix = f"{key}_dq_"
-        sub = {k[len(prefix) :]: flat.pop(k) for k in list(flat) if k.startswith(prefix)}
-        if sub:
-            flat[key] = quantizer.scale_quantizer.decode(sub)
-    return flat
-
-
 def _tile_buffer(numel: int, dtype: "torch.dtype", device: "torch.device") -> "torch.Tensor":
     tiles = _local.__dict__.setdefault("tiles", {})
     buf = tiles.get((device, dtype))
@@ -198,7 +187,7 @@ def _product(layer: "QuantLinear", a: "torch.Tensor", transpose: bool) -> "torch
         return a @ weight.t() if transpose else a @ weight
     from qlora_plugins.core import kernels
 
-    flat = _decoded_scales(quantizer, state)
+    flat = quantizer.decoded_scales(state)
     blocksize = quantizer.options.blocksize
     if path == "fused":
         lut = quantizer.lut_form(flat)
@@ -300,7 +289,7 @@ class QuantLinear(nn.Module):
         device = next(iter(state.values())).device
         if device.type == "cuda" and type(self.quantizer).decode is BlockwiseQuantizer.decode:
             numel = self.in_features * self.out_features
-            flat = _decoded_scales(self.quantizer, state)
+            flat = self.quantizer.decoded_scales(state)
             decode = _decoder(self.quantizer, device)
             return decode(flat, numel, self.quantizer.options.blocksize, dtype or self.compute_dtype).reshape(self.weight_shape)
         return self.quantizer.decode(state, self.weight_shape, dtype or self.compute_dtype)
@@ -323,7 +312,7 @@ class QuantLinear(nn.Module):
         if space.holds_weight_of(self, state):
             return out.view(self.weight_shape)
         space.holds = None
-        flat = _decoded_scales(quantizer, state)
+        flat = quantizer.decoded_scales(state)
         weight = _decoder(quantizer, device)(flat, numel, quantizer.options.blocksize, dtype, out=out).view(self.weight_shape)
         space.holds = _Workspace.identity(self, state)
         return weight

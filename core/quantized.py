@@ -148,14 +148,20 @@ class BlockwiseQuantizer(Quantizer):
                         state[f"{key}_dq_{sub}"] = tensor
         return state
 
-    def decode(self, state: dict, shape: Sequence[int], dtype: "torch.dtype") -> "torch.Tensor":
-        """Dequantize a state from :meth:`encode` into a tensor of ``shape`` and ``dtype``."""
+    def decoded_scales(self, state: dict) -> dict:
+        """``state`` with its double-quantized per-block constants decoded (the first step of
+        :meth:`decode`; the tiled products start from it too)."""
         flat = dict(state)
         for key in self.scale_keys:
             prefix = f"{key}_dq_"
             sub = {k[len(prefix) :]: flat.pop(k) for k in list(flat) if k.startswith(prefix)}
             if sub:
                 flat[key] = self.scale_quantizer.decode(sub)
+        return flat
+
+    def decode(self, state: dict, shape: Sequence[int], dtype: "torch.dtype") -> "torch.Tensor":
+        """Dequantize a state from :meth:`encode` into a tensor of ``shape`` and ``dtype``."""
+        flat = self.decoded_scales(state)
         numel = 1
         for d in shape:
             numel *= d
