@@ -19,6 +19,7 @@ from typing import Any
 from qlora_plugins.core.errors import QloraError, TrainingError
 from qlora_plugins.core.rundir import dumps
 from qlora_plugins.core.training import TrainState
+from qlora_plugins.core.wording import option
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -226,8 +227,8 @@ def restore_latest(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, lo
         except TrainingError as exc:
             log(f"Skipping checkpoint {checkpoint.name}: {exc}")
     raise TrainingError(
-        f"--resume: none of the {len(found)} checkpoint(s) in {run_dir / CHECKPOINTS} is intact; "
-        "start again with --force, or keep the run as it is"
+        f"{option('resume')}: none of the {len(found)} checkpoint(s) in {run_dir / CHECKPOINTS} is intact; "
+        f"start again with {option('force')}, or keep the run as it is"
     )
 
 

@@ -22,6 +22,7 @@ import yaml
 from qlora_plugins.core.errors import ConfigError, PluginError, short_repr
 from qlora_plugins.core.interfaces import Plugin
 from qlora_plugins.core.options import build_options, did_you_mean, in_range, key_text, options_to_dict, positive
+from qlora_plugins.core.wording import option
 
 SECTIONS = ("model", "quantizer", "adapter", "optimizer", "data", "train", "export")
 
@@ -290,7 +291,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError("--set", f"expected KEY=VALUE like train.max_steps=10, got {short_repr(item)}")
+            raise ConfigError(option("set"), f"expected KEY=VALUE like train.max_steps=10, got {short_repr(item)}")
         try:
             value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:

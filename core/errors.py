@@ -6,6 +6,10 @@ line and exits with code 2. Anything else is a bug and gets a traceback.
 
 from __future__ import annotations
 
+from typing import Mapping
+
+from qlora_plugins.core.wording import API_NAMES, spell
+
 
 def short_text(text: object, limit: int = 80) -> str:
     """``str(text)`` cut to at most ``limit`` characters (``...`` marks the cut), for names and
@@ -19,7 +23,18 @@ SOURCE_LIMIT = 1024
 
 
 class QloraError(Exception):
-    """Base class of every error caused by input (configs, files, plugins), not by a bug."""
+    """Base class of every error caused by input (configs, files, plugins), not by a bug.
+
+    Options named in the message are marked (:func:`qlora_plugins.core.wording.option`):
+    ``str(error)`` spells them as the Python API does, :meth:`render` as a front end does (the
+    CLI writes its flags)."""
+
+    def render(self, names: Mapping[str, str]) -> str:
+        """The message with marked options spelled by ``names``."""
+        return spell(Exception.__str__(self), names)
+
+    def __str__(self) -> str:
+        return self.render(API_NAMES)
 
 
 class ConfigError(QloraError):
@@ -30,8 +45,8 @@ class ConfigError(QloraError):
     """
 
     def __init__(self, path: str, message: str, source: str | None = None) -> None:
-        self.path = path
-        self.message = message
+        self.path = spell(path)  # (API words; the message keeps the marks for front ends)
+        self.message = spell(message)
         self.source = source
         if source and len(source) > SOURCE_LIMIT:
             source = source[: SOURCE_LIMIT // 2] + "..." + source[-SOURCE_LIMIT // 2 :]
@@ -65,7 +80,7 @@ class ExportError(QloraError):
 
 
 class OutputExistsError(QloraError):
-    """An output directory is not empty and ``--force`` was not given."""
+    """An output directory is not empty and replacing it (``force``) was not asked for."""
 
 
 class WriteError(QloraError):

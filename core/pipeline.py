@@ -74,6 +74,7 @@ from qlora_plugins.core.training import (
     total_steps,
     trainable_parameters,
 )
+from qlora_plugins.core.wording import option, spelled_log
 
 Log = Callable[[str], None]
 
@@ -141,18 +142,18 @@ def _check_resume(out: Path, resolved: dict) -> None:
     import yaml
 
     if not (out / RUN_MARKER).is_file() or not (out / "config.yaml").is_file():
-        raise QloraError(f"--resume: {out} is not a qlora run directory (no {RUN_MARKER} / config.yaml)")
+        raise QloraError(f"{option('resume')}: {out} is not a qlora run directory (no {RUN_MARKER} / config.yaml)")
     if not is_run_marker(out / RUN_MARKER):
-        raise QloraError(f"--resume: {out} is not a qlora run directory (its {RUN_MARKER} was not written by qlora-plugins)")
+        raise QloraError(f"{option('resume')}: {out} is not a qlora run directory (its {RUN_MARKER} was not written by qlora-plugins)")
     try:
         old = load_yaml((out / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError, QloraError) as exc:
-        raise QloraError(f"--resume: cannot read {out / 'config.yaml'}: {_first_line(exc)}") from None
+        raise QloraError(f"{option('resume')}: cannot read {out / 'config.yaml'}: {_first_line(exc)}") from None
     if not isinstance(old, dict):
-        raise QloraError(f"--resume: {out / 'config.yaml'} is not a run config")
+        raise QloraError(f"{option('resume')}: {out / 'config.yaml'} is not a run config")
     changes = config_changes(old, resolved)
     if changes:
-        raise ConfigError("--resume", "the config changed in ways that would change the result: " + "; ".join(changes))
+        raise ConfigError(option("resume"), "the config changed in ways that would change the result: " + "; ".join(changes))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -173,9 +174,9 @@ def check_output(out: Path, inputs: list[tuple[str, Path | None]], force: bool, 
     """Before anything loads: refuse an output the run may not write into or replace."""
     if resume:
         if out.exists() and not out.is_dir():
-            raise QloraError(f"--output: {out} exists and is not a directory")
+            raise QloraError(f"{option('output')}: {out} exists and is not a directory")
         if out.exists():
-            check_no_links(out, "--resume")
+            check_no_links(out, option("resume"))
         return
     check_run_output(out, force, inputs)
 
@@ -201,7 +202,7 @@ def _checkpoint_finished_training(out: Path, state: TrainState, save: Callable[[
     if state.step > 0 and not (found and found[-1].name.endswith(f"{state.step:08d}")):
         with contextlib.suppress(QloraError):
             save(state)
-            log(f"Interrupted after training: checkpoint of step {state.step} saved; continue with --resume")
+            log(f"Interrupted after training: checkpoint of step {state.step} saved; continue with {option('resume')}")
 
 
 def _restore_previous(out: Path, aside: Path | None, log: Log) -> None:
@@ -212,7 +213,7 @@ def _restore_previous(out: Path, aside: Path | None, log: Log) -> None:
     if aside is None:
         return
     if list_checkpoints(out):
-        log(f"The replaced run is kept in {aside} until this run completes (qlora run --resume {out})")
+        log(f"The replaced run is kept in {aside} until this run completes (continue it with {option('resume')}: {out})")
         return
     shutil.rmtree(out, ignore_errors=True)
     try:
@@ -307,7 +308,7 @@ class Pipeline:
         progress: bool = True,
     ) -> None:
         self.config, self.registry, self.output_dir = config, registry, Path(output_dir)
-        self.force, self.resume, self.log, self.progress = force, resume, log, progress
+        self.force, self.resume, self.log, self.progress = force, resume, spelled_log(log), progress
         self._interrupt_save: tuple[TrainState, Callable[[TrainState], Any]] | None = None
 
     # --- stages that write nothing ---------------------------------------------------------
@@ -325,7 +326,7 @@ class Pipeline:
         device = modeling.choose_device(train_cfg.device)
         out = self.output_dir.resolve()
         if model_dir is not None and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
-            raise ConfigError("--output", f"{out} is inside the model directory {model_dir}; choose another output")
+            raise ConfigError(option("output"), f"{out} is inside the model directory {model_dir}; choose another output")
         inputs = run_inputs(config, plugins, model_dir)
         check_output(out, inputs, self.force, self.resume)
         if train_cfg.threads:  # tiny models: one thread avoids OpenMP spin-waits on a busy machine
@@ -407,7 +408,7 @@ class Pipeline:
         """Create (or, with ``--force``, replace; with ``--resume``, reopen) the run directory."""
         out = prepared.out
         if self.resume:
-            check_no_links(out, "--resume")
+            check_no_links(out, option("resume"))
             remove_stale_temporaries(out)
             return RunDirectory(out, None, True)
         return RunDirectory(out, prepare_run_dir(out, self.force, prepared.inputs), False)
@@ -448,7 +449,7 @@ class Pipeline:
         def on_interrupt(at: TrainState) -> None:
             if at.step > 0:
                 save(at)
-                self.log(f"Interrupted: checkpoint of step {at.step} saved; continue with --resume")
+                self.log(f"Interrupted: checkpoint of step {at.step} saved; continue with {option('resume')}")
 
         self.log(f"Training {attached.parameters['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples")
         metrics = MetricsWriter(out / "metrics.jsonl")

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional
 
 import attrs
 
+from qlora_plugins.core import wording
 from qlora_plugins.core.errors import ConfigError, ModelError, PluginError, short_repr
 from qlora_plugins.core.interfaces import Adapter, Optimizer, Plugin, Quantizer
 from qlora_plugins.core.options import build_options, options_to_dict
@@ -280,8 +281,8 @@ def load_architecture(source: str) -> Architecture:
 # --- settings and the plan ----------------------------------------------------------------
 
 
-#: The CLI option that names each plugin kind the planner asks (errors name the option).
-KIND_OPTIONS = {"quantizer": "--quantizer", "adapter": "--adapter", "optimizer": "--optimizer"}
+#: The option that names each plugin kind the planner asks (errors name the option; the CLI spells it as a flag).
+KIND_OPTIONS = {"quantizer": wording.option("quantizer"), "adapter": wording.option("adapter"), "optimizer": wording.option("optimizer")}
 
 
 def _declared(option: str, plugin: Plugin, method: str, *args: Any) -> Any:
@@ -295,7 +296,7 @@ def _declared(option: str, plugin: Plugin, method: str, *args: Any) -> Any:
 
 
 def _keeps_full_precision(quantizer: Quantizer) -> bool:
-    return _declared("--quantizer", quantizer, "planned_bytes", 64) is None
+    return _declared(wording.option("quantizer"), quantizer, "planned_bytes", 64) is None
 
 
 @attrs.define
@@ -319,21 +320,23 @@ class Settings:
 
     def __attrs_post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
-            raise ConfigError("--dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+            raise ConfigError(wording.option("dtype"), f"must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.device not in ("cuda", "cpu"):
-            raise ConfigError("--device", f"must be cuda or cpu, got {self.device!r}")
-        for option, value in (("--batch", self.batch), ("--seq", self.seq)):
+            raise ConfigError(wording.option("device"), f"must be cuda or cpu, got {self.device!r}")
+        for option, value in ((wording.option("batch"), self.batch), (wording.option("seq"), self.seq)):
             if value < 1:  # each error names its own option
                 raise ConfigError(option, f"must be at least 1, got {value}")
         full_precision = _keeps_full_precision(self.quantizer)
         probe = [LinearShape("probe", 64, 64)]
-        _declared("--adapter", self.adapter, "planned_trainable", probe, _probe_arch(probe))
-        _declared("--adapter", self.adapter, "planned_activations", "float32", 4)
-        _declared("--optimizer", self.optimizer, "planned_state_bytes", 1, self.device)
+        _declared(wording.option("adapter"), self.adapter, "planned_trainable", probe, _probe_arch(probe))
+        _declared(wording.option("adapter"), self.adapter, "planned_activations", "float32", 4)
+        _declared(wording.option("optimizer"), self.optimizer, "planned_state_bytes", 1, self.device)
         if self.adapter.needs_full_precision_base and not full_precision:
             keep = [n for n in _names_in_order(self.registry, "quantizer") if _quantizes_nothing(self.registry, n)]
-            hint = f" (--quantizer {keep[0]})" if keep else ""
-            raise ConfigError("--adapter", f"adapter '{self.adapter.name}' trains the base weights and needs an unquantized base{hint}")
+            hint = f" ({wording.option('quantizer')} {keep[0]})" if keep else ""
+            raise ConfigError(
+                wording.option("adapter"), f"adapter '{self.adapter.name}' trains the base weights and needs an unquantized base{hint}"
+            )
 
     @classmethod
     def from_names(
@@ -368,7 +371,7 @@ class Settings:
 def build_plugin(registry: Any, kind: str, name: Optional[str], options: Optional[Mapping] = None) -> Plugin:
     """The ``kind`` plugin ``name`` (None: the registry's default of the kind) with ``options``,
     errors naming the planner's option (``--quantizer``) or the option key (``quantizer.r``)."""
-    option = KIND_OPTIONS.get(kind, f"--{kind}")
+    option = KIND_OPTIONS.get(kind, wording.option(kind))
     if name is None:
         name = registry.default(kind)
         if name is None:
@@ -456,7 +459,7 @@ def activation_bytes(arch: Architecture, settings: Settings, checkpointing: bool
     of the backward pass on top of it (the logits' gradients, or one recomputed layer)."""
     compute = "float32" if settings.dtype == "float32" else "bfloat16"
     dbytes = DTYPE_BYTES[settings.dtype]
-    coef = _declared("--adapter", settings.adapter, "planned_activations", compute, dbytes)
+    coef = _declared(wording.option("adapter"), settings.adapter, "planned_activations", compute, dbytes)
     tokens = settings.batch * settings.seq
     kv = arch.kv_heads * arch.head_dim
     per_layer = tokens * (coef.h * arch.hidden + coef.i * arch.intermediate + coef.kv * kv + coef.c)
@@ -513,7 +516,7 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
         )
     )
 
-    trainable = _declared("--adapter", a, "planned_trainable", arch.linears, arch)
+    trainable = _declared(wording.option("adapter"), a, "planned_trainable", arch.linears, arch)
     adapter_bytes, grad_bytes = a.planned_weight_bytes(trainable, dbytes)
     rows.append(
         Row(
@@ -525,7 +528,7 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
     )
     rows.append(Row("adapter_grads", "gradients of the trainable weights", grad_bytes))
 
-    states = _declared("--optimizer", o, "planned_state_bytes", trainable, s.device)
+    states = _declared(wording.option("optimizer"), o, "planned_state_bytes", trainable, s.device)
     if cpu:
         rows.append(
             Row(

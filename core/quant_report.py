@@ -18,6 +18,7 @@ import attrs
 from qlora_plugins.core import modeling
 from qlora_plugins.core.errors import ModelError, QloraError
 from qlora_plugins.core.modeling import DEFAULT_SKIP_MODULES, iter_linear_layers
+from qlora_plugins.core.wording import option
 
 DEFAULT_PROBE = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
@@ -55,7 +56,7 @@ def _windows(tokenizer: Any, text: str, seq_len: int, max_tokens: int) -> list:
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     if len(ids) < 2:
-        raise QloraError("--text: the probe text has fewer than 2 tokens")
+        raise QloraError(f"{option('text')}: the probe text has fewer than 2 tokens")
     return [torch.tensor([ids[i : i + seq_len]]) for i in range(0, len(ids) - 1, seq_len) if len(ids[i : i + seq_len]) > 1]
 
 
@@ -117,7 +118,7 @@ def run_report(
 
     modeling.check_model_dir(model_dir, "MODEL_DIR")
     for name in quantizer_names:
-        registry.get("quantizer", name, "--quantizers")
+        registry.get("quantizer", name, option("quantizers"))
     causal = is_causal_lm(model_dir)
     tokenizer = modeling.load_tokenizer(model_dir, trust_remote_code)
     torch.manual_seed(0)

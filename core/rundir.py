@@ -26,6 +26,7 @@ from qlora_plugins.core.safety import (
     not_a_run_because,
     remove_aside,
 )
+from qlora_plugins.core.wording import option
 
 __all__ = [
     "RUN_MARKER",
@@ -124,10 +125,10 @@ def atomic_directory(final: Path, force: bool = False, not_ours: Callable[[Path]
             raise OutputExistsError(f"{final} exists and is not a directory")
         if any(final.iterdir()):
             if not force:
-                raise OutputExistsError(f"{final} exists and is not empty; pass --force to replace it")
+                raise OutputExistsError(f"{final} exists and is not empty; pass {option('force')} to replace it")
             reason = not_ours(final) if not_ours is not None else None
             if reason:
-                raise UnsafeOutputError(f"{final} was not written by qlora ({reason}); refusing to replace it even with --force")
+                raise UnsafeOutputError(f"{final} was not written by qlora ({reason}); refusing to replace it even with {option('force')}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -156,15 +157,19 @@ def check_run_output(path: Path, force: bool, inputs: Sequence[tuple[str, Path |
     ``inputs`` may be replaced.
     """
     if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"--output: {path} exists and is not a directory")
+        raise OutputExistsError(f"{option('output')}: {path} exists and is not a directory")
     if not path.exists() or not any(path.iterdir()):
         return False
     if not force:
-        raise OutputExistsError(f"--output: {path} exists and is not empty; pass --force to replace it (or --resume to continue it)")
+        raise OutputExistsError(
+            f"{option('output')}: {path} exists and is not empty; pass {option('force')} to replace it (or {option('resume')} to continue it)"
+        )
     reason = not_a_run_because(path)
     if reason:
-        raise UnsafeOutputError(f"--output: {path} is not a qlora run directory ({reason}); refusing to delete it even with --force")
-    check_holds_no_input(path, inputs, "--output")
+        raise UnsafeOutputError(
+            f"{option('output')}: {path} is not a qlora run directory ({reason}); refusing to delete it even with {option('force')}"
+        )
+    check_holds_no_input(path, inputs, option("output"))
     return True
 
 
@@ -179,7 +184,7 @@ def prepare_run_dir(path: Path, force: bool, inputs: Sequence[tuple[str, Path | 
         if aside is not None:
             with contextlib.suppress(OSError):
                 os.rename(aside, path)
-        raise WriteError(f"--output: cannot create {path}: {exc.strerror}") from None
+        raise WriteError(f"{option('output')}: cannot create {path}: {exc.strerror}") from None
     return aside
 
 

@@ -13,12 +13,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import click
 
 from qlora_plugins.core.errors import QloraError, Terminated
 from qlora_plugins.core.interfaces import KINDS
+from qlora_plugins.core.wording import log_with_names
 
 
 def _quiet_libraries() -> None:
@@ -87,6 +88,33 @@ def _origin(exc: BaseException) -> str:
     return f" raised at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
+#: The one place where the options that core messages name (marked with
+#: ``qlora_plugins.core.wording.option``) become the command line's flags. Errors and progress
+#: lines of ``qlora run``, ``qlora export``, ``qlora plan`` ... are spelled with it.
+CLI_FLAGS: dict[str, str] = {
+    "output": "--output",
+    "force": "--force",
+    "resume": "--resume",
+    "exporter": "--exporter",
+    "option": "--option",
+    "set": "--set",
+    "quantizer": "--quantizer",
+    "quantizers": "--quantizers",
+    "adapter": "--adapter",
+    "optimizer": "--optimizer",
+    "dtype": "--dtype",
+    "device": "--device",
+    "batch": "--batch",
+    "seq": "--seq",
+    "text": "--text",
+}
+
+
+def stderr_log(quiet: bool = False) -> Callable[[str], None]:
+    """The log callable commands give the core: one line on stderr, options spelled as flags."""
+    return log_with_names((lambda message: None) if quiet else (lambda message: click.echo(message, err=True)), CLI_FLAGS)
+
+
 class QloraGroup(click.Group):
     """Root group: turns :class:`QloraError` into one line on stderr and exit code 2."""
 
@@ -99,7 +127,7 @@ class QloraGroup(click.Group):
         except QloraError as exc:
             if debug():
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {exc.render(CLI_FLAGS)}", err=True)
             ctx.exit(2)
         except SystemExit as exc:
             # click ends commands with its own ``Exit``; a SystemExit here comes from code a command
@@ -225,7 +253,7 @@ def run(
     if output is None:
         output = Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_usable_path(output, "--resume" if resume_dir else "--output")
-    log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
+    log = stderr_log(quiet=as_json)
     try:
         with _json_stdout(as_json) as out:
             report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json, resume=resume)
@@ -414,7 +442,7 @@ def export(
         from qlora_plugins.core.exporting import export_run
         from qlora_plugins.core.progress import Progress, use
 
-        log = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
+        log = stderr_log(quiet=as_json)
         with use(Progress.for_terminal(not as_json, log)):
             results = export_run(run_dir, list(exporters), registry, output=output, options=list(options), force=force, log=log)
     from qlora_plugins.core.report import format_table, human_bytes

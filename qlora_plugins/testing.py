@@ -21,17 +21,6 @@ from typing import Any, Callable
 
 from qlora_plugins.core.options import build_options
 
-__all__ = [
-    "Check",
-    "check_dtypes",
-    "check_lora_train_and_merge",
-    "check_quant_linear",
-    "check_rejects_bad_input",
-    "check_round_trip",
-    "quantizer_checks",
-    "run_quantizer_checks",
-]
-
 #: A conformance check: called with the quantizer class and an options mapping (or None).
 Check = Callable[[type, "dict | None"], None]
 

@@ -208,7 +208,7 @@ def test_override_list_index_errors():
 
 @pytest.mark.parametrize("item", ["train.max_steps", "=3", "", " =1"])
 def test_malformed_override(item):
-    with pytest.raises(ConfigError, match=r"^--set: expected KEY=VALUE"):
+    with pytest.raises(ConfigError, match=r"^overrides: expected KEY=VALUE"):
         apply_overrides({}, [item])
 
 

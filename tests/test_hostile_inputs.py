@@ -338,13 +338,14 @@ def test_plan_options_out_of_range_name_the_option(args: list, option: str, frag
 
 def test_planner_settings_name_the_wrong_field() -> None:
     from qlora_plugins.builtin_plugins.commands_plan import plan_settings
+    from qlora_plugins.cli import CLI_FLAGS
     from qlora_plugins.core.errors import ConfigError
 
     registry = new_registry()
     for field, option in (("seq", "--seq"), ("lora_r", "--lora-r"), ("batch", "--batch")):
         with pytest.raises(ConfigError) as info:
             plan_settings(registry, **{field: 0})
-        assert info.value.path == option
+        assert info.value.render(CLI_FLAGS).startswith(f"{option}: ")
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 from conftest import assert_user_error, new_registry
 
 from qlora_plugins.builtin_plugins.commands_plan import plan_settings
+from qlora_plugins.cli import CLI_FLAGS
 from qlora_plugins.core import planner as P
 
 REGISTRY = new_registry()
@@ -317,13 +318,14 @@ def test_plugins_that_declare_nothing_are_refused_on_one_line():
 
     registry = new_registry(plugins=[Plugin()])
     for kwargs, option, name in (
-        ({"quantizer": "opaque"}, "--quantizer", "opaque"),
-        ({"adapter": "mystery"}, "--adapter", "mystery"),
-        ({"optimizer": "silent"}, "--optimizer", "silent"),
+        ({"quantizer": "opaque"}, "quantizer", "opaque"),
+        ({"adapter": "mystery"}, "adapter", "mystery"),
+        ({"optimizer": "silent"}, "optimizer", "silent"),
     ):
         with pytest.raises(P.ConfigError) as info:
             plan_settings(registry, **kwargs)
         assert info.value.path == option and f"'{name}' does not declare planned_" in info.value.message
+        assert info.value.render(CLI_FLAGS).startswith(f"--{option}: ")  # the CLI spells the option as its flag
     # an undeclared plugin is neither in the table nor suggested
     settings = plan_settings(registry)
     assert "opaque" not in {r["quantizer"] for r in P.quantizer_table(P.load_architecture("llama-2-7b"), settings)}

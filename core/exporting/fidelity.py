@@ -14,6 +14,7 @@ from qlora_plugins.core.errors import ExportError, QloraError
 from qlora_plugins.core.exporting.tolerance import _bounds, _fmt, effective_tolerance, violations
 from qlora_plugins.core.interfaces import AdapterContext, ExportContext
 from qlora_plugins.core.progress import current as current_progress
+from qlora_plugins.core.wording import option
 
 Log = Callable[[str], None]
 
@@ -178,7 +179,7 @@ def measure_fidelity(exporter: Any, directory: Path, context: ExportContext, ref
     if bad:
         raise ExportError(
             f"export '{exporter.name}' failed its fidelity check ({'; '.join(bad)}); nothing was written. "
-            f"Loosen it with the exporter option tolerance (e.g. --option tolerance.{bad[0].split()[3]}=...)"
+            f"Loosen it with the exporter option tolerance (e.g. {option('option')} tolerance.{bad[0].split()[3]}=...)"
         )
     return result
 

@@ -15,6 +15,7 @@ from qlora_plugins.core.exporting.runner import run_exports
 from qlora_plugins.core.interfaces import ExportContext
 from qlora_plugins.core.rundir import atomic_write_json
 from qlora_plugins.core.safety import check_holds_no_input, check_no_link_between, check_no_links
+from qlora_plugins.core.wording import option, spelled_log
 
 Log = Callable[[str], None]
 
@@ -83,7 +84,7 @@ class FinishedRun:
         from qlora_plugins.core.pipeline import Pipeline
 
         self.pipeline = Pipeline(config, registry, run_dir, log=log, progress=False)
-        self.resolved, self.adapter_dir, self.log = resolved, adapter_dir, log
+        self.resolved, self.adapter_dir, self.log = resolved, adapter_dir, self.pipeline.log
 
     def prepare(self, checked: Any) -> Any:
         from qlora_plugins.core import modeling
@@ -148,6 +149,8 @@ def load_run(run_dir: Path, registry: Any, log: Log = lambda m: None) -> ExportC
     """
     import copy
 
+    log = spelled_log(log)
+
     from qlora_plugins.core.config import parse_config
 
     run_dir = Path(run_dir)
@@ -211,15 +214,17 @@ def export_run(
     ``NAME.KEY=VALUE`` applies to exporter NAME only. Names, options and output directories are
     checked before anything is loaded.
     """
-    run_dir = Path(run_dir)
+    run_dir, log = Path(run_dir), spelled_log(log)
     run_config = _read_run_config(run_dir)
     check_no_links(run_dir.resolve(), "RUN_DIR")
     if not names:
-        raise ExportError("name at least one exporter (--exporter NAME)")
+        raise ExportError(f"name at least one exporter ({option('exporter')} NAME)")
     exporters = []
     for name in names:
-        registry.get("exporter", name, "--exporter")
-        exporters.append(registry.create("exporter", name, _exporter_options(run_config, name, options, names), f"--exporter {name}"))
+        registry.get("exporter", name, option("exporter"))
+        exporters.append(
+            registry.create("exporter", name, _exporter_options(run_config, name, options, names), f"{option('exporter')} {name}")
+        )
     if output is None:
         outputs = [export_directory(e, run_dir / "exports") for e in exporters]
     elif len(exporters) == 1:
@@ -231,16 +236,18 @@ def export_run(
     for out in outputs:
         res = out.resolve() if not out.is_symlink() else out.absolute()
         if res == run_res or res in run_res.parents or run_res / ADAPTER_DIR == res or (run_res / ADAPTER_DIR) in res.parents:
-            raise ExportError(f"--output: {out} would replace the run directory or its adapter; choose another directory")
+            raise ExportError(f"{option('output')}: {out} would replace the run directory or its adapter; choose another directory")
         if run_res in res.parents:
             if run_res / "exports" not in res.parents:
-                raise ExportError(f"--output: {out} is inside the run directory but not under its exports/; choose another directory")
-            check_no_link_between(run_res, res, "--output")
-        check_holds_no_input(res, inputs, "--output")
+                raise ExportError(
+                    f"{option('output')}: {out} is inside the run directory but not under its exports/; choose another directory"
+                )
+            check_no_link_between(run_res, res, option("output"))
+        check_holds_no_input(res, inputs, option("output"))
         try:
             check_export_target(out, force)
         except (OutputExistsError, UnsafeOutputError) as exc:
-            raise type(exc)(f"--output: {exc}") from None
+            raise type(exc)(f"{option('output')}: {Exception.__str__(exc)}") from None
     _check_before_loading(run_config, exporters, registry)
     context = load_run(run_dir, registry, log)
     results = run_exports(context, exporters, run_dir / "exports", registry, force, log, outputs=outputs)
@@ -262,7 +269,7 @@ def _check_before_loading(run_config: dict, exporters: list, registry: Any) -> N
     model = run_config.get("model") or {}
     base = Path(model["path"]) if isinstance(model.get("path"), str) else None
     check_exporters(
-        exporters, ExportCheck(config.model.task, quantizer, adapter, base), registry, [f"--exporter {e.name}" for e in exporters]
+        exporters, ExportCheck(config.model.task, quantizer, adapter, base), registry, [f"{option('exporter')} {e.name}" for e in exporters]
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from qlora_plugins.core.errors import ExportError, OutputExistsError, UnsafeOutputError
 from qlora_plugins.core.safety import MANIFEST, asides_of, not_an_export_because
+from qlora_plugins.core.wording import option
 
 #: File suffixes that may hold pickles: exporters must write safetensors (or their own format).
 FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
@@ -80,10 +81,12 @@ def check_export_target(final: Path, force: bool) -> None:
         raise UnsafeOutputError(f"{final} is a symbolic link; refusing to write an export through it")
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         if not force:
-            raise OutputExistsError(f"{final} exists and is not empty; pass --force to replace it")
+            raise OutputExistsError(f"{final} exists and is not empty; pass {option('force')} to replace it")
         reason = not_an_export_because(final)
         if reason:
-            raise UnsafeOutputError(f"{final} is not an export written by qlora ({reason}); refusing to replace it even with --force")
+            raise UnsafeOutputError(
+                f"{final} is not an export written by qlora ({reason}); refusing to replace it even with {option('force')}"
+            )
 
 
 def remove_own_temporaries(final: Path) -> None:
