@@ -10,9 +10,10 @@ lm_eval knows (``hellaswag``) works too where its dataset is in the local datase
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import attrs
 
@@ -108,7 +109,7 @@ def _figures(results: dict) -> dict:
     out: dict[str, Any] = {}
     for task, metrics in sorted((results.get("results") or {}).items()):
         for key, value in sorted(metrics.items()):
-            if key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key in ("alias", "sample_len") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             metric, _, filt = key.partition(",")
             name = f"{task}/{metric}" + ("" if filt in ("", "none") else f"[{filt}]")
@@ -143,6 +144,10 @@ class LmEval(Evaluator):
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
+        with _quiet_progress():
+            return self._evaluate(context, tasks, lm_eval, HFLM, TaskManager)
+
+    def _evaluate(self, context: EvalContext, tasks: list, lm_eval: Any, HFLM: Any, TaskManager: Any) -> dict:  # noqa: N803
         lm = HFLM(pretrained=context.model, tokenizer=context.tokenizer, batch_size=self.options.batch_size, device=context.device)
         manager = TaskManager(verbosity="ERROR", include_defaults=any(isinstance(t, str) for t in tasks))
         try:
@@ -165,6 +170,25 @@ class LmEval(Evaluator):
         if not results:
             raise EvaluationError(f"{context.config_path}.task: lm_eval returned no results for '{self.options.task}'")
         return _figures(results)
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """lm_eval's and datasets' progress bars off while the harness runs (``TQDM_DISABLE``)."""
+    import os
+
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
 
 
 @hookimpl
