@@ -186,7 +186,7 @@ def token_weighted_perplexity(model: Any, sequences: Iterable[Sequence[int]], wi
     if count == 0:
         raise EvaluationError("no text to score: every example is shorter than two tokens")
     mean = total / count
-    return {"nll": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": count, "sequences": n}
+    return dict(nll=mean, perplexity=math.exp(mean) if mean < 700 else math.inf, tokens=count, sequences=n)
 
 
 @contextlib.contextmanager
