@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import click
 
@@ -109,11 +109,10 @@ def eval_command(
     directory. For a run directory the results are also added to its report.json.
     """
     from qlora_plugins import EvalContext
+    from qlora_plugins.builtin_plugins.commands_generate import _log, _quiet, _registry
     from qlora_plugins.errors import ConfigError
     from qlora_plugins.evaluation import as_is, check_evaluators, format_results, run_evaluators
     from qlora_plugins.inference import kind_of, load_target, use_chat_template
-
-    from qlora_plugins.builtin_plugins.commands_generate import _log, _quiet, _registry
 
     registry = _registry(ctx)
     if len(set(evaluators)) != len(evaluators):

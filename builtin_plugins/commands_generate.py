@@ -17,10 +17,14 @@ def sampling_options(fn: Callable) -> Callable:
     for option in reversed(
         [
             click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generate at most this many tokens."),
+            click.option("--temperature", type=float, default=0.0, show_default=True, help="Sampling temperature; 0 is greedy decoding."),
             click.option(
-                "--temperature", type=float, default=0.0, show_default=True, help="Sampling temperature; 0 is greedy decoding."
+                "--top-p",
+                type=float,
+                default=1.0,
+                show_default=True,
+                help="Nucleus sampling: keep tokens up to this probability mass (1: off).",
             ),
-            click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling: keep tokens up to this probability mass (1: off)."),
             click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0: off)."),
             click.option("--seed", type=int, default=None, help="Seed of the sampler (default: the run's train.seed, or 0)."),
             click.option(

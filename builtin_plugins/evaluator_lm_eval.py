@@ -80,7 +80,9 @@ def task_configs(spec: str, base_dir: Path, where: str) -> list[Any]:
                 raise EvaluationError(f"{where}: {file} is larger than {MAX_TASK_BYTES >> 20} MiB")
             config = yaml.safe_load(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise EvaluationError(f"{where}: cannot read the task {file}: {short_text(str(exc).splitlines()[0] if str(exc) else '', 200)}") from None
+            raise EvaluationError(
+                f"{where}: cannot read the task {file}: {short_text(str(exc).splitlines()[0] if str(exc) else '', 200)}"
+            ) from None
         if not isinstance(config, dict) or not isinstance(config.get("task"), str):
             raise EvaluationError(f"{where}: {file} is not an lm_eval task definition (no 'task' name)")
         kwargs = config.get("dataset_kwargs")
@@ -166,7 +168,9 @@ class LmEval(Evaluator):
                 verbosity="ERROR",
             )
         except (KeyError, ValueError, FileNotFoundError, ConnectionError) as exc:
-            raise EvaluationError(f"{context.config_path}.task: lm_eval could not run '{self.options.task}': {type(exc).__name__}: {short_text(str(exc), 300)}") from None
+            raise EvaluationError(
+                f"{context.config_path}.task: lm_eval could not run '{self.options.task}': {type(exc).__name__}: {short_text(str(exc), 300)}"
+            ) from None
         if not results:
             raise EvaluationError(f"{context.config_path}.task: lm_eval returned no results for '{self.options.task}'")
         return _figures(results)

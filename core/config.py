@@ -409,9 +409,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
             raise ConfigError(exc.path, exc.message, source=src) from None
         raise
     base_dir = source.resolve().parent if source else Path.cwd()
-    return Config(
-        model, train, specs["quantizer"], specs["adapter"], specs["optimizer"], specs["data"], exports, source, base_dir, evals
-    )
+    return Config(model, train, specs["quantizer"], specs["adapter"], specs["optimizer"], specs["data"], exports, source, base_dir, evals)
 
 
 def _eval_specs(raw: Any) -> list[PluginSpec]:

@@ -78,7 +78,6 @@ class UnsafeOutputError(QloraError):
     not provably write, or leave its directory through a link."""
 
 
-
 # --- issue 14, generate/eval branch ---
 
 
@@ -93,6 +92,7 @@ class EvaluationError(QloraError):
 
 
 # --- end generate/eval ---
+
 
 class Terminated(KeyboardInterrupt):
     """The process received SIGTERM (what Slurm and Kubernetes send before killing a job).

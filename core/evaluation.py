@@ -43,12 +43,16 @@ def check_evaluators(evaluators: Sequence[Any], task: str, base_dir: Path, regis
             raise
         except Exception as exc:
             source = registry.registration("evaluator", evaluator.name).source.describe()
-            raise PluginError(f"{where}: evaluator '{evaluator.name}' ({source}) failed its check: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise PluginError(
+                f"{where}: evaluator '{evaluator.name}' ({source}) failed its check: {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
 
 
 def _figures(value: Any, evaluator: Any, source: str) -> dict:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise PluginError(f"evaluator '{evaluator.name}' ({source}) returned {type(value).__name__}, not a mapping of metric names to figures")
+        raise PluginError(
+            f"evaluator '{evaluator.name}' ({source}) returned {type(value).__name__}, not a mapping of metric names to figures"
+        )
     return dict(value)
 
 

@@ -72,7 +72,6 @@ def register_model_sources(register: Register) -> None:
     """
 
 
-
 # --- issue 14, generate/eval branch: evaluators ---
 
 
@@ -86,6 +85,7 @@ def register_evaluators(register: Register) -> None:
 
 
 # --- end evaluators ---
+
 
 @hookspec
 def register_commands(cli: "click.Group") -> None:

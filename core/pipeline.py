@@ -544,7 +544,9 @@ class Pipeline:
                 del fresh
 
         chat = is_conversational(prepared.resolved, self.registry)
-        context = EvalContext(None, prepared.tokenizer, prepared.device, config.model.task, "fine_tuned", chat, config.base_dir, config.train.seed)
+        context = EvalContext(
+            None, prepared.tokenizer, prepared.device, config.model.task, "fine_tuned", chat, config.base_dir, config.train.seed
+        )
         paths = [f"eval[{i}]" for i in range(len(evaluators))]
         return run_evaluators(evaluators, [("base", base), ("fine_tuned", lambda: as_is(model))], context, self.registry, paths, self.log)
 

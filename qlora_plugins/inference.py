@@ -41,7 +41,9 @@ from qlora_plugins.core.inference import (
 CHAT_DATA_FORMATS: tuple[str, ...] = ("chat",)
 
 
-def load_target(path: str | Path, registry: Any, log: Callable[[str], None] = lambda m: None, chat_formats: Sequence[str] = CHAT_DATA_FORMATS) -> Target:
+def load_target(
+    path: str | Path, registry: Any, log: Callable[[str], None] = lambda m: None, chat_formats: Sequence[str] = CHAT_DATA_FORMATS
+) -> Target:
     """Load a run directory, an export directory or a model directory for generation or
     evaluation (:func:`qlora_plugins.core.inference.load_target`).
 

@@ -77,7 +77,9 @@ def test_qlora_eval_on_a_run_uses_its_eval_section_and_records_the_results(train
     recorded = json.loads((run_dir / "report.json").read_text())["evaluations"]["perplexity"]
     assert "base" not in recorded and recorded["options"]["max_examples"] == 4  # from the run's eval section
     # the run's adapter, loaded back, measures what the run measured after training
-    assert recorded["fine_tuned"]["perplexity"] == pytest.approx(trained_run["report"]["evaluations"]["perplexity"]["fine_tuned"]["perplexity"], rel=1e-5)
+    assert recorded["fine_tuned"]["perplexity"] == pytest.approx(
+        trained_run["report"]["evaluations"]["perplexity"]["fine_tuned"]["perplexity"], rel=1e-5
+    )
 
 
 def test_perplexity_of_chat_rows_and_windows(trained_run):
@@ -123,7 +125,9 @@ def test_bad_input_is_one_line(trained_run, tmp_path, write_config, tiny_llama_d
     _one_line_error(run_cli("eval", merged, "-e", "lm_eval", "--option", f"task={tmp_path / 'none.yaml'}"), "task file not found")
     config = write_config({"model": {"source": "tiny-llama"}, "train": {"enabled": False}, "eval": [{"name": "perplexity"}]})
     _one_line_error(run_cli("validate", config), "eval[0]")
-    config = write_config({"model": {"source": "tiny-llama"}, "train": {"enabled": False}, "eval": [{"name": "perplexity", "path": "missing.txt"}]})
+    config = write_config(
+        {"model": {"source": "tiny-llama"}, "train": {"enabled": False}, "eval": [{"name": "perplexity", "path": "missing.txt"}]}
+    )
     _one_line_error(run_cli("run", config, "-o", tmp_path / "out"), "eval[0].path")
     assert not (tmp_path / "out").exists()  # checked before anything was written
 
@@ -202,9 +206,23 @@ def test_lm_eval_on_a_local_multiple_choice_task(trained_run):
 def exact_match_site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("exact-match")
     source = root / "src"
-    shutil.copytree(REPO / "examples" / "plugins" / "qlora-exact-match", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        REPO / "examples" / "plugins" / "qlora-exact-match", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     site = root / "site"
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "--target", str(site), str(source)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "--target",
+        str(site),
+        str(source),
+    ]
     out = subprocess.run(pip, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return site
@@ -222,5 +240,7 @@ def test_third_party_evaluator_package_installed_with_pip(exact_match_site, trai
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)["exact_match"]
     assert figures["fine_tuned"] == {"exact_match": 0.5, "questions": 2}  # "" always matches, "zzz" never
-    listed = subprocess.run([sys.executable, "-c", code, "plugins", "--kind", "evaluator"], capture_output=True, text=True, env=env, timeout=300)
+    listed = subprocess.run(
+        [sys.executable, "-c", code, "plugins", "--kind", "evaluator"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert "exact_match  qlora-exact-match  0.1.0" in listed.stdout

@@ -162,9 +162,17 @@ def test_prompts_file_text_and_jsonl(tmp_path, trained_run):
     text_file.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
     assert [m[0]["content"] for m in read_prompts(text_file)] == ["first prompt", "second prompt"]
     jsonl = tmp_path / "prompts.jsonl"
-    rows = ['"plain"', '{"prompt": "p"}', json.dumps({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]})]
+    rows = [
+        '"plain"',
+        '{"prompt": "p"}',
+        json.dumps({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}),
+    ]
     jsonl.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    assert read_prompts(jsonl) == [[{"role": "user", "content": "plain"}], [{"role": "user", "content": "p"}], [{"role": "user", "content": "u"}]]
+    assert read_prompts(jsonl) == [
+        [{"role": "user", "content": "plain"}],
+        [{"role": "user", "content": "p"}],
+        [{"role": "user", "content": "u"}],
+    ]
     result = run_cli("generate", trained_run["merged"], "--prompts", text_file, "--max-new-tokens", 3)
     assert result.exit_code == 0, result.output
     assert result.stdout.count("### ") == 2 and "### first prompt\n" in result.stdout
