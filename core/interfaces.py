@@ -510,6 +510,11 @@ class DataFormat(Plugin):
     kind: ClassVar[str] = "data_format"
     Options: ClassVar[type] = DataOptions
     tasks: ClassVar[tuple[str, ...]] = TASKS
+    # --- issue 14, generate/eval branch ---
+    #: True for a format whose examples are conversations rendered with the tokenizer's chat
+    #: template: ``qlora generate``/``chat``/``eval`` then apply the template to its runs' prompts.
+    conversational: ClassVar[bool] = False
+    # --- end generate/eval ---
 
     def load(self, context: DataContext) -> DataSplits:
         """Read, validate and tokenize the data; raise DataError naming the file on bad input."""
