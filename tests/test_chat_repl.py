@@ -76,3 +76,33 @@ def test_append_conversation_is_one_line_per_call(tmp_path):
 def test_end_of_input_ends_the_chat(trained_run):
     result = chat(trained_run["merged"], "Hello\n")
     assert result.exit_code == 0 and result.stdout.count("\n") == 1
+
+
+def test_chat_template_turns_on_a_model_directory(tmp_path, tiny_llama_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from qlora_plugins.inference import render_messages, turn_terminator
+
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.chat_template = chatml
+    tok.save_pretrained(str(model_dir))
+    saved = tmp_path / "chat.jsonl"
+    result = chat(model_dir, f"hi\nand then\n/save {saved}\n", "--template", "chat", "--system", "be brief")
+    assert result.exit_code == 0, result.output
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    target = load_target(model_dir, make_registry())
+    assert turn_terminator(target.tokenizer) == "<|im_end|>"
+    second = render_messages(target.tokenizer, messages[:4], chat=True)  # the history, through the template
+    text = target.tokenizer.decode(second)
+    assert text.count("<|im_start|>") == 5 and text.endswith("<|im_start|>assistant\n")
+    reply = answer(target.model, target.tokenizer, messages[:4], True, Sampling(max_new_tokens=4), default_seed=2)
+    assert messages[4]["content"] == reply.strip() and "<|im_end|>" not in reply
