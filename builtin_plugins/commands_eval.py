@@ -112,7 +112,7 @@ def eval_command(
     from qlora_plugins.builtin_plugins.commands_generate import _log, _quiet, _registry
     from qlora_plugins.errors import ConfigError
     from qlora_plugins.evaluation import as_is, check_evaluators, format_results, run_evaluators
-    from qlora_plugins.inference import kind_of, load_target, use_chat_template
+    from qlora_plugins.inference import kind_of, load_target, model_task, use_chat_template
 
     registry = _registry(ctx)
     if len(set(evaluators)) != len(evaluators):
@@ -124,7 +124,7 @@ def eval_command(
         registry.get("evaluator", name, f"--evaluator {name}")
         plugins.append(registry.create("evaluator", name, evaluator_options(run_config, name, options, evaluators), f"--evaluator {name}"))
     paths = [f"--evaluator {e.name}" for e in plugins]
-    task = ((run_config or {}).get("model") or {}).get("task") or "causal_lm"
+    task = ((run_config or {}).get("model") or {}).get("task") or ("causal_lm" if kind != "model" else model_task(target))
     check_evaluators(plugins, task, Path.cwd(), registry, paths)
     _quiet()
     log = (lambda message: None) if as_json else _log

@@ -83,6 +83,11 @@ def load_for_generation(ctx: click.Context, target: Path, compare_base: bool = F
     from qlora_plugins.inference import load_target
 
     kind = _check_target(target)
+    if kind == "model":
+        from qlora_plugins.inference import model_task
+
+        if model_task(target) != "causal_lm":  # before loading anything
+            raise TargetError(f"TARGET: {target} is a {model_task(target)} model; generation needs a causal_lm model")
     if compare_base and kind == "model":
         raise TargetError(f"--compare-base: {target} is a model directory; give a run directory or an export to compare with its base")
     _quiet()
@@ -245,12 +250,19 @@ def chat_command(
         if command.startswith("/") and len(command) > 1 and not command[1:2].isspace():
             _log(f"Error: unknown command {command}. {CHAT_HELP}")
             continue
-        history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system_message}] if system_message else []) + history
+        messages.append({"role": "user", "content": text})
         turn += 1
-        reply = answer(loaded.model, loaded.tokenizer, messages, chat, sampling, _echo, loaded.seed + turn)
+        try:
+            reply = answer(loaded.model, loaded.tokenizer, messages, chat, sampling, _echo, loaded.seed + turn)
+        except KeyboardInterrupt as exc:  # Ctrl-C stops this answer (the turn is dropped); SIGTERM ends the chat
+            click.echo("")
+            if type(exc).__name__ == "Terminated" or not interactive:
+                raise
+            _log("(answer interrupted; the turn is not kept)")
+            continue
         click.echo("")
-        history.append({"role": "assistant", "content": reply.strip()})
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.strip()}]
 
 
 @hookimpl

@@ -188,7 +188,7 @@ def load_target(path: Path, registry: Any, log: Log = lambda m: None, chat_forma
         modeling.check_model_dir(path, "TARGET")
         from qlora_plugins.core.checkpoint_format import load_model_checkpoint
 
-        task = _task_of_model(path)
+        task = model_task(path)
         device = modeling.choose_device("auto")
         log(f"Loading the model in {path}")
         tokenizer = modeling.load_tokenizer(path)
@@ -200,7 +200,9 @@ def load_target(path: Path, registry: Any, log: Log = lambda m: None, chat_forma
         raise TargetError(f"TARGET: {exc}") from None
 
 
-def _task_of_model(path: Path) -> str:
+def model_task(path: Path) -> str:
+    """``seq_cls`` for a model directory whose architecture is a ``...ForSequenceClassification``,
+    else ``causal_lm``."""
     config = _read_json(path / "config.json", "the model config")
     architectures = config.get("architectures") or []
     if any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures):

@@ -112,12 +112,15 @@ def _one_line_error(result, needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], result.stderr
 
 
-def test_bad_input_is_one_line(trained_run, tmp_path, write_config, tiny_llama_dir):
+def test_bad_input_is_one_line(trained_run, tmp_path, write_config, tiny_llama_dir, tiny_bert_dir):
     merged = trained_run["merged"]
     _one_line_error(run_cli("eval", tmp_path / "missing", "-e", "perplexity", "--option", "path=x.txt"), "does not exist")
     _one_line_error(run_cli("eval", tmp_path, "-e", "perplexity", "--option", "path=x.txt"), "is not a run directory")
     _one_line_error(run_cli("eval", merged, "-e", "perplexty", "--option", "path=x.txt"), "did you mean 'perplexity'")
-    _one_line_error(run_cli("eval", tiny_llama_dir, "-e", "perplexity"), "path")  # (an export gets it from its run's eval section)
+    _one_line_error(run_cli("eval", tiny_llama_dir, "-e", "perplexity"), "path")
+    _one_line_error(
+        run_cli("eval", tiny_bert_dir, "-e", "perplexity", "--option", f"path={HELDOUT}"), "not seq_cls"
+    )  # (an export gets it from its run's eval section)
     _one_line_error(run_cli("eval", merged, "-e", "perplexity", "--option", f"path={tmp_path / 'nope.txt'}"), "not found")
     _one_line_error(run_cli("eval", merged, "-e", "perplexity", "--option", f"path={HELDOUT}", "--option", "window=1"), "window")
     (tmp_path / "data.csv").write_text("a\n")

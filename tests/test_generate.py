@@ -192,7 +192,7 @@ def _one_line_error(result, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
-def test_bad_input_is_one_line(tmp_path, trained_run, tiny_llama_dir):
+def test_bad_input_is_one_line(tmp_path, trained_run, tiny_llama_dir, tiny_bert_dir):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     merged = trained_run["merged"]
@@ -212,6 +212,7 @@ def test_bad_input_is_one_line(tmp_path, trained_run, tiny_llama_dir):
     (tmp_path / "bad.jsonl").write_text('{"prompt": 1}\n')
     _one_line_error(run_cli("generate", merged, "--prompts", tmp_path / "bad.jsonl"), "line 1")
     _one_line_error(run_cli("generate", tiny_llama_dir, "--prompt", "x", "--compare-base"), "--compare-base")
+    _one_line_error(run_cli("generate", tiny_bert_dir, "--prompt", "x"), "needs a causal_lm model")
     _one_line_error(run_cli("chat", tmp_path / "empty"), "is not a run directory")
     _one_line_error(run_cli("chat", merged, "--temperature", "-2"), "--temperature")
     run_dir = tmp_path / "unfinished"
