@@ -24,7 +24,16 @@ from qlora_plugins.core.interfaces import Plugin
 from qlora_plugins.core.options import build_options, did_you_mean, in_range, key_text, options_to_dict, positive
 from qlora_plugins.core.wording import option
 
-SECTIONS = ("model", "quantizer", "adapter", "optimizer", "data", "train", "export")
+SECTIONS = (
+    "model",
+    "quantizer",
+    "adapter",
+    "optimizer",
+    "data",
+    "train",
+    "export",
+    "eval",  # issue 14, generate/eval branch: evaluators run after training
+)
 
 #: Sections that take the registry's default plugin of their kind when omitted (``data`` names
 #: its files, so it has no default; ``export`` defaults to a list of the default exporter).
@@ -100,6 +109,8 @@ class Config:
     export: list[PluginSpec]
     source: Optional[Path] = None
     base_dir: Path = attrs.field(factory=Path.cwd)
+    #: ``eval``: evaluators run after training on the base and the fine-tuned model (issue 14)
+    eval: list[PluginSpec] = attrs.field(factory=list)
 
     def resolve_path(self, value: str) -> Path:
         """A path from the config, made absolute against the config file's directory."""
@@ -116,6 +127,7 @@ class ResolvedPlugins:
     optimizer: Plugin
     data: Optional[Plugin]
     exporters: list[Plugin]
+    evaluators: list[Plugin] = attrs.field(factory=list)  # issue 14: the ``eval`` section
 
 
 #: Config files larger than this are refused before they are parsed.
@@ -392,12 +404,29 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
                 raise ConfigError(f"export[{i}]", "must name an exporter (e.g. `- name: adapter`), got null")
         if train.enabled and specs["data"] is None:
             raise ConfigError("data", "is required when train.enabled is true")
+        evals = _eval_specs(data.get("eval"))
     except ConfigError as exc:
         if src and exc.source is None:
             raise ConfigError(exc.path, exc.message, source=src) from None
         raise
     base_dir = source.resolve().parent if source else Path.cwd()
-    return Config(model, train, specs["quantizer"], specs["adapter"], specs["optimizer"], specs["data"], exports, source, base_dir)
+    return Config(model, train, specs["quantizer"], specs["adapter"], specs["optimizer"], specs["data"], exports, source, base_dir, evals)
+
+
+def _eval_specs(raw: Any) -> list[PluginSpec]:
+    """The ``eval`` section: a list of evaluators (``- name: perplexity``), one mapping or a
+    name; omitted or null: none."""
+    if raw is None:
+        return []
+    if isinstance(raw, (str, Mapping)):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ConfigError("eval", f"must be a list of evaluators, got {short_repr(raw)}")
+    specs = [_plugin_spec(f"eval[{i}]", item, False) for i, item in enumerate(raw)]
+    for i, spec in enumerate(specs):
+        if spec is None:
+            raise ConfigError(f"eval[{i}]", "must name an evaluator (e.g. `- name: perplexity`), got null")
+    return [spec for spec in specs if spec is not None]
 
 
 def _section(cls: type, value: Any, path: str) -> Any:
@@ -444,7 +473,19 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
         optimizer=make("optimizer", config.optimizer),
         data=make("data_format", config.data) if config.data else None,
         exporters=[make("exporter", spec) for spec in export],
+        evaluators=_evaluators(config, make),
     )
+
+
+def _evaluators(config: Config, make: Any) -> list[Plugin]:
+    """The ``eval`` section's evaluators (names unique: results are keyed by name)."""
+    seen: set[str] = set()
+    for i, spec in enumerate(config.eval):
+        if spec.name in seen:
+            src = str(config.source) if config.source else None
+            raise ConfigError(f"eval[{i}].name", f"duplicate evaluator '{spec.name}' (results are recorded by name)", source=src)
+        seen.add(spec.name or "")
+    return [make("evaluator", spec) for spec in config.eval]
 
 
 def resolved_dict(config: Config, plugins: ResolvedPlugins) -> dict:
@@ -466,4 +507,9 @@ def resolved_dict(config: Config, plugins: ResolvedPlugins) -> dict:
         out["model"]["path"] = str(config.resolve_path(config.model.path))
     if plugins.data is not None and hasattr(plugins.data.options, "path"):
         out["data"]["path"] = str(config.resolve_path(plugins.data.options.path))
+    if plugins.evaluators:  # only when there is an eval section (older run configs stay as they were)
+        out["eval"] = [section(p) for p in plugins.evaluators]
+        for entry in out["eval"]:
+            if isinstance(entry.get("path"), str) and entry["path"]:
+                entry["path"] = str(config.resolve_path(entry["path"]))
     return out

@@ -93,6 +93,22 @@ class UnsafeOutputError(QloraError):
     not provably write, or leave its directory through a link."""
 
 
+# --- issue 14, generate/eval branch ---
+
+
+class TargetError(QloraError):
+    """A ``qlora generate``/``chat``/``eval`` target is not a run directory, an export or a model
+    directory, or cannot be loaded for generation."""
+
+
+class EvaluationError(QloraError):
+    """An evaluator was given bad input (a missing or malformed file, an unknown task) or its
+    optional library is not installed."""
+
+
+# --- end generate/eval ---
+
+
 class Terminated(KeyboardInterrupt):
     """The process received SIGTERM (what Slurm and Kubernetes send before killing a job).
 

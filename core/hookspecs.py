@@ -72,6 +72,21 @@ def register_model_sources(register: Register) -> None:
     """
 
 
+# --- issue 14, generate/eval branch: evaluators ---
+
+
+@hookspec
+def register_evaluators(register: Register) -> None:
+    """Register evaluator classes (subclasses of :class:`qlora_plugins.Evaluator`), run by
+    ``qlora eval TARGET --evaluator NAME`` and by a config's ``eval`` section after training.
+
+    :param register: call ``register(EvaluatorClass)`` for each evaluator the plugin provides.
+    """
+
+
+# --- end evaluators ---
+
+
 @hookspec
 def register_commands(cli: "click.Group") -> None:
     """Add subcommands to the ``qlora`` command line.

@@ -510,6 +510,11 @@ class DataFormat(Plugin):
     kind: ClassVar[str] = "data_format"
     Options: ClassVar[type] = DataOptions
     tasks: ClassVar[tuple[str, ...]] = TASKS
+    # --- issue 14, generate/eval branch ---
+    #: True for a format whose examples are conversations rendered with the tokenizer's chat
+    #: template: ``qlora generate``/``chat``/``eval`` then apply the template to its runs' prompts.
+    conversational: ClassVar[bool] = False
+    # --- end generate/eval ---
 
     def load(self, context: DataContext) -> DataSplits:
         """Read, validate and tokenize the data; raise DataError naming the file on bad input."""
@@ -542,6 +547,69 @@ class ModelSource(Plugin):
         raise NotImplementedError
 
 
+# --- evaluators (issue 14: evaluation as a plugin kind) -------------------------------------
+
+
+@attrs.define
+class EvalContext:
+    """One model for an :class:`Evaluator` to measure.
+
+    :param model: the model, in eval mode: the fine-tuned one (quantized base + adapter, or a
+        merged export), the base model with the adapter disabled, or a plain model directory.
+    :param tokenizer: its tokenizer.
+    :param device: ``cpu`` or ``cuda`` (where the model's parameters are).
+    :param task: ``causal_lm`` or ``seq_cls``.
+    :param label: which model this is: ``fine_tuned``, ``base`` or ``model``.
+    :param chat: True when prompts should be rendered with the tokenizer's chat template (the
+        run trained on conversations and the tokenizer has a template).
+    :param base_dir: directory that relative paths in the evaluator's options resolve against
+        (the config file's directory in an ``eval`` section, the current directory for ``qlora eval``).
+    :param seed: the run's seed (for evaluators that sample).
+    :param config_path: where the evaluator's options came from (``eval[0]``, ``--evaluator NAME``),
+        for error messages.
+    """
+
+    model: Any
+    tokenizer: Any
+    device: str
+    task: str
+    label: str
+    chat: bool = False
+    base_dir: Path = attrs.field(factory=Path.cwd)
+    seed: int = 0
+    config_path: str = "eval"
+
+
+class Evaluator(Plugin):
+    """Measures a model: perplexity on a held-out file, a benchmark harness, a task of your own.
+
+    The host calls :meth:`check` before anything is loaded (``qlora eval``, and before training
+    for a config's ``eval`` section), then :meth:`evaluate` once per model (the base model with
+    the adapter disabled, then the fine-tuned one), and prints the figures side by side."""
+
+    kind: ClassVar[str] = "evaluator"
+    tasks: ClassVar[tuple[str, ...]] = ("causal_lm",)
+
+    def check(self, base_dir: Path, config_path: str = "eval") -> None:
+        """Cheap checks without a model (files exist, optional libraries are installed): raise
+        ``ConfigError``/``EvaluationError`` naming ``config_path``. Default: accept."""
+
+    def evaluate(self, context: EvalContext) -> dict:
+        """Measure ``context.model`` and return its figures: a flat mapping of metric name to a
+        number (``{"perplexity": 12.3, "tokens": 4096}``); other JSON values are kept in the
+        report but not shown in the table. Raise ``EvaluationError`` for bad input."""
+        raise NotImplementedError
+
+    def input_paths(self, base_dir: Path) -> list[Path]:
+        """The files this evaluator reads (a ``--force`` run never replaces a directory holding
+        one). Default: the ``path`` option, relative to ``base_dir``, when there is one."""
+        path = getattr(self.options, "path", None)
+        return [Path(base_dir) / path] if isinstance(path, str) and path else []
+
+
+# --- end of evaluators ----------------------------------------------------------------------
+
+
 KINDS: dict[str, type[Plugin]] = {
     "quantizer": Quantizer,
     "adapter": Adapter,
@@ -549,4 +617,7 @@ KINDS: dict[str, type[Plugin]] = {
     "exporter": Exporter,
     "data_format": DataFormat,
     "model_source": ModelSource,
+    # --- issue 14, generate/eval branch: evaluators ---
+    "evaluator": Evaluator,
+    # --- end evaluators ---
 }

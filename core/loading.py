@@ -119,6 +119,8 @@ def plugin_report(registry: Any, plugins: ResolvedPlugins) -> dict:
     if plugins.data is not None:
         out["data"] = one("data_format", plugins.data)
     out["exporters"] = [one("exporter", e) for e in plugins.exporters]
+    if plugins.evaluators:
+        out["evaluators"] = [one("evaluator", e) for e in plugins.evaluators]
     return out
 
 

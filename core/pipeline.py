@@ -112,6 +112,10 @@ def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
         if materialize:
             model_dir = materialize_source(registry, config.model.source)
     check_exporters(plugins.exporters, ExportCheck(task, plugins.quantizer, plugins.adapter, model_dir), registry)
+    if plugins.evaluators:  # issue 14: the eval section, checked before anything trains
+        from qlora_plugins.core.evaluation import check_evaluators
+
+        check_evaluators(plugins.evaluators, task, config.base_dir, registry, [f"eval[{i}]" for i in range(len(plugins.evaluators))])
     return Checked(config, plugins, model_dir)
 
 
@@ -167,6 +171,8 @@ def run_inputs(config: Config, plugins: ResolvedPlugins, model_dir: Path | None)
     inputs: list[tuple[str, Path | None]] = [("the config file", config.source), ("model.path", model_dir)]
     if plugins.data is not None:
         inputs += [("the data", path) for path in plugins.data.input_paths(config.base_dir)]
+    for evaluator in plugins.evaluators:
+        inputs += [(f"evaluator '{evaluator.name}'", path) for path in evaluator.input_paths(config.base_dir)]
     return inputs
 
 
@@ -294,7 +300,7 @@ class Pipeline:
     :param progress: show a progress bar while training.
     """
 
-    stages = ("check", "prepare", "load", "attach", "open_run_dir", "train", "save_and_export", "finish")
+    stages = ("check", "prepare", "load", "attach", "open_run_dir", "train", "save_and_export", "evaluate", "finish")
 
     def __init__(
         self,
@@ -509,6 +515,42 @@ class Pipeline:
         exports = run_exports(context, plugins.exporters, out / "exports", self.registry, self.force or self.resume, self.log)
         return exports, round(time.perf_counter() - started, 3)
 
+    def evaluate(self, prepared: Prepared, attached: Attached) -> dict:
+        """The ``eval`` section's evaluators on the base model (the adapter disabled, or the
+        base loaded again when the adapter cannot be disabled) and on the fine-tuned model,
+        side by side (:mod:`qlora_plugins.core.evaluation`); ``{}`` without an ``eval`` section."""
+        from qlora_plugins.core.evaluation import as_is, run_evaluators
+        from qlora_plugins.core.inference import is_conversational
+        from qlora_plugins.core.interfaces import EvalContext
+
+        checked = prepared.checked
+        evaluators = checked.plugins.evaluators
+        if not evaluators:
+            return {}
+        config, model = checked.config, attached.model
+        model.eval()
+
+        @contextlib.contextmanager
+        def base() -> Any:
+            disable = getattr(model, "disable_adapter", None)
+            if callable(disable):
+                with disable():
+                    yield model
+                return
+            request = model_request(config, checked.model_dir, prepared.device, prepared.num_labels)
+            fresh = load_base(checked.plugins, request, prepared.tokenizer, self.registry)
+            try:
+                yield fresh
+            finally:
+                del fresh
+
+        chat = is_conversational(prepared.resolved, self.registry)
+        context = EvalContext(
+            None, prepared.tokenizer, prepared.device, config.model.task, "fine_tuned", chat, config.base_dir, config.train.seed
+        )
+        paths = [f"eval[{i}]" for i in range(len(evaluators))]
+        return run_evaluators(evaluators, [("base", base), ("fine_tuned", lambda: as_is(model))], context, self.registry, paths, self.log)
+
     def finish(self, report: RunReport, run_dir: RunDirectory) -> RunReport:
         """Loss plot, report.json and run.json (completed); the runs ``--force`` replaced are
         deleted only now."""
@@ -566,6 +608,10 @@ class Pipeline:
                 report.training = TrainingFigures.of(trained.result, prepared.splits, trained.resumed_from)
                 report.timings["train_s"] = trained.train_seconds
             report.exports, report.timings["export_s"] = self.save_and_export(prepared, attached, run_dir)
+            if plugins.evaluators:
+                eval_started = time.perf_counter()
+                report.evaluations = self.evaluate(prepared, attached)
+                report.timings["eval_s"] = round(time.perf_counter() - eval_started, 3)
             report.memory = {"peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": loaded.load_peak_rss_bytes}
             if prepared.device == "cuda":
                 report.memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()

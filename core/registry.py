@@ -58,6 +58,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qlora_plugins.builtin_plugins.adapter_full",
     "qlora_plugins.builtin_plugins.commands_plan",
     "qlora_plugins.builtin_plugins.commands_bench",
+    # --- issue 14, generate/eval branch ---
+    "qlora_plugins.builtin_plugins.evaluator_perplexity",
+    "qlora_plugins.builtin_plugins.evaluator_lm_eval",
+    "qlora_plugins.builtin_plugins.commands_generate",
+    "qlora_plugins.builtin_plugins.commands_eval",
+    # --- end generate/eval ---
 )
 
 HOOKS: dict[str, str] = {
@@ -67,6 +73,9 @@ HOOKS: dict[str, str] = {
     "exporter": "register_exporters",
     "data_format": "register_data_formats",
     "model_source": "register_model_sources",
+    # --- issue 14, generate/eval branch: evaluators ---
+    "evaluator": "register_evaluators",
+    # --- end evaluators ---
 }
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")

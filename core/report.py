@@ -112,5 +112,11 @@ def summary_rows(report: dict) -> list[tuple[str, Any]]:
         rows.append(("note", note))
     for name, info in report.get("exports", {}).items():
         rows.append((f"export {name}", info.get("path", "-")))
+    if report.get("evaluations"):  # issue 14: base and fine-tuned side by side
+        from qlora_plugins.core.evaluation import table_rows
+
+        headers, table = table_rows(report["evaluations"])
+        for row in table:
+            rows.append((f"eval {row[0]} {row[1]}", ", ".join(f"{h} {v}" for h, v in zip(headers[2:], row[2:]))))
     rows.append(("run directory", report.get("run_dir", "-")))
     return rows

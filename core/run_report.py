@@ -67,6 +67,8 @@ class RunReport:
     :param timings: seconds spent loading, training, exporting and in all.
     :param notes: lines worth reading (optimizer behaviour on this device, dropped rows...).
     :param loss_plot: the loss-curve PNG, when there was a loss to plot.
+    :param evaluations: the ``eval`` section's figures, by evaluator: ``{"base": {...},
+        "fine_tuned": {...}, "seconds": s}`` (left out of report.json when there is none).
     """
 
     status: str
@@ -84,6 +86,7 @@ class RunReport:
     timings: dict = attrs.field(factory=dict)
     notes: list = attrs.field(factory=list)
     loss_plot: Optional[str] = None
+    evaluations: dict = attrs.field(factory=dict)  # issue 14, generate/eval branch
 
     @classmethod
     def start(cls, out: Path, config: Any, model_dir: Optional[Path], plugins: dict, versions: dict, device: str) -> "RunReport":
@@ -104,4 +107,6 @@ class RunReport:
             out.pop("training")
         if self.loss_plot is None:
             out.pop("loss_plot")
+        if not self.evaluations:
+            out.pop("evaluations")
         return out

@@ -35,6 +35,7 @@ from qlora_plugins.core.pipeline import (
 )
 from qlora_plugins.core.registry import Registry, create_registry
 from qlora_plugins.core.run_report import RunReport, TrainingFigures
+from qlora_plugins.core.rundir import atomic_write_json, dumps
 from qlora_plugins.core.sources import cache_home, materialize_source
 
 __all__ = [
@@ -51,9 +52,11 @@ __all__ = [
     "Trained",
     "TrainingFigures",
     "apply_overrides",
+    "atomic_write_json",
     "cache_home",
     "check",
     "create_registry",
+    "dumps",
     "export_run",
     "load_config",
     "load_run",

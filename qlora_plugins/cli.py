@@ -290,6 +290,8 @@ def validate(ctx: click.Context, config_path: Path, overrides: tuple[str, ...]) 
         names += f" data={p.data.name}"
     if p.exporters:
         names += " export=" + ",".join(e.name for e in p.exporters)
+    if p.evaluators:
+        names += " eval=" + ",".join(e.name for e in p.evaluators)
     click.echo(f"{config_path}: valid ({names})")
 
 

@@ -171,3 +171,33 @@ def fake_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     yield make
     for module in created:
         sys.modules.pop(module, None)
+
+
+# --- issue 14, generate/eval branch: one trained tiny run shared by test_generate.py,
+# test_chat_repl.py and test_evaluators.py ---------------------------------------------------
+
+HELDOUT = DATA / "heldout.txt"
+LM_EVAL_TASK = DATA / "lm_eval_task" / "tiny_mc.yaml"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, qlora_home) -> dict:
+    """A finished tiny run (tiny-llama, nf4, LoRA r=4, 4 steps at a high learning rate so the
+    adapter changes the outputs) with the adapter and merged exports and an ``eval`` section
+    (perplexity on tests/data/heldout.txt): ``{"dir", "report", "merged", "adapter"}``."""
+    from qlora_plugins.core.config import parse_config
+    from qlora_plugins.core.pipeline import run
+
+    root = tmp_path_factory.mktemp("trained-run")
+    config = base_config(
+        optimizer={"name": "adamw", "lr": 3e-2},
+        train={"max_steps": 4, "batch_size": 4, "seed": 0, "threads": 1},
+        export=[{"name": "adapter"}, {"name": "merged"}],
+        eval=[{"name": "perplexity", "path": str(HELDOUT), "max_examples": 4}],
+    )
+    out = root / "run"
+    report = run(parse_config(config, None), new_registry(), out, progress=False)
+    return {"dir": out, "report": report, "merged": out / "exports" / "merged", "adapter": out / "exports" / "adapter"}
+
+
+# --- end generate/eval ---

@@ -32,8 +32,9 @@ from qlora_plugins.core.interfaces import KINDS
 CORE = Path(__file__).resolve().parents[1] / "core"
 
 #: Builtin names that are also ordinary words in the core (report keys, peft's ``bias="none"``,
-#: datasets' ``text`` builder, the ``adapter`` plugin kind...): flagged only where used as names.
-AMBIGUOUS = frozenset({"none", "text", "full", "adapter", "merged"})
+#: datasets' ``text`` builder, the ``adapter`` plugin kind, the ``perplexity`` figure of
+#: quant-report and of the evaluators...): flagged only where used as names.
+AMBIGUOUS = frozenset({"none", "text", "full", "adapter", "merged", "perplexity"})  # perplexity: a figure's name too
 
 #: Parameters and keywords whose value is a plugin name.
 NAME_PARAMETERS = frozenset(
@@ -50,6 +51,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     "compared with a quantizer's declared quant_type, not a plugin name",
     ("__init__.py", 'for quant_type, table in (("nf4", nf4_code), ("fp4", fp4_code)):'): "bitsandbytes' quant_type argument of its "
     "own CUDA kernels (kernels/__init__.py), not a plugin name",
+    ("quant_report.py", 'out_row.update({"perplexity": ppl, "perplexity_ratio": ppl / base["fp_perplexity"]})'): "the perplexity "
+    "figure of quant-report's table, not the perplexity evaluator",
 }
 
 

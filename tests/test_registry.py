@@ -278,6 +278,7 @@ def test_defaults_come_from_the_builtins_default_attribute(registry):
         "exporter": ["adapter"],
         "data_format": [],
         "model_source": [],
+        "evaluator": [],  # issue 14: no default evaluator (an omitted eval section runs none)
     }
     assert {kind: registry.default(kind) for kind in KINDS} == {
         "quantizer": "nf4",
@@ -286,6 +287,7 @@ def test_defaults_come_from_the_builtins_default_attribute(registry):
         "exporter": "adapter",
         "data_format": None,
         "model_source": None,
+        "evaluator": None,
     }
     assert registry.create("quantizer", None).name == "nf4"
     with pytest.raises(PluginError, match="no data format plugin declares itself the default"):

@@ -140,22 +140,16 @@ class FinishedRun:
         )
 
 
-def load_run(run_dir: Path, registry: Any, log: Log = lambda m: None) -> ExportContext:
-    """Load a finished run (``RUN_DIR/config.yaml`` + ``RUN_DIR/adapter``) back into the trained
-    model through the same plugins and pipeline stages; the probe examples are the run's
-    held-out examples when its data file is still there.
-
-    :raises ExportError: no adapter, an adapter that does not fit the base, corrupt files.
-    """
+def finished_config(data: dict, config_file: Path, with_data: bool = True) -> Any:
+    """The parsed config of a finished run (its ``config.yaml`` as ``data``) for loading it back:
+    training off, no exporters, no evaluators, the materialized model path (or the source when
+    that path is gone) and the data only when ``with_data`` and its file is still there."""
     import copy
 
     log = spelled_log(log)
 
     from qlora_plugins.core.config import parse_config
 
-    run_dir = Path(run_dir)
-    data = _read_run_config(run_dir)
-    adapter_dir = _check_adapter_dir(run_dir)
     parse = copy.deepcopy(data)
     model = dict(parse["model"])
     if model.get("path") and model.get("source"):
@@ -166,11 +160,40 @@ def load_run(run_dir: Path, registry: Any, log: Log = lambda m: None) -> ExportC
     parse["model"] = model
     parse["train"] = {**(parse.get("train") or {}), "enabled": False}
     data_path = ((parse.get("data") or {}).get("path")) if isinstance(parse.get("data"), dict) else None
-    if not (bool(data_path) and Path(data_path).is_file()):
+    if not (with_data and bool(data_path) and Path(data_path).is_file()):
         parse.pop("data", None)
     parse["export"] = []
-    config = parse_config(parse, run_dir / "config.yaml")
+    parse.pop("eval", None)
+    return parse_config(parse, config_file)
+
+
+def load_run(run_dir: Path, registry: Any, log: Log = lambda m: None, with_data: bool = True) -> ExportContext:
+    """Load a finished run (``RUN_DIR/config.yaml`` + ``RUN_DIR/adapter``) back into the trained
+    model through the same plugins and pipeline stages; the probe examples are the run's
+    held-out examples when its data file is still there (and ``with_data``: ``qlora generate``
+    does not tokenize the training data).
+
+    :raises ExportError: no adapter, an adapter that does not fit the base, corrupt files.
+    """
+    import copy
+
+    run_dir = Path(run_dir)
+    data = _read_run_config(run_dir)
+    adapter_dir = _check_adapter_dir(run_dir)
+    config = finished_config(data, run_dir / "config.yaml", with_data)
     return FinishedRun(config, registry, run_dir, copy.deepcopy(data), adapter_dir, log).context()
+
+
+def load_saved_adapter(run_config: dict, adapter_dir: Path, registry: Any, log: Log = lambda m: None) -> ExportContext:
+    """Like :func:`load_run` for an adapter saved elsewhere (an adapter export), given the run
+    config it was trained with (the export's ``manifest.json`` records it)."""
+    import copy
+
+    adapter_dir = Path(adapter_dir)
+    if not isinstance(run_config, dict) or not isinstance(run_config.get("model"), dict):
+        raise ExportError(f"{adapter_dir}: the manifest records no run config (no model section)")
+    config = finished_config(run_config, adapter_dir / "manifest.json", with_data=False)
+    return FinishedRun(config, registry, adapter_dir, copy.deepcopy(run_config), adapter_dir, log).context()
 
 
 def _exporter_options(run_config: dict, name: str, overrides: Sequence[str], names: Sequence[str] = ()) -> dict:
