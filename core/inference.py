@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import attrs
 
+from qlora_plugins.core import wording
 from qlora_plugins.core.errors import ConfigError, ExportError, ModelError, QloraError, TargetError, short_text
 from qlora_plugins.core.options import in_range
 
@@ -262,7 +263,7 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def use_chat_template(target: Target, mode: str, option: str = "--template") -> bool:
+def use_chat_template(target: Target, mode: str, option: str = wording.option("template")) -> bool:
     """Whether prompts for ``target`` are rendered with the chat template under ``mode``
     (:data:`TEMPLATE_MODES`)."""
     if mode not in TEMPLATE_MODES:
@@ -334,18 +335,17 @@ class Sampling:
 
 
 def sampling_from_flags(**flags: Any) -> Sampling:
-    """A :class:`Sampling` from ``--max-new-tokens``-style flags; a bad value is a ConfigError
-    naming the flag."""
+    """A :class:`Sampling` from the sampling options (``max_new_tokens``, ...); a bad value is a
+    ConfigError naming the option (the CLI spells it as its flag)."""
     from qlora_plugins.core.options import build_options
 
     values = {k: v for k, v in flags.items() if v is not None}
     if values.get("top_p") is not None and values["top_p"] <= 0.0:
-        raise ConfigError("--top-p", f"must be in (0, 1], got {values['top_p']}")
+        raise ConfigError(wording.option("top_p"), f"must be in (0, 1], got {values['top_p']}")
     try:
         return build_options(Sampling, values, "")
     except ConfigError as exc:
-        flag = "--" + exc.path.strip(".").replace("_", "-")
-        raise ConfigError(flag, exc.message) from None
+        raise ConfigError(wording.option(exc.path.strip(".")), exc.message) from None
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -477,7 +477,7 @@ def answer(
 MAX_PROMPTS_BYTES = 16 << 20
 
 
-def read_prompts(path: Path, option: str = "--prompts") -> list[list[dict]]:
+def read_prompts(path: Path, option: str = wording.option("prompts")) -> list[list[dict]]:
     """The prompts of a file, each as a list of messages: a ``.jsonl`` file holds one JSON value
     a line (a string, ``{"prompt": TEXT}`` or ``{"messages": [...]}`` in the chat data format);
     any other file one prompt a line (blank lines skipped)."""

@@ -107,6 +107,13 @@ CLI_FLAGS: dict[str, str] = {
     "batch": "--batch",
     "seq": "--seq",
     "text": "--text",
+    "template": "--template",
+    "prompts": "--prompts",
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "seed": "--seed",
 }
 
 

@@ -4,6 +4,7 @@ side in report.json and a table), and a third-party evaluator package installed 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -125,7 +126,11 @@ def test_bad_input_is_one_line(trained_run, tmp_path, write_config, tiny_llama_d
     _one_line_error(run_cli("eval", merged, "-e", "perplexity", "--option", f"path={HELDOUT}", "--option", "window=1"), "window")
     (tmp_path / "data.csv").write_text("a\n")
     _one_line_error(run_cli("eval", merged, "-e", "perplexity", "--option", f"path={tmp_path / 'data.csv'}"), "unsupported file type")
-    _one_line_error(run_cli("eval", merged, "-e", "lm_eval", "--option", f"task={tmp_path / 'none.yaml'}"), "task file not found")
+    lm_eval_missing = importlib.util.find_spec("lm_eval") is None
+    _one_line_error(
+        run_cli("eval", merged, "-e", "lm_eval", "--option", f"task={tmp_path / 'none.yaml'}"),
+        "pip install 'qlora-plugins[eval]'" if lm_eval_missing else "task file not found",
+    )
     config = write_config({"model": {"source": "tiny-llama"}, "train": {"enabled": False}, "eval": [{"name": "perplexity"}]})
     _one_line_error(run_cli("validate", config), "eval[0]")
     config = write_config(

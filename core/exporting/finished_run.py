@@ -146,8 +146,6 @@ def finished_config(data: dict, config_file: Path, with_data: bool = True) -> An
     that path is gone) and the data only when ``with_data`` and its file is still there."""
     import copy
 
-    log = spelled_log(log)
-
     from qlora_plugins.core.config import parse_config
 
     parse = copy.deepcopy(data)
