@@ -59,6 +59,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qlora_plugins.builtin_plugins.adapter_full",
     "qlora_plugins.builtin_plugins.commands_plan",
     "qlora_plugins.builtin_plugins.commands_bench",
+    "qlora_plugins.builtin_plugins.commands_data",
 )
 
 HOOKS: dict[str, str] = {
