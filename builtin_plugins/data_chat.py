@@ -214,7 +214,10 @@ class _Tokens:
         return self._by_prefix(pos)
 
     def _by_prefix(self, pos: int) -> tuple[int, bool]:
-        """Tokenize ``text[:pos]``: a prefix of the whole tokenization means a clean boundary."""
+        """Tokenize ``text[:pos]``: a prefix of the whole tokenization means a clean boundary.
+        Where they part (token ``m``), the boundary is still clean if the first tokens decode to
+        exactly ``text[:pos]`` (a whitespace run at the end of the shorter text is tokenized
+        differently, ``\\n\\n`` as one token instead of two); otherwise token ``m`` straddles it."""
         if pos not in self._prefix:
             head = list(self.tokenizer(self.text[:pos], add_special_tokens=False)["input_ids"])
             m = 0
@@ -222,7 +225,17 @@ class _Tokens:
                 if a != b:
                     break
                 m += 1
-            self._prefix[pos] = (m, m == len(head))
+            found = (m, True) if m == len(head) else (m, False)
+            if not found[1]:
+                target = self.text[:pos]
+                for k in range(m, min(m + 4, len(self.ids)) + 1):
+                    decoded = self.tokenizer.decode(self.ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                    if decoded == target:
+                        found = (k, True)
+                        break
+                    if len(decoded) > len(target):
+                        break
+            self._prefix[pos] = found
         return self._prefix[pos]
 
     def span(self, start: int, end: int) -> tuple[int, int]:
