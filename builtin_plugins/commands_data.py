@@ -181,7 +181,9 @@ def data_group() -> None:
     help="Colour the trained tokens (default: when stdout is a terminal and NO_COLOR is unset); without colour they are in [[...]].",
 )
 @click.pass_context
-def preview_command(ctx: click.Context, config_path: Path, overrides: tuple[str, ...], count: int, as_json: bool, colour: bool | None) -> None:
+def preview_command(
+    ctx: click.Context, config_path: Path, overrides: tuple[str, ...], count: int, as_json: bool, colour: bool | None
+) -> None:
     """Show the first N examples of CONFIG's data as the model will see them (after the chat
     template, tokenization and truncation), the trained tokens marked, and the statistics of the
     whole set: examples kept and dropped, tokens, the trained share, truncated examples and a

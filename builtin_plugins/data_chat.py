@@ -165,7 +165,9 @@ class RowReader:
                 known = ", ".join(sorted(self.roles))
                 match = closest(role, self.roles)
                 hint = f" (did you mean '{match}'?)" if match else ""
-                raise RowError(f"message {number}: unknown role {short_repr(role, 40)}{hint}; known roles: {known} (add more with data.roles)")
+                raise RowError(
+                    f"message {number}: unknown role {short_repr(role, 40)}{hint}; known roles: {known} (add more with data.roles)"
+                )
             content = _field(message, self.content_field, ("content", "value"))
             if content is None:
                 raise RowError(f"message {number} ({canonical}) has no content (field {content_name})")
@@ -434,9 +436,10 @@ class _Locator:
         return f"line {self.lines[index]}" if index < len(self.lines) else f"row {index + 1}"
 
 
-def _diagnose_jsonl(path: Path, reader: RowReader) -> str | None:
+def _diagnose_jsonl(path: Path, reader: RowReader, auto_field: bool) -> str | None:
     """The first line of a JSON-lines file that is not a conversation (the reason datasets
-    could not read the file as a table), as ``line N: why``; None if every line is one."""
+    could not read the file as a table), as ``line N: why``; None if every line is one. With
+    ``auto_field`` each row's own ``messages`` or ``conversations`` field is read."""
     import json
 
     try:
@@ -448,8 +451,12 @@ def _diagnose_jsonl(path: Path, reader: RowReader) -> str | None:
                     row = json.loads(raw)
                 except ValueError as exc:
                     return f"line {number}: not valid JSON ({_one_line(exc, 120)})"
+                if auto_field and isinstance(row, dict) and "messages" not in row and "conversations" in row:
+                    row_reader = attrs.evolve(reader, messages_field="conversations")
+                else:
+                    row_reader = reader
                 try:
-                    reader.messages(row)
+                    row_reader.messages(row)
                 except RowError as exc:
                     return f"line {number}: {exc}"
     except OSError:
@@ -504,7 +511,7 @@ class Chat(DataFormat):
             rows = read_rows(path, f"{cp}.path")
         except DataError:
             if path.suffix.lower() == ".jsonl" and path.is_file():
-                problem = _diagnose_jsonl(path, self.reader(["messages", "conversations"], path, cp))
+                problem = _diagnose_jsonl(path, self.reader(["messages"], path, cp), o.messages_field is None)
                 if problem:
                     raise DataError(f"{cp}.path: {path.name} {problem}") from None
             raise

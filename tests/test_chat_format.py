@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from qlora_plugins import DataContext
 from qlora_plugins.builtin_plugins.chat_templates import MARKERS, TEMPLATES
-from qlora_plugins.builtin_plugins.data_chat import Chat, ChatEncoder, special_stops
+from qlora_plugins.builtin_plugins.data_chat import ChatEncoder, special_stops
 from qlora_plugins.builtin_plugins.model_sources import byte_level_tokenizer, chat_tokenizer
 from qlora_plugins.errors import ConfigError, DataError
 from qlora_plugins.testing import make_registry
@@ -248,7 +248,14 @@ def test_openai_and_sharegpt_rows_give_the_same_example(tmp_path, name):
 def test_field_and_role_names_are_options(tmp_path):
     row = {"dialog": [{"speaker": "customer", "text": "hi"}, {"speaker": "agent", "text": "yo"}]}
     got = only(
-        load(tmp_path, [row], messages_field="dialog", role_field="speaker", content_field="text", roles={"customer": "user", "agent": "assistant"})
+        load(
+            tmp_path,
+            [row],
+            messages_field="dialog",
+            role_field="speaker",
+            content_field="text",
+            roles={"customer": "user", "agent": "assistant"},
+        )
     )
     assert got == only(load(tmp_path, [OPENAI], name="b.jsonl"))
 
@@ -295,7 +302,10 @@ BAD_ROWS = [
     ('{"messages": "hello"}', "line 3: field 'messages' is not a conversation"),
     ('{"messages": [{"role": "bot", "content": "hi"}]}', "line 3: message 1: unknown role 'bot'"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "line 3: no assistant message to train on (data.train_on: assistant)"),
-    ('{"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]}', "line 3: message 1 (user): content must be text"),
+    (
+        '{"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]}',
+        "line 3: message 1 (user): content must be text",
+    ),
     ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', "line 3: message 1 (user) has no content"),
     ('{"messages": []}', "line 3: field 'messages' is an empty conversation"),
     ('{"messages": [{"role": "user", "content": "hi"}', "line 3: not valid JSON"),
@@ -310,6 +320,13 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path, line, message):
         load(tmp_path, None, raw=f"{good}\n\n{line}\n{good}\n")
     assert str(info.value).startswith("data.path: rows.jsonl ") and message in str(info.value), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_sharegpt_line_that_breaks_the_table_is_named(tmp_path):
+    good = json.dumps(SHAREGPT)
+    bad = '{"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]}'
+    with pytest.raises(DataError, match=r"^data.path: rows.jsonl line 2: message 1 \(user\): content must be text, got 5$"):
+        load(tmp_path, None, raw=f"{good}\n{bad}\n")
 
 
 def test_a_template_that_cannot_render_the_row(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from conftest import CLASSIFY, CORPUS, INSTRUCTIONS, REPO, assert_user_error, base_config
@@ -65,7 +64,9 @@ def test_preview_json_gives_ids_tokens_and_the_trained_mask():
     stats = doc["statistics"]
     assert stats["rows"] == len(turns) == stats["examples"] == stats["train_examples"] + stats["eval_examples"]
     assert stats["dropped"] == 0 and stats["truncated"] == 0
-    assert 0 < stats["trained_tokens"] < stats["tokens"] and stats["trained_share"] == pytest.approx(stats["trained_tokens"] / stats["tokens"])
+    assert 0 < stats["trained_tokens"] < stats["tokens"] and stats["trained_share"] == pytest.approx(
+        stats["trained_tokens"] / stats["tokens"]
+    )
     assert sum(b["count"] for b in stats["histogram"]) == stats["examples"]
     assert stats["histogram"][-1]["to"] >= stats["length"]["max"]
 
