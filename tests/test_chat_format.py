@@ -198,6 +198,22 @@ def test_a_token_straddling_the_start_of_a_turn_is_trained():
         assert trained_runs(tok, out) == [" hello world\n"]
 
 
+def test_templates_that_trim_contents_or_carry_generation_tags():
+    tok = TOKENIZERS["bytes"]
+    messages = [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "  yo \n"}]
+    trimming = TEMPLATES["chatml"].source.replace("message['content']", "(message['content'] | trim)")
+    out = ChatEncoder(tok, trimming, "test", special_stops(tok)).encode(messages)
+    assert trained_runs(tok, out) == ["yo<|im_end|>"]
+    tagged = (
+        "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{%- if m['role'] == 'assistant' -%}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+        "{%- else -%}{{ m['content'] + '<|im_end|>' }}{%- endif -%}{{ '\\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+    plain = encoder("chatml").encode(CONVERSATION)
+    assert ChatEncoder(tok, tagged, "test", special_stops(tok)).encode(CONVERSATION) == plain
+
+
 def test_a_template_that_is_not_prefix_stable_is_refused_for_the_row():
     # renders the last message with a marker the earlier turns do not have once more follow
     source = "{%- for m in messages -%}{{ m['role'] + ':' + m['content'] + ('!' if loop.last else '') + '\\n' }}{%- endfor -%}"
