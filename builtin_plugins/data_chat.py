@@ -143,6 +143,11 @@ class RowReader:
 
     def messages(self, row: Mapping) -> list[dict]:
         """The conversation of ``row``; raises :class:`RowError` for anything else."""
+        return self.conversation(row)[0]
+
+    def conversation(self, row: Mapping) -> tuple[list[dict], int]:
+        """``(messages, added)``: the conversation of ``row`` and how many messages were put
+        before the row's own (1 for a system prompt from the options, else 0)."""
         if not isinstance(row, Mapping):
             raise RowError(f"expected an object with field '{self.messages_field}', got {short_repr(row, 60)}")
         conversation = row.get(self.messages_field)
@@ -181,7 +186,8 @@ class RowReader:
             system = system or self.system_prompt
             if system:
                 out.insert(0, {"role": "system", "content": system})
-        return out
+                return out, 1
+        return out, 0
 
 
 # --- messages -> tokens -------------------------------------------------------------------------
@@ -295,9 +301,10 @@ class ChatEncoder:
             raise RowError(f"{self.label} did not render text")
         return out
 
-    def spans(self, messages: list[dict], full: str, tokens: _Tokens) -> list[tuple[int, int]]:
+    def spans(self, messages: list[dict], full: str, tokens: _Tokens, added: int = 0) -> list[tuple[int, int]]:
         """Character spans of ``full`` to train (assistant contents and their terminators);
-        ``tokens`` is the tokenization of ``full``."""
+        ``tokens`` is the tokenization of ``full``; errors number the messages as the row does
+        (``added`` messages were put before the row's own)."""
         if self.train_on == "all":
             return [(0, len(full))]
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -314,12 +321,12 @@ class ChatEncoder:
         for i, prompt in zip(turns, prompts):
             if not full.startswith(prompt):
                 raise RowError(
-                    f"{self.label} renders the prompt of message {i + 1} (assistant) differently from the same turn inside the "
+                    f"{self.label} renders the prompt of message {i + 1 - added} (assistant) differently from the same turn inside the "
                     "whole conversation, so its tokens cannot be located (the template is not prefix-stable)"
                 )
             start = len(prompt)
             upto = closed.get(i, full)
-            end = len(upto) if full.startswith(upto) else self._before_tail(upto, full, start, i, tokens)
+            end = len(upto) if full.startswith(upto) else self._before_tail(upto, full, start, i - added, tokens)
             text = full[start:end]
             stripped = text.rstrip()
             if len(stripped) < len(text) and stripped.endswith(self.stops):
@@ -340,12 +347,13 @@ class ChatEncoder:
             "located (the template is not prefix-stable)"
         )
 
-    def encode(self, messages: list[dict]) -> dict:
+    def encode(self, messages: list[dict], added: int = 0) -> dict:
         """Example columns of one conversation: ``input_ids``, ``labels`` (-100 where not
-        trained), ``truncated`` and ``dropped`` (None, or why the conversation gives no example)."""
+        trained), ``truncated`` and ``dropped`` (None, or why the conversation gives no example).
+        ``added``: messages put before the row's own (for the message numbers of errors)."""
         full = self.render([messages], add_generation_prompt=False)[0]
         tokens = _Tokens(self.tokenizer, full)
-        spans = self.spans(messages, full, tokens)
+        spans = self.spans(messages, full, tokens, added)
         ids = tokens.ids
         labels = [IGNORE_INDEX] * len(ids)
         for start, end in spans:
@@ -365,7 +373,7 @@ class ChatEncoder:
         a row that is not a usable conversation."""
         if self.reader is None:
             raise TypeError("ChatEncoder.encode_row needs a reader")
-        return self.encode(self.reader.messages(row))
+        return self.encode(*self.reader.conversation(row))
 
 
 def special_stops(tokenizer: Any) -> tuple[str, ...]:
@@ -477,9 +485,9 @@ class Chat(DataFormat):
             read_template_file(_resolve(base_dir, self.options.template_file), f"{config_path}.template_file")
 
     def input_paths(self, base_dir: Path) -> list[Path]:
-        paths = [Path(base_dir) / self.options.path]
+        paths = [_resolve(base_dir, self.options.path)]
         if self.options.template_file is not None:
-            paths.append(Path(base_dir) / self.options.template_file)
+            paths.append(_resolve(base_dir, self.options.template_file))
         return paths
 
     def reader(self, column_names: Sequence[str], path: Path, config_path: str) -> RowReader:
@@ -509,8 +517,8 @@ class Chat(DataFormat):
         path = _resolve(context.base_dir, o.path)
         try:
             rows = read_rows(path, f"{cp}.path")
-        except DataError:
-            if path.suffix.lower() == ".jsonl" and path.is_file():
+        except DataError as exc:
+            if "cannot parse" in str(exc) and path.suffix.lower() == ".jsonl" and path.is_file():
                 problem = _diagnose_jsonl(path, self.reader(["messages"], path, cp), o.messages_field is None)
                 if problem:
                     raise DataError(f"{cp}.path: {path.name} {problem}") from None

@@ -226,9 +226,11 @@ def test_a_template_that_is_not_prefix_stable_is_refused_for_the_row():
 # --- through the format's load ------------------------------------------------------------------
 
 
-def load(tmp_path: Path, rows, tokenizer=None, name: str = "rows.jsonl", raw: str | None = None, **options):
+def load(tmp_path: Path, rows, tokenizer=None, name: str = "rows.jsonl", raw: str | None = None, rows_written=False, **options):
     path = tmp_path / name
-    if raw is not None:
+    if rows_written:
+        pass
+    elif raw is not None:
         path.write_text(raw, encoding="utf-8")
     elif name.endswith(".jsonl"):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -343,6 +345,12 @@ def test_a_sharegpt_line_that_breaks_the_table_is_named(tmp_path):
     bad = '{"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]}'
     with pytest.raises(DataError, match=r"^data.path: rows.jsonl line 2: message 1 \(user\): content must be text, got 5$"):
         load(tmp_path, None, raw=f"{good}\n{bad}\n")
+
+
+def test_a_file_that_is_not_utf8_keeps_its_error(tmp_path):
+    (tmp_path / "rows.jsonl").write_bytes(json.dumps(OPENAI).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"rows.jsonl is not UTF-8 text \(byte"):
+        load(tmp_path, None, raw=None, name="rows.jsonl", rows_written=True)
 
 
 def test_a_template_that_cannot_render_the_row(tmp_path):
