@@ -55,7 +55,9 @@ def main() -> None:
     def run_anchor() -> list:
         out = []
         for m in rows:
-            enc = tok.apply_chat_template(m, chat_template=TAGGED_CHATML, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            enc = tok.apply_chat_template(
+                m, chat_template=TAGGED_CHATML, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
             ids, mask = enc["input_ids"], enc["assistant_masks"]
             out.append([i if keep else -100 for i, keep in zip(ids, mask)])
         return out

@@ -347,6 +347,16 @@ def test_a_sharegpt_line_that_breaks_the_table_is_named(tmp_path):
         load(tmp_path, None, raw=f"{good}\n{bad}\n")
 
 
+def test_errors_number_messages_as_the_row_does(tmp_path):
+    (tmp_path / "unstable.jinja").write_text(
+        "{%- for m in messages -%}{{ m['role'] + ':' + m['content'] + ('!' if loop.last else '') + '\\n' }}{%- endfor -%}", encoding="utf-8"
+    )
+    row = {"messages": OPENAI["messages"] + [{"role": "user", "content": "more"}]}
+    for extra in ({}, {"system_prompt": "Be kind."}):
+        with pytest.raises(DataError, match=r"rows.jsonl line 1: template file unstable.jinja renders .*message 2 \(assistant\)"):
+            load(tmp_path, [row], template=None, template_file="unstable.jinja", **extra)
+
+
 def test_a_file_that_is_not_utf8_keeps_its_error(tmp_path):
     (tmp_path / "rows.jsonl").write_bytes(json.dumps(OPENAI).encode() + b"\n\xff\xfe\n")
     with pytest.raises(DataError, match=r"rows.jsonl is not UTF-8 text \(byte"):

@@ -35,6 +35,17 @@ def runs(tokens: list[str], mask: list[int]) -> list[str]:
     return out + ([current] if current else [])
 
 
+def test_the_shipped_chat_data_is_what_make_chat_writes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_chat", REPO / "examples" / "data" / "make_chat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.text() == CHAT_DATA.read_text(encoding="utf-8")
+    turns = assistant_turns()
+    assert len(turns) == 320 and any(len(t) >= 2 for t in turns)
+
+
 def test_preview_of_the_chat_example_marks_only_assistant_turns():
     result = preview(CHAT_YAML, "--n", "2")
     assert result.exit_code == 0, result.output

@@ -74,11 +74,15 @@ def conversations(rng: random.Random):
         yield {"messages": messages}
 
 
+def text() -> str:
+    """The file's content: one JSON object per line."""
+    return "".join(json.dumps(row) + "\n" for row in conversations(random.Random(12)))
+
+
 def main() -> None:
-    rows = list(conversations(random.Random(12)))
     out = Path(__file__).with_name("chat.jsonl")
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    print(f"wrote {len(rows)} conversations to {out}")
+    out.write_text(text(), encoding="utf-8")
+    print(f"wrote {text().count(chr(10))} conversations to {out}")
 
 
 if __name__ == "__main__":
