@@ -301,12 +301,10 @@ class ChatEncoder:
             raise RowError(f"{self.label} did not render text")
         return out
 
-    def spans(self, messages: list[dict], full: str, tokens: _Tokens, added: int = 0) -> list[tuple[int, int]]:
-        """Character spans of ``full`` to train (assistant contents and their terminators);
-        ``tokens`` is the tokenization of ``full``; errors number the messages as the row does
-        (``added`` messages were put before the row's own)."""
+    def turns(self, messages: list[dict]) -> list[int]:
+        """Indices of the assistant messages to train (none for ``train_on: all``)."""
         if self.train_on == "all":
-            return [(0, len(full))]
+            return []
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns:
             raise RowError(f"no assistant message to train on (data.train_on: {self.train_on})")
@@ -314,9 +312,20 @@ class ChatEncoder:
             turns = turns[-1:]
         if turns[0] == 0:
             raise RowError("message 1 is an assistant message; an assistant turn must follow a system or user message")
+        return turns
+
+    def spans(self, messages: list[dict], full: str, closed: dict[int, str], tokens: _Tokens, added: int = 0) -> list[tuple[int, int]]:
+        """Character spans of ``full`` to train (assistant contents and their terminators).
+
+        :param closed: message index -> the rendering of the conversation up to and including it
+            (the assistant messages that are not the last message).
+        :param tokens: the tokenization of ``full``.
+        :param added: messages put before the row's own (errors number messages as the row does).
+        """
+        if self.train_on == "all":
+            return [(0, len(full))]
+        turns = self.turns(messages)
         prompts = self.render([messages[:i] for i in turns], add_generation_prompt=True)
-        inner = [i for i in turns if i + 1 < len(messages)]
-        closed = dict(zip(inner, self.render([messages[: i + 1] for i in inner], add_generation_prompt=False))) if inner else {}
         spans = []
         for i, prompt in zip(turns, prompts):
             if not full.startswith(prompt):
@@ -351,9 +360,10 @@ class ChatEncoder:
         """Example columns of one conversation: ``input_ids``, ``labels`` (-100 where not
         trained), ``truncated`` and ``dropped`` (None, or why the conversation gives no example).
         ``added``: messages put before the row's own (for the message numbers of errors)."""
-        full = self.render([messages], add_generation_prompt=False)[0]
+        inner = [i for i in self.turns(messages) if i + 1 < len(messages)]
+        full, *closings = self.render([messages] + [messages[: i + 1] for i in inner], add_generation_prompt=False)
         tokens = _Tokens(self.tokenizer, full)
-        spans = self.spans(messages, full, tokens, added)
+        spans = self.spans(messages, full, dict(zip(inner, closings)), tokens, added)
         ids = tokens.ids
         labels = [IGNORE_INDEX] * len(ids)
         for start, end in spans:
