@@ -3,6 +3,9 @@ with a byte-level tokenizer, so the quickstart and the tests run offline on any 
 
 ``tiny-llama`` is the quickstart's default (Llama architecture, ~1.6M parameters);
 ``tiny-gpt2`` and ``tiny-bert`` (sequence classification) show the tool is architecture-agnostic.
+``tiny-llama-chat`` is ``tiny-llama`` with a chat template (ChatML, its turn markers added to the
+tokenizer as special tokens, ``<|im_end|>`` as EOS) for ``examples/chat.yaml``; it is a source of
+its own because two more tokens change the vocabulary, and so the quickstart's model and figures.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_plugins import ModelSource, hookimpl
+from qlora_plugins.builtin_plugins.chat_templates import CHATML, MARKERS
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -46,6 +50,34 @@ def _save(model_cls: Any, config: Any, tokenizer: Any, directory: Path) -> None:
     tokenizer.save_pretrained(str(directory))
 
 
+def chat_tokenizer() -> Any:
+    """The byte-level tokenizer with ChatML's turn markers as special tokens, ``<|im_end|>`` as
+    EOS and the builtin ChatML template as its chat template."""
+    tok = byte_level_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(MARKERS["chatml"])})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML.source
+    return tok
+
+
+def _tiny_llama_config(tok: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
 class TinyLlama(ModelSource):
     """A tiny Llama (hidden 128, 4 layers, byte tokenizer), random init with seed 0."""
 
@@ -53,23 +85,23 @@ class TinyLlama(ModelSource):
     version = "1"
 
     def materialize(self, directory: Path) -> None:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
         tok = byte_level_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        _save(LlamaForCausalLM, config, tok, directory)
+        _save(LlamaForCausalLM, _tiny_llama_config(tok), tok, directory)
+
+
+class TinyLlamaChat(ModelSource):
+    """tiny-llama with a ChatML chat template (special turn tokens), random init with seed 0."""
+
+    name = "tiny-llama-chat"
+    version = "1"
+
+    def materialize(self, directory: Path) -> None:
+        from transformers import LlamaForCausalLM
+
+        tok = chat_tokenizer()
+        _save(LlamaForCausalLM, _tiny_llama_config(tok), tok, directory)
 
 
 class TinyGPT2(ModelSource):
@@ -121,5 +153,6 @@ class TinyBert(ModelSource):
 @hookimpl
 def register_model_sources(register):
     register(TinyLlama)
+    register(TinyLlamaChat)
     register(TinyGPT2)
     register(TinyBert)

@@ -495,6 +495,8 @@ class DataSplits:
         reads rows; None otherwise.
     :param dropped: rows that were read but yield no example (e.g. the prompt alone fills
         ``max_length``), for the run's summary and report.
+    :param truncated: kept examples that were cut to ``max_length``, when the format counts
+        them (``qlora data preview`` reports it); None when it does not say.
     """
 
     train: Sequence[dict]
@@ -502,6 +504,7 @@ class DataSplits:
     num_labels: Optional[int] = None
     rows: Optional[int] = None
     dropped: int = 0
+    truncated: Optional[int] = None
 
 
 class DataFormat(Plugin):

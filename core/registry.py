@@ -53,6 +53,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qlora_plugins.builtin_plugins.exporter_merged",
     "qlora_plugins.builtin_plugins.exporter_merged_4bit",
     "qlora_plugins.builtin_plugins.data_formats",
+    "qlora_plugins.builtin_plugins.data_chat",
     "qlora_plugins.builtin_plugins.model_sources",
     "qlora_plugins.builtin_plugins.optimizer_offload",
     "qlora_plugins.builtin_plugins.adapter_full",
@@ -64,6 +65,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qlora_plugins.builtin_plugins.commands_generate",
     "qlora_plugins.builtin_plugins.commands_eval",
     # --- end generate/eval ---
+    "qlora_plugins.builtin_plugins.commands_data",
 )
 
 HOOKS: dict[str, str] = {

@@ -1,4 +1,5 @@
-"""Model helpers for plugin authors: linear-layer traversal, module replacement, dtypes."""
+"""Model helpers for plugin authors: linear-layer traversal, module replacement, dtypes, the
+checkpoint's tokenizer as a run loads it."""
 
 from qlora_plugins.core.modeling import (
     DEFAULT_SKIP_MODULES,
@@ -6,6 +7,7 @@ from qlora_plugins.core.modeling import (
     count_parameters,
     is_skipped,
     iter_linear_layers,
+    load_tokenizer,
     set_submodule,
     torch_dtype,
 )
@@ -16,6 +18,7 @@ __all__ = [
     "count_parameters",
     "is_skipped",
     "iter_linear_layers",
+    "load_tokenizer",
     "set_submodule",
     "torch_dtype",
 ]

@@ -33,8 +33,9 @@ CORE = Path(__file__).resolve().parents[1] / "core"
 
 #: Builtin names that are also ordinary words in the core (report keys, peft's ``bias="none"``,
 #: datasets' ``text`` builder, the ``adapter`` plugin kind, the ``perplexity`` figure of
-#: quant-report and of the evaluators...): flagged only where used as names.
-AMBIGUOUS = frozenset({"none", "text", "full", "adapter", "merged", "perplexity"})  # perplexity: a figure's name too
+#: quant-report and of the evaluators, ``chat`` as in chat template / ``qlora chat``...): flagged
+#: only where used as names.
+AMBIGUOUS = frozenset({"none", "text", "full", "adapter", "merged", "perplexity", "chat"})
 
 #: Parameters and keywords whose value is a plugin name.
 NAME_PARAMETERS = frozenset(
@@ -53,6 +54,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     "own CUDA kernels (kernels/__init__.py), not a plugin name",
     ("quant_report.py", 'out_row.update({"perplexity": ppl, "perplexity_ratio": ppl / base["fp_perplexity"]})'): "the perplexity "
     "figure of quant-report's table, not the perplexity evaluator",
+    ("inference.py", 'if mode == "chat":'): "the --template mode of qlora generate/eval (auto, chat, plain), not the chat data format",
 }
 
 
