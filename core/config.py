@@ -23,7 +23,7 @@ from qlora_plugins.core.errors import ConfigError, PluginError, short_repr
 from qlora_plugins.core.interfaces import Plugin
 from qlora_plugins.core.options import build_options, did_you_mean, in_range, key_text, options_to_dict, positive
 
-SECTIONS = ("model", "quantizer", "adapter", "optimizer", "data", "train", "export")
+SECTIONS = ("model", "quantizer", "adapter", "optimizer", "data", "train", "export", "track")
 
 #: Sections that take the registry's default plugin of their kind when omitted (``data`` names
 #: its files, so it has no default; ``export`` defaults to a list of the default exporter).
@@ -99,6 +99,8 @@ class Config:
     export: list[PluginSpec]
     source: Optional[Path] = None
     base_dir: Path = attrs.field(factory=Path.cwd)
+    #: ``track``: the metrics trackers as written (the kind's default one always runs too)
+    track: list[PluginSpec] = attrs.field(factory=list)
 
     def resolve_path(self, value: str) -> Path:
         """A path from the config, made absolute against the config file's directory."""
@@ -115,6 +117,7 @@ class ResolvedPlugins:
     optimizer: Plugin
     data: Optional[Plugin]
     exporters: list[Plugin]
+    trackers: list[Plugin] = attrs.field(factory=list)
 
 
 #: Config files larger than this are refused before they are parsed.
@@ -389,6 +392,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         for i, spec in enumerate(exports):
             if spec is None:
                 raise ConfigError(f"export[{i}]", "must name an exporter (e.g. `- name: adapter`), got null")
+        track = _track_specs(data.get("track"))
         if train.enabled and specs["data"] is None:
             raise ConfigError("data", "is required when train.enabled is true")
     except ConfigError as exc:
@@ -396,7 +400,43 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
             raise ConfigError(exc.path, exc.message, source=src) from None
         raise
     base_dir = source.resolve().parent if source else Path.cwd()
-    return Config(model, train, specs["quantizer"], specs["adapter"], specs["optimizer"], specs["data"], exports, source, base_dir)
+    return Config(model, train, specs["quantizer"], specs["adapter"], specs["optimizer"], specs["data"], exports, source, base_dir, track)
+
+
+# --- trackers (issue 14) ---------------------------------------------------------------------
+
+
+def _track_specs(raw: Any) -> list[PluginSpec]:
+    """The ``track`` section: a tracker name, a mapping, or a list of them (null: none listed)."""
+    if raw is None:
+        return []
+    if isinstance(raw, (str, Mapping)):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ConfigError("track", f"must be a list of trackers (e.g. [jsonl, tensorboard]), got {short_repr(raw)}")
+    specs = [_plugin_spec(f"track[{i}]", item, False) for i, item in enumerate(raw)]
+    for i, spec in enumerate(specs):
+        if spec is None:
+            raise ConfigError(f"track[{i}]", "must name a tracker (e.g. `- name: tensorboard`), got null")
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(f"{spec.path}.name", f"duplicate tracker '{spec.name}'")
+        seen.add(spec.name)
+    return specs  # type: ignore[return-value]
+
+
+def _resolve_trackers(config: Config, registry: Any, make: Any) -> list[Plugin]:
+    """The listed trackers, with the kind's default (the run directory's metrics.jsonl) first
+    when the list does not name it."""
+    specs = list(config.track)
+    default = registry.default("tracker")
+    if default is not None and default not in {spec.name for spec in specs}:
+        specs.insert(0, PluginSpec(default, {}, "track"))
+    return [make("tracker", spec) for spec in specs]
+
+
+# --- end of trackers -------------------------------------------------------------------------
 
 
 def _section(cls: type, value: Any, path: str) -> Any:
@@ -443,6 +483,7 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
         optimizer=make("optimizer", config.optimizer),
         data=make("data_format", config.data) if config.data else None,
         exporters=[make("exporter", spec) for spec in export],
+        trackers=_resolve_trackers(config, registry, make),
     )
 
 
@@ -460,6 +501,7 @@ def resolved_dict(config: Config, plugins: ResolvedPlugins) -> dict:
         "data": section(plugins.data),
         "train": attrs.asdict(config.train),
         "export": [section(p) for p in plugins.exporters],
+        "track": [section(p) for p in plugins.trackers],
     }
     if config.model.path is not None:
         out["model"]["path"] = str(config.resolve_path(config.model.path))

@@ -72,6 +72,22 @@ def register_model_sources(register: Register) -> None:
     """
 
 
+# --- trackers (issue 14) -------------------------------------------------------------------
+
+
+@hookspec
+def register_trackers(register: Register) -> None:
+    """Register metrics trackers (subclasses of :class:`qlora_plugins.Tracker`): where the
+    training metrics go besides ``metrics.jsonl`` (TensorBoard, MLflow, W&B, ...), chosen by the
+    config's ``track`` section.
+
+    :param register: call ``register(TrackerClass)`` for each tracker the plugin provides.
+    """
+
+
+# --- end of trackers -------------------------------------------------------------------------
+
+
 @hookspec
 def register_commands(cli: "click.Group") -> None:
     """Add subcommands to the ``qlora`` command line.

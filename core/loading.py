@@ -119,6 +119,7 @@ def plugin_report(registry: Any, plugins: ResolvedPlugins) -> dict:
     if plugins.data is not None:
         out["data"] = one("data_format", plugins.data)
     out["exporters"] = [one("exporter", e) for e in plugins.exporters]
+    out["trackers"] = [one("tracker", t) for t in plugins.trackers]
     return out
 
 

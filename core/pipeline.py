@@ -47,15 +47,11 @@ from qlora_plugins.core.report import peak_rss_bytes, plot_loss
 from qlora_plugins.core.run_report import RunReport, TrainingFigures
 from qlora_plugins.core.rundir import (
     RUN_MARKER,
-    MetricsWriter,
     atomic_directory,
     atomic_write_json,
-    atomic_write_text,
     atomic_write_yaml,
     check_run_output,
-    dumps,
     prepare_run_dir,
-    read_metrics,
 )
 from qlora_plugins.core.safety import (
     asides_of,
@@ -65,6 +61,7 @@ from qlora_plugins.core.safety import (
 )
 from qlora_plugins.core.sources import materialize_source
 from qlora_plugins.core.streaming import limit_heap_fragmentation
+from qlora_plugins.core.tracking import Trackers, is_metrics_process
 from qlora_plugins.core.training import (
     IGNORE_INDEX,
     TrainLoop,
@@ -153,12 +150,6 @@ def _check_resume(out: Path, resolved: dict) -> None:
     changes = config_changes(old, resolved)
     if changes:
         raise ConfigError("--resume", "the config changed in ways that would change the result: " + "; ".join(changes))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records of steps already covered by the checkpoint (no gaps, no duplicates)."""
-    kept = [r for r in read_metrics(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(dumps(r) + "\n" for r in kept))
 
 
 def run_inputs(config: Config, plugins: ResolvedPlugins, model_dir: Path | None) -> list[tuple[str, Path | None]]:
@@ -412,16 +403,29 @@ class Pipeline:
             return RunDirectory(out, None, True)
         return RunDirectory(out, prepare_run_dir(out, self.force, prepared.inputs), False)
 
+    def open_trackers(self, prepared: Prepared, run_dir: RunDirectory, resumed_step: int | None) -> Trackers:
+        """The ``track`` section's trackers, opened (none on a process that does not write the
+        metrics, see :func:`~qlora_plugins.core.tracking.is_metrics_process`)."""
+        plugins = prepared.checked.plugins
+        chosen = plugins.trackers if is_metrics_process() else []
+
+        def describe(tracker: Any) -> str:
+            return self.registry.registration("tracker", tracker.name).source.describe()
+
+        return Trackers(chosen, describe, self.log).open(run_dir.path, prepared.resolved, resumed_step)
+
     def train(self, prepared: Prepared, attached: Attached, run_dir: RunDirectory, meta: dict) -> Trained:
         """The training loop with checkpoints (restored from the newest intact one on resume);
-        metrics go to metrics.jsonl. With training off, only an empty metrics.jsonl is written."""
+        metrics go to the trackers (metrics.jsonl and the ``track`` section's). With training
+        off, the trackers are opened and closed (an empty metrics.jsonl)."""
         import torch
 
         config, plugins = prepared.checked.config, prepared.checked.plugins
         train_cfg, out, device = config.train, run_dir.path, prepared.device
         if not train_cfg.enabled:
-            MetricsWriter(out / "metrics.jsonl").close()
-            return Trained()
+            trackers = self.open_trackers(prepared, run_dir, None)
+            trackers.close("completed")
+            return Trained(notes=list(trackers.warnings))
         splits, model, trained = prepared.splits, attached.model, Trained()
         steps = total_steps(train_cfg, len(splits.train))
         optimizer = plugins.optimizer.create(attached.params, torch.device(device))
@@ -436,7 +440,6 @@ class Pipeline:
             if restored is not None:
                 state, trained.resumed_from = restored, restored.step
                 self.log(f"Resuming from {checkpoint} (step {state.step})")
-            _truncate_metrics(out / "metrics.jsonl", state.step)
 
         def save(at: TrainState) -> None:
             save_training_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
@@ -451,8 +454,8 @@ class Pipeline:
                 self.log(f"Interrupted: checkpoint of step {at.step} saved; continue with --resume")
 
         self.log(f"Training {attached.parameters['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples")
-        metrics = MetricsWriter(out / "metrics.jsonl")
-        started = time.perf_counter()
+        trackers = self.open_trackers(prepared, run_dir, state.step if run_dir.resumed else None)
+        started, status = time.perf_counter(), "failed"
         try:
             with progress.current().stage("train", total=steps, unit="step", initial=state.step) as stage:
                 trained.result = TrainLoop(
@@ -467,13 +470,18 @@ class Pipeline:
                     device,
                     steps,
                     state=state,
-                    on_record=metrics.write,
+                    on_record=trackers.log,
                     on_step_end=on_step_end,
                     on_interrupt=on_interrupt,
                     progress=stage,
                 ).run()
+            status = "completed"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
         finally:
-            metrics.close()
+            trackers.close(status)
+            trained.notes += trackers.warnings
         trained.train_seconds = round(time.perf_counter() - started, 3)
         self._interrupt_save = (state, save)  # an interrupt from here on keeps the finished training
         return trained

@@ -58,6 +58,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qlora_plugins.builtin_plugins.adapter_full",
     "qlora_plugins.builtin_plugins.commands_plan",
     "qlora_plugins.builtin_plugins.commands_bench",
+    # --- trackers (issue 14) ---
+    "qlora_plugins.builtin_plugins.tracker_jsonl",
+    "qlora_plugins.builtin_plugins.tracker_tensorboard",
+    "qlora_plugins.builtin_plugins.tracker_mlflow",
+    "qlora_plugins.builtin_plugins.tracker_wandb",
+    # --- end of trackers ---
 )
 
 HOOKS: dict[str, str] = {
@@ -67,6 +73,7 @@ HOOKS: dict[str, str] = {
     "exporter": "register_exporters",
     "data_format": "register_data_formats",
     "model_source": "register_model_sources",
+    "tracker": "register_trackers",  # trackers (issue 14)
 }
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")

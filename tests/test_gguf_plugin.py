@@ -5,8 +5,8 @@ the gguf package's reader and compared with the merged weights."""
 from __future__ import annotations
 
 import importlib
-import os
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
