@@ -20,6 +20,7 @@ import attrs
 import yaml
 
 from qlora_plugins.core.errors import ConfigError, PluginError, short_repr
+from qlora_plugins.core.hub import is_hub_id
 from qlora_plugins.core.interfaces import Plugin
 from qlora_plugins.core.options import build_options, did_you_mean, in_range, key_text, options_to_dict, positive
 
@@ -35,8 +36,12 @@ PLUGIN_KINDS = {"quantizer": "quantizer", "adapter": "adapter", "optimizer": "op
 class ModelSection:
     """``model``: which checkpoint to fine-tune and how to load it."""
 
+    #: a local checkpoint directory, or a Hugging Face Hub id ``org/name`` (core/hub.py: a path
+    #: that exists locally is local)
     path: Optional[str] = None
     source: Optional[str] = None
+    #: the Hub revision (branch, tag or commit) of a Hub id; None: the default branch
+    revision: Optional[str] = None
     task: Literal["causal_lm", "seq_cls"] = "causal_lm"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     #: store frozen unquantized weights (embeddings, head) in 16 bits, computing in ``dtype``
@@ -503,7 +508,7 @@ def resolved_dict(config: Config, plugins: ResolvedPlugins) -> dict:
         "export": [section(p) for p in plugins.exporters],
         "track": [section(p) for p in plugins.trackers],
     }
-    if config.model.path is not None:
+    if config.model.path is not None and not is_hub_id(config.model.path, config.base_dir):
         out["model"]["path"] = str(config.resolve_path(config.model.path))
     if plugins.data is not None and hasattr(plugins.data.options, "path"):
         out["data"]["path"] = str(config.resolve_path(plugins.data.options.path))

@@ -34,6 +34,8 @@ from qlora_plugins.core.checkpointing import (
 from qlora_plugins.core.config import Config, ResolvedPlugins, load_yaml, resolve_plugins, resolved_dict
 from qlora_plugins.core.errors import ConfigError, PluginError, QloraError, Terminated, TrainingError
 from qlora_plugins.core.exporting import run_exports
+from qlora_plugins.core.hub import HubModel, check_revision, is_hub_id, repo_cache_dir
+from qlora_plugins.core.hub import resolve as resolve_hub
 from qlora_plugins.core.interfaces import AdapterContext, DataContext, DataSplits, ExportCheck, ExportContext, ModelRequest
 from qlora_plugins.core.loading import (  # noqa: F401  (re-exported: the pipeline's public helpers)
     _first_line,
@@ -82,6 +84,8 @@ class Checked:
     config: Config
     plugins: ResolvedPlugins
     model_dir: Path | None
+    #: ``model.path`` as a Hugging Face Hub id, resolved (None: a local directory or a source)
+    hub: HubModel | None = None
 
 
 def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
@@ -97,18 +101,32 @@ def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
                 "data.name", f"data format '{plugins.data.name}' supports task(s) {', '.join(plugins.data.tasks)}, not model.task={task}"
             )
         plugins.data.check(config.base_dir, "data")
-    model_dir = None
+    model_dir, hub_model = None, None
     if config.model.path is not None:
-        model_dir = config.resolve_path(config.model.path)
+        model_dir, hub_model = resolve_model_path(config)
         modeling.check_model_dir(model_dir)
     else:
+        if config.model.revision is not None:
+            raise ConfigError("model.revision", "applies to a Hugging Face Hub id in model.path only, not to model.source")
         source = registry.get("model_source", config.model.source, "model.source")
         if source.task != task:
             raise ConfigError("model.task", f"model source '{source.name}' is a {source.task} model, but model.task is {task}")
         if materialize:
             model_dir = materialize_source(registry, config.model.source)
     check_exporters(plugins.exporters, ExportCheck(task, plugins.quantizer, plugins.adapter, model_dir), registry)
-    return Checked(config, plugins, model_dir)
+    return Checked(config, plugins, model_dir, hub_model)
+
+
+def resolve_model_path(config: Config, weights: bool = True) -> tuple[Path, HubModel | None]:
+    """``model.path`` as a directory: a local one as it is; a Hub id (``org/name`` that does
+    not exist locally) through the Hugging Face cache, downloaded unless offline (core/hub.py)."""
+    value = config.model.path or ""
+    hub_id = is_hub_id(value, config.base_dir)
+    check_revision(config.model.revision, value, hub_id)
+    if not hub_id:
+        return config.resolve_path(value), None
+    found = resolve_hub(value, config.model.revision, weights=weights)
+    return found.path, found
 
 
 def check_exporters(exporters: list, context: ExportCheck, registry: Any, paths: list[str] | None = None) -> None:
@@ -318,6 +336,13 @@ class Pipeline:
         if model_dir is not None and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
             raise ConfigError("--output", f"{out} is inside the model directory {model_dir}; choose another output")
         inputs = run_inputs(config, plugins, model_dir)
+        if checked.hub is not None:  # the whole cached repository (blobs, refs, snapshots) is an input
+            cached = repo_cache_dir(checked.hub)
+            if out == cached.resolve() or cached.resolve() in out.parents:
+                raise ConfigError(
+                    "--output", f"{out} is inside the Hugging Face cache of {checked.hub.repo_id} ({cached}); choose another output"
+                )
+            inputs.append(("model.path (the Hugging Face cache)", cached))
         check_output(out, inputs, self.force, self.resume)
         if train_cfg.threads:  # tiny models: one thread avoids OpenMP spin-waits on a busy machine
             torch.set_num_threads(train_cfg.threads)
@@ -344,6 +369,8 @@ class Pipeline:
         resolved = resolved_dict(config, plugins)
         if config.model.source:  # the resolved config names the materialized checkpoint (report.json keeps the source)
             resolved["model"]["path"], resolved["model"]["source"] = str(model_dir), None
+        if checked.hub is not None:  # a Hub id stays one, pinned to the commit it resolved to
+            resolved["model"]["path"], resolved["model"]["revision"] = checked.hub.repo_id, checked.hub.commit
         if self.resume:
             _check_resume(out, resolved)
         return Prepared(checked, out, device, tokenizer, splits, resolved, inputs, notes, splits.num_labels if splits else None)
@@ -550,6 +577,8 @@ class Pipeline:
         report = RunReport.start(
             prepared.out, config, checked.model_dir, plugin_report(self.registry, plugins), versions(), prepared.device
         )
+        if checked.hub is not None:
+            report.model["hub"] = checked.hub.as_dict()
         report.notes += prepared.notes
         loaded = self.load(prepared)
         report.quantization = {
