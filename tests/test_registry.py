@@ -278,6 +278,7 @@ def test_defaults_come_from_the_builtins_default_attribute(registry):
         "exporter": ["adapter"],
         "data_format": [],
         "model_source": [],
+        "tracker": ["jsonl"],  # trackers (issue 14)
     }
     assert {kind: registry.default(kind) for kind in KINDS} == {
         "quantizer": "nf4",
@@ -286,6 +287,7 @@ def test_defaults_come_from_the_builtins_default_attribute(registry):
         "exporter": "adapter",
         "data_format": None,
         "model_source": None,
+        "tracker": "jsonl",  # trackers (issue 14)
     }
     assert registry.create("quantizer", None).name == "nf4"
     with pytest.raises(PluginError, match="no data format plugin declares itself the default"):
