@@ -125,10 +125,12 @@ def resolve(repo_id: str, revision: Optional[str] = None, weights: bool = True, 
     except errors.LocalEntryNotFoundError:
         if offline():
             raise ModelError(
-                f"{config_path}: {repo_id}{rev} is not in {where} and HF_HUB_OFFLINE is set; download it once online "
-                "(unset HF_HUB_OFFLINE) or point HF_HOME at a cache that has it"
+                f"{config_path}: {repo_id}{rev} is no local directory and is not in {where} while HF_HUB_OFFLINE is set; "
+                "download it once online (unset HF_HUB_OFFLINE) or point HF_HOME at a cache that has it"
             ) from None
-        raise ModelError(f"{config_path}: cannot reach the Hugging Face Hub for {repo_id}{rev}, and it is not in {where}") from None
+        raise ModelError(
+            f"{config_path}: {repo_id}{rev} is no local directory, the Hugging Face Hub cannot be reached and it is not in {where}"
+        ) from None
     except (errors.HfHubHTTPError, OSError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{config_path}: cannot get {repo_id}{rev} from the Hugging Face Hub: {text}") from None

@@ -117,7 +117,7 @@ def test_bad_ids_offline(hf_home, tmp_path):
         invoke("validate", write(tmp_path, path="tiny-org/not-cached")), "model.path", "tiny-org/not-cached", "HF_HUB_OFFLINE"
     )
     assert_user_error(invoke("validate", write(tmp_path, path=REPO_ID, revision="no-such-tag")), "no-such-tag", "HF_HUB_OFFLINE")
-    assert_user_error(plan("tiny-org/not-cached"), "MODEL", "not in the Hugging Face cache")
+    assert_user_error(plan("tiny-org/not-cached"), "MODEL", "is no local directory", "not in the Hugging Face cache")
     assert_user_error(plan("llama-2-7b", "--revision", "main"), "--revision")
     assert_user_error(invoke("validate", write(tmp_path, source="tiny-llama", revision="main")), "model.revision", "model.source")
     # not Hub ids, so local paths: the old message
