@@ -150,7 +150,7 @@ class FailsInClose(Tracker):
         raise OSError(28, "No space left on device")
 
 
-class TestTrackers:
+class TrackersPlugin:
     @hookimpl
     def register_trackers(self, register):
         for cls in (Recording, FailsInLog, FailsInOpen, FailsInClose):
@@ -162,7 +162,7 @@ def test_failing_trackers_are_reported_once_and_the_run_goes_on(tmp_path):
     Recording.seen, FailsInLog.calls = [], 0
     path = config_file(tmp_path, track=["fails-in-log", "fails-in-open", "recording", "fails-in-close"])
     out = tmp_path / "run"
-    result = run_cli("run", str(path), "-o", str(out), "--no-progress", registry=make_registry([TestTrackers()]))
+    result = run_cli("run", str(path), "-o", str(out), "--no-progress", registry=make_registry([TrackersPlugin()]))
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("Warning: tracker")]
     assert len(warnings) == 3, warnings
