@@ -161,6 +161,7 @@ def plan_settings(
 )
 @click.option("--device-memory", callback=_size, metavar="SIZE", help="Device budget, e.g. 24GB (10^9) or 24GiB (2^30).")
 @click.option("--host-memory", callback=_size, metavar="SIZE", help="Host RAM budget, e.g. 64GB.")
+@click.option("--revision", default=None, help="With a Hugging Face Hub id: the branch, tag or commit (default: the default branch).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (bytes) instead of the tables.")
 @click.pass_context
 def plan_command(
@@ -181,12 +182,15 @@ def plan_command(
     device: str,
     device_memory: float | None,
     host_memory: float | None,
+    revision: str | None,
     as_json: bool,
 ) -> None:
     """Predict the memory of fine-tuning MODEL before anything is loaded.
 
     MODEL is a checkpoint directory (its config.json and safetensors headers are read, no
-    weights), a config.json file, or a preset: llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b.
+    weights), a config.json file, a Hugging Face Hub id org/name (its config.json from the
+    Hugging Face cache, downloaded alone when missing; HF_HUB_OFFLINE honoured), or a preset:
+    llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b.
 
     Prints base weights per quantizer (with and without double quantization), quantization
     constants, adapters, their gradients, optimizer states (device, or host when paged or
@@ -208,7 +212,7 @@ def plan_command(
         from qlora_plugins.api import create_registry
 
         registry = create_registry()
-    arch = planner.load_architecture(model)
+    arch = planner.load_architecture(model, revision)
     targets = None if target_modules.strip() == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     params = {
         "--double-quant": "double_quant",

@@ -282,6 +282,7 @@ def load_training_checkpoint(checkpoint: Path, model: Any, optimizer: Any, sched
 #: Config keys that may differ between a run and its resumption (they do not change the weights
 #: computed for the steps already done).
 RESUMABLE_CHANGES = {
+    ("track",),  # where metrics are tracked does not change the result
     ("train", "max_steps"),
     ("train", "epochs"),
     ("train", "eval_every"),

@@ -20,6 +20,7 @@ import attrs
 import yaml
 
 from qlora_plugins.core.errors import ConfigError, PluginError, short_repr
+from qlora_plugins.core.hub import is_hub_id
 from qlora_plugins.core.interfaces import Plugin
 from qlora_plugins.core.options import build_options, did_you_mean, in_range, key_text, options_to_dict, positive
 from qlora_plugins.core.wording import option
@@ -32,7 +33,8 @@ SECTIONS = (
     "data",
     "train",
     "export",
-    "eval",  # issue 14, generate/eval branch: evaluators run after training
+    "eval",  # issue 14: evaluators run after training
+    "track",  # issue 14: metrics trackers
 )
 
 #: Sections that take the registry's default plugin of their kind when omitted (``data`` names
@@ -45,8 +47,12 @@ PLUGIN_KINDS = {"quantizer": "quantizer", "adapter": "adapter", "optimizer": "op
 class ModelSection:
     """``model``: which checkpoint to fine-tune and how to load it."""
 
+    #: a local checkpoint directory, or a Hugging Face Hub id ``org/name`` (core/hub.py: a path
+    #: that exists locally is local)
     path: Optional[str] = None
     source: Optional[str] = None
+    #: the Hub revision (branch, tag or commit) of a Hub id; None: the default branch
+    revision: Optional[str] = None
     task: Literal["causal_lm", "seq_cls"] = "causal_lm"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     #: store frozen unquantized weights (embeddings, head) in 16 bits, computing in ``dtype``
@@ -111,6 +117,8 @@ class Config:
     base_dir: Path = attrs.field(factory=Path.cwd)
     #: ``eval``: evaluators run after training on the base and the fine-tuned model (issue 14)
     eval: list[PluginSpec] = attrs.field(factory=list)
+    #: ``track``: the metrics trackers as written (the kind's default one always runs too)
+    track: list[PluginSpec] = attrs.field(factory=list)
 
     def resolve_path(self, value: str) -> Path:
         """A path from the config, made absolute against the config file's directory."""
@@ -128,6 +136,7 @@ class ResolvedPlugins:
     data: Optional[Plugin]
     exporters: list[Plugin]
     evaluators: list[Plugin] = attrs.field(factory=list)  # issue 14: the ``eval`` section
+    trackers: list[Plugin] = attrs.field(factory=list)
 
 
 #: Config files larger than this are refused before they are parsed.
@@ -402,6 +411,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         for i, spec in enumerate(exports):
             if spec is None:
                 raise ConfigError(f"export[{i}]", "must name an exporter (e.g. `- name: adapter`), got null")
+        track = _track_specs(data.get("track"))
         if train.enabled and specs["data"] is None:
             raise ConfigError("data", "is required when train.enabled is true")
         evals = _eval_specs(data.get("eval"))
@@ -410,7 +420,19 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
             raise ConfigError(exc.path, exc.message, source=src) from None
         raise
     base_dir = source.resolve().parent if source else Path.cwd()
-    return Config(model, train, specs["quantizer"], specs["adapter"], specs["optimizer"], specs["data"], exports, source, base_dir, evals)
+    return Config(
+        model,
+        train,
+        specs["quantizer"],
+        specs["adapter"],
+        specs["optimizer"],
+        specs["data"],
+        exports,
+        source,
+        base_dir,
+        eval=evals,
+        track=track,
+    )
 
 
 def _eval_specs(raw: Any) -> list[PluginSpec]:
@@ -427,6 +449,42 @@ def _eval_specs(raw: Any) -> list[PluginSpec]:
         if spec is None:
             raise ConfigError(f"eval[{i}]", "must name an evaluator (e.g. `- name: perplexity`), got null")
     return [spec for spec in specs if spec is not None]
+
+
+# --- trackers (issue 14) ---------------------------------------------------------------------
+
+
+def _track_specs(raw: Any) -> list[PluginSpec]:
+    """The ``track`` section: a tracker name, a mapping, or a list of them (null: none listed)."""
+    if raw is None:
+        return []
+    if isinstance(raw, (str, Mapping)):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ConfigError("track", f"must be a list of trackers (e.g. [jsonl, tensorboard]), got {short_repr(raw)}")
+    specs = [_plugin_spec(f"track[{i}]", item, False) for i, item in enumerate(raw)]
+    for i, spec in enumerate(specs):
+        if spec is None:
+            raise ConfigError(f"track[{i}]", "must name a tracker (e.g. `- name: tensorboard`), got null")
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(f"{spec.path}.name", f"duplicate tracker '{spec.name}'")
+        seen.add(spec.name)
+    return specs  # type: ignore[return-value]
+
+
+def _resolve_trackers(config: Config, registry: Any, make: Any) -> list[Plugin]:
+    """The listed trackers, with the kind's default (the run directory's metrics.jsonl) first
+    when the list does not name it."""
+    specs = list(config.track)
+    default = registry.default("tracker")
+    if default is not None and default not in {spec.name for spec in specs}:
+        specs.insert(0, PluginSpec(default, {}, "track"))
+    return [make("tracker", spec) for spec in specs]
+
+
+# --- end of trackers -------------------------------------------------------------------------
 
 
 def _section(cls: type, value: Any, path: str) -> Any:
@@ -474,6 +532,7 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
         data=make("data_format", config.data) if config.data else None,
         exporters=[make("exporter", spec) for spec in export],
         evaluators=_evaluators(config, make),
+        trackers=_resolve_trackers(config, registry, make),
     )
 
 
@@ -502,8 +561,9 @@ def resolved_dict(config: Config, plugins: ResolvedPlugins) -> dict:
         "data": section(plugins.data),
         "train": attrs.asdict(config.train),
         "export": [section(p) for p in plugins.exporters],
+        "track": [section(p) for p in plugins.trackers],
     }
-    if config.model.path is not None:
+    if config.model.path is not None and not is_hub_id(config.model.path, config.base_dir):
         out["model"]["path"] = str(config.resolve_path(config.model.path))
     if plugins.data is not None and hasattr(plugins.data.options, "path"):
         out["data"]["path"] = str(config.resolve_path(plugins.data.options.path))

@@ -85,6 +85,20 @@ def register_evaluators(register: Register) -> None:
 
 
 # --- end evaluators ---
+# --- trackers (issue 14) -------------------------------------------------------------------
+
+
+@hookspec
+def register_trackers(register: Register) -> None:
+    """Register metrics trackers (subclasses of :class:`qlora_plugins.Tracker`): where the
+    training metrics go besides ``metrics.jsonl`` (TensorBoard, MLflow, W&B, ...), chosen by the
+    config's ``track`` section.
+
+    :param register: call ``register(TrackerClass)`` for each tracker the plugin provides.
+    """
+
+
+# --- end of trackers -------------------------------------------------------------------------
 
 
 @hookspec

@@ -611,6 +611,54 @@ class Evaluator(Plugin):
 
 
 # --- end of evaluators ----------------------------------------------------------------------
+# --- trackers (issue 14: tracker plugin kind) ----------------------------------------------
+
+
+@attrs.define
+class TrackerContext:
+    """What a tracker learns about the run when it is opened.
+
+    :param run_dir: the run directory.
+    :param directory: ``run_dir/tracking/<tracker name>``, where a tracker that writes files
+        writes them (not created; the run directory's ``--force`` rules cover ``tracking/``).
+    :param config: the resolved run config (what ``config.yaml`` holds).
+    :param resumed_step: on ``--resume``, the step training continues from (records of later
+        steps were discarded with the checkpoint); None for a new run.
+    :param run_name: a name for the run (the run directory's name).
+    """
+
+    run_dir: Path
+    directory: Path
+    config: dict
+    resumed_step: Optional[int] = None
+    run_name: str = ""
+
+
+class Tracker(Plugin):
+    """Receives the training metrics: every record that goes to ``metrics.jsonl`` (train steps
+    with ``step``, ``loss``, ``lr``, ...; evaluations with ``step``, ``eval_loss``, ...).
+
+    The host calls :meth:`open` once, :meth:`log` per record and :meth:`close` once, on the
+    process that writes the metrics. A tracker that raises is reported once and disabled (the
+    run goes on), unless it sets ``essential = True`` (the run directory's own record, whose
+    failure fails the run).
+    """
+
+    kind: ClassVar[str] = "tracker"
+    essential: ClassVar[bool] = False
+
+    def open(self, context: TrackerContext) -> None:
+        """Start tracking the run (import the client library here, not at module import)."""
+
+    def log(self, record: dict) -> None:
+        """One metrics record; its ``step`` is the optimizer step it belongs to."""
+        raise NotImplementedError
+
+    def close(self, status: str) -> None:
+        """End of the run: ``status`` is ``completed``, ``failed`` or ``interrupted``."""
+
+
+# --- end of trackers -------------------------------------------------------------------------
 
 
 KINDS: dict[str, type[Plugin]] = {
@@ -623,4 +671,7 @@ KINDS: dict[str, type[Plugin]] = {
     # --- issue 14, generate/eval branch: evaluators ---
     "evaluator": Evaluator,
     # --- end evaluators ---
+    # --- trackers (issue 14) ---
+    "tracker": Tracker,
+    # --- end of trackers ---
 }

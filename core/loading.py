@@ -121,6 +121,7 @@ def plugin_report(registry: Any, plugins: ResolvedPlugins) -> dict:
     out["exporters"] = [one("exporter", e) for e in plugins.exporters]
     if plugins.evaluators:
         out["evaluators"] = [one("evaluator", e) for e in plugins.evaluators]
+    out["trackers"] = [one("tracker", t) for t in plugins.trackers]
     return out
 
 

@@ -34,6 +34,8 @@ from qlora_plugins.core.checkpointing import (
 from qlora_plugins.core.config import Config, ResolvedPlugins, load_yaml, resolve_plugins, resolved_dict
 from qlora_plugins.core.errors import ConfigError, PluginError, QloraError, Terminated, TrainingError
 from qlora_plugins.core.exporting import run_exports
+from qlora_plugins.core.hub import HubModel, check_revision, is_hub_id, repo_cache_dir
+from qlora_plugins.core.hub import resolve as resolve_hub
 from qlora_plugins.core.interfaces import AdapterContext, DataContext, DataSplits, ExportCheck, ExportContext, ModelRequest
 from qlora_plugins.core.loading import (  # noqa: F401  (re-exported: the pipeline's public helpers)
     _first_line,
@@ -47,15 +49,11 @@ from qlora_plugins.core.report import peak_rss_bytes, plot_loss
 from qlora_plugins.core.run_report import RunReport, TrainingFigures
 from qlora_plugins.core.rundir import (
     RUN_MARKER,
-    MetricsWriter,
     atomic_directory,
     atomic_write_json,
-    atomic_write_text,
     atomic_write_yaml,
     check_run_output,
-    dumps,
     prepare_run_dir,
-    read_metrics,
 )
 from qlora_plugins.core.safety import (
     asides_of,
@@ -65,6 +63,7 @@ from qlora_plugins.core.safety import (
 )
 from qlora_plugins.core.sources import materialize_source
 from qlora_plugins.core.streaming import limit_heap_fragmentation
+from qlora_plugins.core.tracking import Trackers, is_metrics_process
 from qlora_plugins.core.training import (
     IGNORE_INDEX,
     TrainLoop,
@@ -86,6 +85,8 @@ class Checked:
     config: Config
     plugins: ResolvedPlugins
     model_dir: Path | None
+    #: ``model.path`` as a Hugging Face Hub id, resolved (None: a local directory or a source)
+    hub: HubModel | None = None
 
 
 def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
@@ -101,11 +102,13 @@ def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
                 "data.name", f"data format '{plugins.data.name}' supports task(s) {', '.join(plugins.data.tasks)}, not model.task={task}"
             )
         plugins.data.check(config.base_dir, "data")
-    model_dir = None
+    model_dir, hub_model = None, None
     if config.model.path is not None:
-        model_dir = config.resolve_path(config.model.path)
+        model_dir, hub_model = resolve_model_path(config)
         modeling.check_model_dir(model_dir)
     else:
+        if config.model.revision is not None:
+            raise ConfigError("model.revision", "applies to a Hugging Face Hub id in model.path only, not to model.source")
         source = registry.get("model_source", config.model.source, "model.source")
         if source.task != task:
             raise ConfigError("model.task", f"model source '{source.name}' is a {source.task} model, but model.task is {task}")
@@ -116,7 +119,19 @@ def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
         from qlora_plugins.core.evaluation import check_evaluators
 
         check_evaluators(plugins.evaluators, task, config.base_dir, registry, [f"eval[{i}]" for i in range(len(plugins.evaluators))])
-    return Checked(config, plugins, model_dir)
+    return Checked(config, plugins, model_dir, hub_model)
+
+
+def resolve_model_path(config: Config, weights: bool = True) -> tuple[Path, HubModel | None]:
+    """``model.path`` as a directory: a local one as it is; a Hub id (``org/name`` that does
+    not exist locally) through the Hugging Face cache, downloaded unless offline (core/hub.py)."""
+    value = config.model.path or ""
+    hub_id = is_hub_id(value, config.base_dir)
+    check_revision(config.model.revision, value, hub_id)
+    if not hub_id:
+        return config.resolve_path(value), None
+    found = resolve_hub(value, config.model.revision, weights=weights)
+    return found.path, found
 
 
 def check_exporters(exporters: list, context: ExportCheck, registry: Any, paths: list[str] | None = None) -> None:
@@ -158,12 +173,6 @@ def _check_resume(out: Path, resolved: dict) -> None:
     changes = config_changes(old, resolved)
     if changes:
         raise ConfigError(option("resume"), "the config changed in ways that would change the result: " + "; ".join(changes))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records of steps already covered by the checkpoint (no gaps, no duplicates)."""
-    kept = [r for r in read_metrics(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(dumps(r) + "\n" for r in kept))
 
 
 def run_inputs(config: Config, plugins: ResolvedPlugins, model_dir: Path | None) -> list[tuple[str, Path | None]]:
@@ -334,6 +343,13 @@ class Pipeline:
         if model_dir is not None and (out == model_dir.resolve() or model_dir.resolve() in out.parents):
             raise ConfigError(option("output"), f"{out} is inside the model directory {model_dir}; choose another output")
         inputs = run_inputs(config, plugins, model_dir)
+        if checked.hub is not None:  # the whole cached repository (blobs, refs, snapshots) is an input
+            cached = repo_cache_dir(checked.hub)
+            if out == cached.resolve() or cached.resolve() in out.parents:
+                raise ConfigError(
+                    option("output"), f"{out} is inside the Hugging Face cache of {checked.hub.repo_id} ({cached}); choose another output"
+                )
+            inputs.append(("model.path (the Hugging Face cache)", cached))
         check_output(out, inputs, self.force, self.resume)
         if train_cfg.threads:  # tiny models: one thread avoids OpenMP spin-waits on a busy machine
             torch.set_num_threads(train_cfg.threads)
@@ -360,6 +376,8 @@ class Pipeline:
         resolved = resolved_dict(config, plugins)
         if config.model.source:  # the resolved config names the materialized checkpoint (report.json keeps the source)
             resolved["model"]["path"], resolved["model"]["source"] = str(model_dir), None
+        if checked.hub is not None:  # a Hub id stays one, pinned to the commit it resolved to
+            resolved["model"]["path"], resolved["model"]["revision"] = checked.hub.repo_id, checked.hub.commit
         if self.resume:
             _check_resume(out, resolved)
         return Prepared(checked, out, device, tokenizer, splits, resolved, inputs, notes, splits.num_labels if splits else None)
@@ -419,16 +437,29 @@ class Pipeline:
             return RunDirectory(out, None, True)
         return RunDirectory(out, prepare_run_dir(out, self.force, prepared.inputs), False)
 
+    def open_trackers(self, prepared: Prepared, run_dir: RunDirectory, resumed_step: int | None) -> Trackers:
+        """The ``track`` section's trackers, opened (none on a process that does not write the
+        metrics, see :func:`~qlora_plugins.core.tracking.is_metrics_process`)."""
+        plugins = prepared.checked.plugins
+        chosen = plugins.trackers if is_metrics_process() else []
+
+        def describe(tracker: Any) -> str:
+            return self.registry.registration("tracker", tracker.name).source.describe()
+
+        return Trackers(chosen, describe, self.log).open(run_dir.path, prepared.resolved, resumed_step)
+
     def train(self, prepared: Prepared, attached: Attached, run_dir: RunDirectory, meta: dict) -> Trained:
         """The training loop with checkpoints (restored from the newest intact one on resume);
-        metrics go to metrics.jsonl. With training off, only an empty metrics.jsonl is written."""
+        metrics go to the trackers (metrics.jsonl and the ``track`` section's). With training
+        off, the trackers are opened and closed (an empty metrics.jsonl)."""
         import torch
 
         config, plugins = prepared.checked.config, prepared.checked.plugins
         train_cfg, out, device = config.train, run_dir.path, prepared.device
         if not train_cfg.enabled:
-            MetricsWriter(out / "metrics.jsonl").close()
-            return Trained()
+            trackers = self.open_trackers(prepared, run_dir, None)
+            trackers.close("completed")
+            return Trained(notes=list(trackers.warnings))
         splits, model, trained = prepared.splits, attached.model, Trained()
         steps = total_steps(train_cfg, len(splits.train))
         optimizer = plugins.optimizer.create(attached.params, torch.device(device))
@@ -443,7 +474,6 @@ class Pipeline:
             if restored is not None:
                 state, trained.resumed_from = restored, restored.step
                 self.log(f"Resuming from {checkpoint} (step {state.step})")
-            _truncate_metrics(out / "metrics.jsonl", state.step)
 
         def save(at: TrainState) -> None:
             save_training_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
@@ -458,8 +488,8 @@ class Pipeline:
                 self.log(f"Interrupted: checkpoint of step {at.step} saved; continue with {option('resume')}")
 
         self.log(f"Training {attached.parameters['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples")
-        metrics = MetricsWriter(out / "metrics.jsonl")
-        started = time.perf_counter()
+        trackers = self.open_trackers(prepared, run_dir, state.step if run_dir.resumed else None)
+        started, status = time.perf_counter(), "failed"
         try:
             with progress.current().stage("train", total=steps, unit="step", initial=state.step) as stage:
                 trained.result = TrainLoop(
@@ -474,13 +504,18 @@ class Pipeline:
                     device,
                     steps,
                     state=state,
-                    on_record=metrics.write,
+                    on_record=trackers.log,
                     on_step_end=on_step_end,
                     on_interrupt=on_interrupt,
                     progress=stage,
                 ).run()
+            status = "completed"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
         finally:
-            metrics.close()
+            trackers.close(status)
+            trained.notes += trackers.warnings
         trained.train_seconds = round(time.perf_counter() - started, 3)
         self._interrupt_save = (state, save)  # an interrupt from here on keeps the finished training
         return trained
@@ -585,6 +620,8 @@ class Pipeline:
         report = RunReport.start(
             prepared.out, config, checked.model_dir, plugin_report(self.registry, plugins), versions(), prepared.device
         )
+        if checked.hub is not None:
+            report.model["hub"] = checked.hub.as_dict()
         report.notes += prepared.notes
         loaded = self.load(prepared)
         report.quantization = {

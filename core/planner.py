@@ -245,13 +245,20 @@ def _safetensors_headers(directory: Path) -> tuple[Optional[str], int, int]:
     return _ST_DTYPE.get(dominant or ""), total, largest
 
 
-def load_architecture(source: str) -> Architecture:
-    """A preset name, a ``config.json`` file, or a checkpoint directory (config + safetensors
-    headers; no tensor is read)."""
+def load_architecture(source: str, revision: str | None = None) -> Architecture:
+    """A preset name, a ``config.json`` file, a checkpoint directory (config + safetensors
+    headers; no tensor is read), or a Hugging Face Hub id ``org/name`` (its cached config alone
+    is enough: only config.json is downloaded when missing, nothing with ``HF_HUB_OFFLINE``)."""
+    from qlora_plugins.core import hub
+
+    if revision is not None and not hub.is_hub_id(source):
+        raise ModelError(f"{wording.option('revision')}: applies to a Hugging Face Hub id only; {source} is not one")
     key = source.strip().lower()
     if key in PRESETS:
         return architecture_from_config(PRESETS[key], key, "preset")
     path = Path(source).expanduser()
+    if hub.is_hub_id(source):
+        path = hub.resolve(source, revision, weights=False, config_path="MODEL").path
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -270,7 +277,8 @@ def load_architecture(source: str) -> Architecture:
         raise ModelError(f"{config_file}: not a readable JSON config: {exc}") from None
     if not isinstance(config, dict):
         raise ModelError(f"{config_file}: not a JSON object")
-    arch = architecture_from_config(config, path.name if path.is_dir() else path.stem, "checkpoint" if path.is_dir() else "config")
+    label = source if hub.is_hub_id(source) else (path.name if path.is_dir() else path.stem)
+    arch = architecture_from_config(config, label, "checkpoint" if path.is_dir() else "config")
     if path.is_dir():
         dtype, nbytes, largest = _safetensors_headers(path)
         if nbytes:

@@ -66,6 +66,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qlora_plugins.builtin_plugins.commands_eval",
     # --- end generate/eval ---
     "qlora_plugins.builtin_plugins.commands_data",
+    # --- trackers (issue 14) ---
+    "qlora_plugins.builtin_plugins.tracker_jsonl",
+    "qlora_plugins.builtin_plugins.tracker_tensorboard",
+    "qlora_plugins.builtin_plugins.tracker_mlflow",
+    "qlora_plugins.builtin_plugins.tracker_wandb",
+    # --- end of trackers ---
 )
 
 HOOKS: dict[str, str] = {
@@ -78,6 +84,7 @@ HOOKS: dict[str, str] = {
     # --- issue 14, generate/eval branch: evaluators ---
     "evaluator": "register_evaluators",
     # --- end evaluators ---
+    "tracker": "register_trackers",  # trackers (issue 14)
 }
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")

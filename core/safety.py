@@ -24,7 +24,7 @@ TOOL = "qlora-plugins"
 RUN_MARKER = "run.json"
 #: Entries a run writes at the top of its directory.
 RUN_FILES = frozenset({"config.yaml", RUN_MARKER, "metrics.jsonl", "report.json", "loss.png"})
-RUN_DIRS = frozenset({"adapter", "exports", "checkpoints"})
+RUN_DIRS = frozenset({"adapter", "exports", "checkpoints", "tracking"})
 MANIFEST = "manifest.json"
 #: Suffix of every temporary file or directory the tool creates (always with a leading dot).
 TEMP_SUFFIX = ".tmp"

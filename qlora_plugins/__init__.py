@@ -28,6 +28,8 @@ from qlora_plugins.core.interfaces import (
     Plugin,
     Quantizer,
     SavedAdapter,
+    Tracker,
+    TrackerContext,
 )
 
 __version__ = "0.1.0"
@@ -54,6 +56,8 @@ __all__ = [
     "Plugin",
     "Quantizer",
     "SavedAdapter",
+    "Tracker",
+    "TrackerContext",
     "hookimpl",
     "__version__",
 ]

@@ -107,6 +107,7 @@ CLI_FLAGS: dict[str, str] = {
     "batch": "--batch",
     "seq": "--seq",
     "text": "--text",
+    "revision": "--revision",
     "template": "--template",
     "prompts": "--prompts",
     "max_new_tokens": "--max-new-tokens",

@@ -380,10 +380,12 @@ def test_shorthands():
 
 def test_defaults_are_filled_in_the_resolved_config():
     out = resolved({"model": {"source": "tiny-llama"}, "data": {"name": "instruction", "path": "d.jsonl"}})
-    assert list(out) == ["model", "quantizer", "adapter", "optimizer", "data", "train", "export"]
+    assert list(out) == ["model", "quantizer", "adapter", "optimizer", "data", "train", "export", "track"]
+    assert out["track"] == [{"name": "jsonl"}]
     assert out["model"] == {
         "path": None,
         "source": "tiny-llama",
+        "revision": None,
         "task": "causal_lm",
         "dtype": "float32",
         "frozen_dtype": None,

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, invoke, new_registry
+import yaml
+from conftest import assert_user_error, base_config, invoke, new_registry
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
@@ -122,7 +124,7 @@ def test_f16_through_the_api(autoload, trained_run, tmp_path):
     assert fid["tensor_rel_error"] < 1e-3 and fid["kl"] < 1e-6 and fid["top1"] > 0.99
 
 
-def test_bad_input(autoload, trained_run, tmp_path, tiny_gpt2_dir):
+def test_bad_input(autoload, trained_run, tmp_path, tiny_bert_dir):
     assert_user_error(invoke("export", trained_run, "-e", "gguf", "--option", "filename=../up.gguf"), "filename")
     assert_user_error(invoke("export", trained_run, "-e", "gguf", "--option", "outtype=q4_0"), "outtype", "'f16', 'q8_0'")
     assert not (tmp_path / "up.gguf").exists()
@@ -133,8 +135,96 @@ def test_bad_input(autoload, trained_run, tmp_path, tiny_gpt2_dir):
     from qlora_plugins.errors import ExportError
 
     registry = new_registry(load_entrypoints=True)
-    context = make_context(tiny_gpt2_dir, registry, "nf4")
+    context = make_context(tiny_bert_dir, registry, "nf4", task="seq_cls")
     exporter = registry.create("exporter", "gguf", {})
-    with pytest.raises(ExportError, match="writes Llama-family causal LMs .* not a gpt2"):
+    with pytest.raises(ExportError, match="writes Llama- and GPT-2-family causal LMs .* not a bert seq_cls"):
         run_exports(context, [exporter], tmp_path, registry, False, lambda m: None)
     assert not (tmp_path / "gguf").exists()
+
+
+# --- llama.cpp itself loads the files -----------------------------------------------------------
+
+#: The prebuilt llama-cpp-python wheel (shared/wheels/README.md): next to the checkout, or named
+#: by QLORA_LLAMA_CPP_WHEEL.
+WHEELS = REPO.parent / "shared" / "wheels"
+PROMPT = "The quick brown fox jumps over the lazy dog. Instruction: say hello!"
+
+
+def _wheel() -> Path | None:
+    named = os.environ.get("QLORA_LLAMA_CPP_WHEEL")
+    if named:
+        return Path(named) if Path(named).is_file() else None
+    found = sorted(WHEELS.glob("llama_cpp_python-*.whl")) if WHEELS.is_dir() else []
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama-cpp-python, installed from the prebuilt wheel when it is not installed yet."""
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError:
+        pass
+    wheel = _wheel()
+    if wheel is None:
+        pytest.skip(f"llama-cpp-python is not installed and no prebuilt wheel is in {WHEELS} (or QLORA_LLAMA_CPP_WHEEL)")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot install {wheel.name}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    importlib.invalidate_caches()
+    return importlib.import_module("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory, tiny_gpt2_dir) -> Path:
+    """A tiny GPT-2 run trained for two steps (tied embeddings, Conv1D weights, biases)."""
+    root = tmp_path_factory.mktemp("gguf-gpt2-run")
+    config = base_config(model={"source": "tiny-gpt2"}, train={"max_steps": 2, "batch_size": 4, "seed": 0})
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = invoke("run", path, "-o", root / "run", "--no-progress")
+    assert result.exit_code == 0, (result.output, result.exception)
+    return root / "run"
+
+
+def _merged(run: Path, out: Path) -> tuple:
+    """The run's fp32 merged model (the builtin `merged` exporter) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = invoke("export", run, "-e", "merged", "-o", out, "--option", "dtype=float32")
+    assert result.exit_code == 0, (result.output, result.exception)
+    return AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(str(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_llama_cpp_loads_and_agrees(family, llama_cpp, autoload, trained_run, gpt2_run, tmp_path, capsys):
+    """llama.cpp loads the F16 and Q8_0 files (the merges key is there even for a vocabulary
+    without merges), tokenizes like the run's tokenizer, and its next-token logits agree with
+    the merged model's."""
+    run = trained_run if family == "llama" else gpt2_run
+    model, tokenizer = _merged(run, tmp_path / "merged")
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    figures = {}
+    for outtype, (min_top1, max_diff) in {"f16": (0.99, 0.01), "q8_0": (0.9, 0.05)}.items():
+        out = tmp_path / outtype
+        result = invoke("export", run, "-e", "gguf", "-o", out, "--option", f"outtype={outtype}")
+        assert result.exit_code == 0, (result.output, result.exception)
+        reader = gguf.GGUFReader(str(out / "model.gguf"))
+        assert "tokenizer.ggml.merges" in reader.fields
+        llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), logits_all=True, verbose=False, n_ctx=256, n_threads=1)
+        try:
+            assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids
+            llm.eval(ids)
+            got = torch.from_numpy(llm.scores[: len(ids)].copy()).float()
+        finally:
+            llm.close()
+        assert got.shape == want.shape
+        top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+        diff = float((got - want).abs().max())
+        figures[outtype] = {"top1": round(top1, 4), "max_logit_diff": round(diff, 5), "logit_range": round(float(want.abs().max()), 4)}
+        assert top1 >= min_top1 and diff <= max_diff, (outtype, figures)
+    with capsys.disabled():
+        print(f"\nllama.cpp vs merged {family} ({len(ids)} positions): {json.dumps(figures)}")

@@ -96,7 +96,7 @@ def test_run_directory_contents(recipe_run):
 def test_resolved_config_has_every_default(recipe_run, tiny_llama_dir):
     _, out, _ = recipe_run
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert list(resolved) == ["model", "quantizer", "adapter", "optimizer", "data", "train", "export"]
+    assert list(resolved) == ["model", "quantizer", "adapter", "optimizer", "data", "train", "export", "track"]
     assert resolved["model"]["source"] is None and resolved["model"]["path"] == str(tiny_llama_dir)
     assert resolved["quantizer"]["name"] == "nf4" and resolved["quantizer"]["blocksize"] == 64
     assert resolved["quantizer"]["double_quant"] is True and "compute_dtype" in resolved["quantizer"]
@@ -105,6 +105,7 @@ def test_resolved_config_has_every_default(recipe_run, tiny_llama_dir):
     assert resolved["data"]["path"] == str(INSTRUCTIONS) and resolved["data"]["max_length"] == 64
     assert resolved["train"]["max_steps"] == RUN_STEPS and resolved["train"]["keep_checkpoints"] == 2
     assert resolved["export"] == [{"name": "adapter"}]
+    assert resolved["track"] == [{"name": "jsonl"}]
 
 
 def test_resolved_config_validates_again(recipe_run):

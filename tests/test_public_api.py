@@ -24,6 +24,7 @@ PUBLIC = [
     "qlora_plugins.data",
     "qlora_plugins.testing",
     "qlora_plugins.planning",
+    "qlora_plugins.tracking",
 ]
 
 

@@ -279,6 +279,7 @@ def test_defaults_come_from_the_builtins_default_attribute(registry):
         "data_format": [],
         "model_source": [],
         "evaluator": [],  # issue 14: no default evaluator (an omitted eval section runs none)
+        "tracker": ["jsonl"],  # trackers (issue 14)
     }
     assert {kind: registry.default(kind) for kind in KINDS} == {
         "quantizer": "nf4",
@@ -288,6 +289,7 @@ def test_defaults_come_from_the_builtins_default_attribute(registry):
         "data_format": None,
         "model_source": None,
         "evaluator": None,
+        "tracker": "jsonl",  # trackers (issue 14)
     }
     assert registry.create("quantizer", None).name == "nf4"
     with pytest.raises(PluginError, match="no data format plugin declares itself the default"):

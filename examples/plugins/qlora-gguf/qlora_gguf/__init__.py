@@ -1,5 +1,10 @@
-"""A third-party exporter for qlora-plugins: ``gguf``, a merged Llama-family model as one GGUF file
-for llama.cpp, in F16 or Q8_0, written and read back with the ``gguf`` package.
+"""A third-party exporter for qlora-plugins: ``gguf``, a merged Llama-family or GPT-2-family model
+as one GGUF file for llama.cpp, in F16 or Q8_0, written and read back with the ``gguf`` package.
+
+llama.cpp needs ``tokenizer.ggml.merges`` for every byte-level BPE vocabulary, even one without
+merges (the tiny models' byte tokenizer): the gguf package drops an empty array, so the exporter
+writes an empty string array itself (:class:`_Writer`), which tokenizes exactly as the original
+tokenizer does (one token a byte).
 
 Written against the public contract only: an :class:`~qlora_plugins.Exporter` subclass whose
 options extend :class:`~qlora_plugins.exporting.ExportOptions`, registered through the
@@ -21,8 +26,10 @@ from qlora_plugins.errors import ExportError
 from qlora_plugins.exporting import ExportOptions, Tolerance, check_name, merged_model, safe_path
 from qlora_plugins.options import in_range
 
-#: transformers model_type -> gguf architecture (both use llama.cpp's llama graph).
-ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA"}
+#: transformers model_type -> gguf architecture (llama and mistral use llama.cpp's llama graph).
+ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "gpt2": "GPT2"}
+#: GPT-2's Conv1D weights are stored [in, out]; GGUF wants [out, in] like a Linear.
+GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 TOLERANCES = {
     "f16": {"max_kl": 1e-4, "min_top1": 0.99, "max_tensor_rel_error": 1e-3},
     "q8_0": {"max_kl": 2e-3, "min_top1": 0.95, "max_tensor_rel_error": 1e-2},
@@ -70,6 +77,23 @@ def unpermute_rotary(weight: Any, n_head: int, n_head_kv: int | None = None) -> 
     return weight.reshape(n_head, weight.shape[0] // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _writer_class(gguf: Any) -> Any:
+    """``gguf.GGUFWriter`` that writes an empty array whose element type is given (the gguf
+    package refuses to pack one, and llama.cpp refuses a BPE vocabulary without the merges key)."""
+
+    class _Writer(gguf.GGUFWriter):
+        def add_empty_array(self, key: str, sub_type: Any) -> None:
+            self.add_key_value(key, [], gguf.GGUFValueType.ARRAY, sub_type=sub_type)
+
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+            if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+
+    return _Writer
+
+
 class GGUFExporter(Exporter):
     """Merged model as a GGUF file for llama.cpp (F16 or Q8_0), verified by reading it back."""
 
@@ -90,30 +114,44 @@ class GGUFExporter(Exporter):
         import numpy as np
         import torch
 
-        config = context.model.get_base_model().config if hasattr(context.model, "get_base_model") else context.model.config
+        config = _config(context)
         if context.task != "causal_lm" or config.model_type not in ARCHITECTURES:
             raise ExportError(
-                f"exporter 'gguf' writes Llama-family causal LMs ({', '.join(ARCHITECTURES)}), not a {config.model_type} {context.task} model"
+                f"exporter 'gguf' writes Llama- and GPT-2-family causal LMs ({', '.join(ARCHITECTURES)}), "
+                f"not a {config.model_type} {context.task} model"
             )
-        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-        if rope.get("rope_type", "default") != "default":
-            raise ExportError(f"exporter 'gguf' supports plain RoPE only, not rope_type {rope['rope_type']!r}")
+        gpt2 = config.model_type == "gpt2"
+        if not gpt2:
+            rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+            if rope.get("rope_type", "default") != "default":
+                raise ExportError(f"exporter 'gguf' supports plain RoPE only, not rope_type {rope['rope_type']!r}")
         model = merged_model(context.model, context.adapter, torch.float32, context.base_model_path)
         arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[config.model_type])
-        n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
         path = safe_path(output_dir, self.options.filename)
-        writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+        writer = _writer_class(gguf)(str(path), gguf.MODEL_ARCH_NAMES[arch])
         writer.add_name(f"{Path(context.base_model_path).name}-qlora")
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        if gpt2:
+            n_head = n_kv = config.n_head
+            writer.add_context_length(config.n_positions)
+            writer.add_embedding_length(config.n_embd)
+            writer.add_block_count(config.n_layer)
+            writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+            writer.add_head_count(n_head)
+            writer.add_layer_norm_eps(config.layer_norm_epsilon)
+            n_layers = config.n_layer
+        else:
+            n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+            writer.add_context_length(config.max_position_embeddings)
+            writer.add_embedding_length(config.hidden_size)
+            writer.add_block_count(config.num_hidden_layers)
+            writer.add_feed_forward_length(config.intermediate_size)
+            writer.add_head_count(n_head)
+            writer.add_head_count_kv(n_kv)
+            writer.add_rope_dimension_count(head_dim)
+            writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+            writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+            n_layers = config.num_hidden_layers
         writer.add_vocab_size(config.vocab_size)
         q8 = self.options.outtype == "q8_0"
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.MOSTLY_F16)
@@ -121,7 +159,7 @@ class GGUFExporter(Exporter):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tokenizer_model = self._add_tokenizer(writer, context.tokenizer, gguf)
 
-        names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+        names = gguf.get_tensor_name_map(arch, n_layers)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         types: dict[str, int] = {}
         self._expected = {}
@@ -132,6 +170,8 @@ class GGUFExporter(Exporter):
             if new_name is None:
                 raise ExportError(f"exporter 'gguf': no llama.cpp name for tensor {hf_name}")
             data = tensor.detach().float().cpu().numpy()
+            if gpt2 and hf_name.endswith(GPT2_CONV1D):
+                data = np.ascontiguousarray(data.T)
             self._expected[new_name] = data
             if hf_name.endswith("q_proj.weight"):
                 data = permute_rotary(data, n_head, n_head)
@@ -190,8 +230,10 @@ class GGUFExporter(Exporter):
             writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
         writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-        if kind == "gpt2":
+        if kind == "gpt2" and merges:
             writer.add_token_merges(merges)
+        elif kind == "gpt2":  # a byte vocabulary without merges: llama.cpp still needs the key
+            writer.add_empty_array(gguf.Keys.Tokenizer.MERGES, gguf.GGUFValueType.STRING)
         else:
             writer.add_token_scores([0.0] * len(tokens))
         for attr, add in (
@@ -208,10 +250,16 @@ class GGUFExporter(Exporter):
     # --- checking ---------------------------------------------------------------------------
 
     def reload(self, directory: Path, context: ExportContext) -> Any:
-        """The model loaded back by transformers' GGUF loader (dequantized to fp32)."""
+        """The model loaded back by transformers' GGUF loader (dequantized to fp32). For GPT-2 the
+        trained model's config is passed along: transformers maps ``gpt2.context_length`` to
+        ``n_ctx``, which GPT2Config ignores, and so expects 1024 position embeddings."""
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=self.options.filename).eval()
+        kwargs = {}
+        config = _config(context)
+        if config.model_type == "gpt2":  # transformers reads gpt2.context_length into n_ctx, not n_positions
+            kwargs["config"] = type(config).from_dict(config.to_dict())
+        return AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=self.options.filename, **kwargs).eval()
 
     def verify(self, directory: Path, context: ExportContext) -> dict:
         """Read the file back with ``gguf.GGUFReader``, dequantize and un-permute every tensor and
@@ -220,8 +268,8 @@ class GGUFExporter(Exporter):
         import gguf
         import numpy as np
 
-        config = context.model.get_base_model().config if hasattr(context.model, "get_base_model") else context.model.config
-        n_head = config.num_attention_heads
+        config = _config(context)
+        n_head = getattr(config, "num_attention_heads", None) or config.n_head
         n_kv = getattr(config, "num_key_value_heads", None) or n_head
         reader = gguf.GGUFReader(str(safe_path(directory, self.options.filename)))
         found = {t.name: t for t in reader.tensors}
@@ -243,6 +291,12 @@ class GGUFExporter(Exporter):
             worst_abs = max(worst_abs, float(np.abs(data - expected).max(initial=0.0)))
         self._expected = {}
         return {"tensor_rel_error": worst_rel, "tensor_max_abs_error": worst_abs, "tensor_worst": worst, "tensors_checked": len(found)}
+
+
+def _config(context: ExportContext) -> Any:
+    """The transformers config of the trained model (under the adapter's wrapper, if any)."""
+    model = context.model
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
 
 @hookimpl
