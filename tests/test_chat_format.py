@@ -421,3 +421,14 @@ def test_padding_with_the_eos_id_keeps_the_eos_labels():
     assert batch["attention_mask"][0, :n].all() and not batch["attention_mask"][0, n:].any()
     trained_eos = (batch["labels"] == eos).sum().item()
     assert trained_eos == 2 + 1  # short: one turn; long: two turns
+
+
+def test_runs_trained_on_conversations_are_chatted_with_their_template():
+    """qlora generate/chat/eval render prompts with the chat template for a run whose data format
+    is the chat format (``DataFormat.conversational``), and as plain text for the instruction one."""
+    from qlora_plugins.inference import is_conversational
+    from qlora_plugins.testing import make_registry
+
+    registry = make_registry()
+    assert is_conversational({"data": {"name": "chat", "path": "x.jsonl"}}, registry)
+    assert not is_conversational({"data": {"name": "instruction", "path": "x.jsonl"}}, registry)
