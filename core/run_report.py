@@ -67,6 +67,8 @@ class RunReport:
     :param timings: seconds spent loading, training, exporting and in all.
     :param notes: lines worth reading (optimizer behaviour on this device, dropped rows...).
     :param loss_plot: the loss-curve PNG, when there was a loss to plot.
+    :param distributed: world size, strategy, backend and every rank's peak memory (and base
+        weight bytes) of a run on several processes; empty for one process.
     """
 
     status: str
@@ -84,6 +86,7 @@ class RunReport:
     timings: dict = attrs.field(factory=dict)
     notes: list = attrs.field(factory=list)
     loss_plot: Optional[str] = None
+    distributed: dict = attrs.field(factory=dict)
 
     @classmethod
     def start(cls, out: Path, config: Any, model_dir: Optional[Path], plugins: dict, versions: dict, device: str) -> "RunReport":
@@ -104,4 +107,6 @@ class RunReport:
             out.pop("training")
         if self.loss_plot is None:
             out.pop("loss_plot")
+        if not self.distributed:
+            out.pop("distributed")
         return out

@@ -3,6 +3,7 @@
 from qlora_plugins.core.errors import (
     ConfigError,
     DataError,
+    DistributedError,
     ExportError,
     ModelError,
     OutputExistsError,
@@ -17,6 +18,7 @@ from qlora_plugins.core.errors import (
 __all__ = [
     "ConfigError",
     "DataError",
+    "DistributedError",
     "ExportError",
     "ModelError",
     "OutputExistsError",
