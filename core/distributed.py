@@ -355,6 +355,8 @@ class DistributedPipeline(Pipeline):
     def _record_failure(self, report: RunReport, run_dir: RunDirectory, exc: BaseException) -> None:
         if self.world.is_main:
             self._interrupt_save = None
+            if _is_peer_loss(exc) and not isinstance(exc, QloraError):
+                exc = DistributedError("another rank failed (its error line names it); the last checkpoint is kept")
             super()._record_failure(report, run_dir, exc)
 
 
@@ -373,6 +375,26 @@ def _is_peer_loss(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         word in text for word in ("connection closed", "connection reset", "gloo", "nccl", "broken pipe")
     )
+
+
+def die_with_launcher() -> None:
+    """Under torchrun's agent (which starts each rank in a session of its own), let the kernel
+    kill this rank when the agent dies: a SIGKILL of ``qlora run --nproc-per-node`` then stops
+    the whole job instead of leaving ranks that go on writing. Linux only; elsewhere nothing."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - no prctl
+        return
+    if os.getppid() == 1:  # the agent died before the call
+        os._exit(2)
 
 
 def init_process_group(world: World, device: str) -> str:
@@ -424,6 +446,7 @@ def run_worker(
         if world.is_main:
             raise
         raise QuietExit("refused by rank 0") from None
+    die_with_launcher()
     backend = init_process_group(world, device)
     pipeline: Any = None
     try:
