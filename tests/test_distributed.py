@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: max |adapter(ranks) - adapter(one process)| after STEPS Adam steps: the ranks sum their
 #: gradients in another order than one process does (measured ~4e-6 on weights of ~0.1).
 TOLERANCE = 1e-4
-STEPS = 4
+STEPS = 6
 WORDS = ["apple", "river", "stone", "cloud", "lamp", "tiger"] * 4
 
 
@@ -160,13 +160,11 @@ def test_environment_detection_and_rank_shares():
 
 
 @pytest.mark.slow
-def test_ddp_killed_and_resumed_under_fsdp_equals_one_process(work, tiny_llama_dir, reference):
+def test_ddp_killed_and_resumed_under_fsdp_equals_one_process(work, reference):
     """DDP on two ranks, the whole job SIGKILLed after a checkpoint, resumed under FSDP: the
     adapter of the uninterrupted one-process run; metrics.jsonl has each step once; the exports
-    have the one-process format; report.json records world size, strategy and both ranks."""
-    config = config_for(work, tiny_llama_dir, "ddp", max_steps=STEPS * 2)
-    ref_config = config_for(work, tiny_llama_dir, "ddp-ref", max_steps=STEPS * 2)
-    ref = qlora("run", ref_config, "-o", work / "ddp-ref")
+    have exactly the one-process files; report.json records world size, strategy and both ranks."""
+    config = work / "reference-export.yaml"
     out = work / "ddp"
     job = qlora("run", config, "-o", out, "--nproc-per-node", "2", new_session=True)
     deadline = time.time() + 240
@@ -179,35 +177,23 @@ def test_ddp_killed_and_resumed_under_fsdp_equals_one_process(work, tiny_llama_d
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     time.sleep(1.0)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before, "a rank outlived the launcher"
-    assert finished(ref)[0] == 0
     assert not (out / "report.json").exists()
     resumed = qlora("run", config, "--resume", out, "--nproc-per-node", "2", "--set", "train.distributed=fsdp")
     code, _, err = finished(resumed)
     assert code == 0, err
-    assert max_difference(adapter_of(out), adapter_of(work / "ddp-ref")) < TOLERANCE
-    assert steps_logged(out) == list(range(1, STEPS * 2 + 1))
+    assert max_difference(adapter_of(out), adapter_of(reference)) < TOLERANCE
+    assert steps_logged(out) == list(range(1, STEPS + 1))
     report = json.loads((out / "report.json").read_text())
     assert report["distributed"]["world_size"] == 2 and report["distributed"]["strategy"] == "fsdp"
     assert [r["rank"] for r in report["distributed"]["ranks"]] == [0, 1]
     assert all(r["peak_rss_bytes"] > 0 for r in report["distributed"]["ranks"])
     assert report["training"]["resumed_from_step"] >= 2
 
-
-@pytest.mark.slow
-def test_ddp_equals_one_process_with_exports(work, tiny_llama_dir, reference):
-    """Exports after a DDP run have exactly the files of a one-process run; the adapters agree."""
-    config = json.loads((work / "reference-export.yaml").read_text())
-    path = work / "ddp-export.yaml"
-    path.write_text(json.dumps(config))
-    code, _, err = finished(qlora("run", path, "-o", work / "ddp-export", "--nproc-per-node", "2"))
-    assert code == 0, err
-    assert max_difference(adapter_of(work / "ddp-export"), adapter_of(reference)) < TOLERANCE
-
     def files(run: Path) -> set:
         return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
 
-    assert files(work / "ddp-export") == files(reference)
-    one, two = (json.loads((r / "exports" / "adapter" / "adapter_config.json").read_text()) for r in (reference, work / "ddp-export"))
+    assert files(out) == files(reference)
+    one, two = (json.loads((r / "exports" / "adapter" / "adapter_config.json").read_text()) for r in (reference, out))
     assert one == two
 
 
