@@ -56,7 +56,14 @@ def config(directory: Path, model: Path, data: Path, name: str, batch: int, step
         "adapter": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         "optimizer": {"name": "adamw", "lr": 1e-4},
         "data": {"name": "instruction", "path": str(data), "max_length": 128},
-        "train": {"max_steps": steps, "batch_size": batch, "seed": 0, "threads": 1, "distributed": strategy, "gradient_checkpointing": True},
+        "train": {
+            "max_steps": steps,
+            "batch_size": batch,
+            "seed": 0,
+            "threads": 1,
+            "distributed": strategy,
+            "gradient_checkpointing": True,
+        },
         "export": [],
     }
     path = directory / f"{name}.yaml"

@@ -166,9 +166,7 @@ def plan_settings(
 @click.option("--device-memory", callback=_size, metavar="SIZE", help="Device budget, e.g. 24GB (10^9) or 24GiB (2^30).")
 @click.option("--host-memory", callback=_size, metavar="SIZE", help="Host RAM budget, e.g. 64GB.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (bytes) instead of the tables.")
-@click.option(
-    "--world-size", default=1, show_default=True, type=click.IntRange(1, 65536), help="Processes (ranks); the plan is per rank."
-)
+@click.option("--world-size", default=1, show_default=True, type=click.IntRange(1, 65536), help="Processes (ranks); the plan is per rank.")
 @click.option(
     "--strategy",
     default=None,

@@ -293,7 +293,15 @@ class DistributedPipeline(Pipeline):
             found = fsdp.restore_latest_sharded(out, model, optimizer, scheduler, self.log)
         else:
             found = restore_latest(out, model, optimizer, scheduler, self.log)
-        barrier()
+        import torch.distributed as dist
+
+        steps: list = [None] * self.world.world_size
+        dist.all_gather_object(steps, found[1].step if found[1] is not None else None)
+        if len(set(steps)) != 1:
+            raise DistributedError(
+                f"--resume: the ranks found different checkpoints in {out} (steps {steps}); on several machines "
+                "the run directory must be one shared directory"
+            )
         return found
 
     def save_and_export(self, prepared: Prepared, attached: Attached, run_dir: RunDirectory) -> tuple[dict, float]:
@@ -340,15 +348,10 @@ class DistributedPipeline(Pipeline):
         return super().finish(report, run_dir)
 
     def train(self, prepared: Prepared, attached: Attached, run_dir: RunDirectory, meta: dict) -> Any:
+        from qlora_plugins.core.fsdp import resident_quantized_bytes
+
         trained = super().train(prepared, attached, run_dir, meta)
-        if self.strategy == "fsdp":
-            from qlora_plugins.core import fsdp
-
-            self._base_bytes = {"base_weight_bytes": fsdp.resident_quantized_bytes(attached.model)}
-        else:
-            from qlora_plugins.core.fsdp import resident_quantized_bytes
-
-            self._base_bytes = {"base_weight_bytes": resident_quantized_bytes(attached.model)}
+        self._base_bytes = {"base_weight_bytes": resident_quantized_bytes(attached.model)}  # this rank's share
         self._interrupt_save = None  # no checkpoint on an interrupt: the peers are stopping too
         return trained
 

@@ -130,7 +130,9 @@ def consolidated(model: Any, optimizer: Any) -> tuple[Any, Any]:
     gathered whole (a collective: every rank calls it)."""
     state = optimizer.state_dict()
     gathered = {
-        "state": {index: {k: _full(v) if hasattr(v, "shape") else v for k, v in values.items()} for index, values in state["state"].items()},
+        "state": {
+            index: {k: _full(v) if hasattr(v, "shape") else v for k, v in values.items()} for index, values in state["state"].items()
+        },
         "param_groups": state["param_groups"],
     }
     snapshot = _Gathered(full_trainable_state(model), gathered)
@@ -160,7 +162,9 @@ def restore_latest_sharded(out: Path, model: Any, optimizer: Any, scheduler: Any
         return None, None
     usable = usable_checkpoints(out, log)
     if not usable:
-        raise TrainingError(f"--resume: none of the {len(found)} checkpoint(s) in {out / 'checkpoints'} is intact; start again with --force")
+        raise TrainingError(
+            f"--resume: none of the {len(found)} checkpoint(s) in {out / 'checkpoints'} is intact; start again with --force"
+        )
     checkpoint = usable[0]
     trainer = read_trainer_state(checkpoint)
     try:
@@ -174,7 +178,9 @@ def restore_latest_sharded(out: Path, model: Any, optimizer: Any, scheduler: Any
     with torch.no_grad():
         for name, tensor in weights.items():
             if tuple(tensor.shape) != tuple(params[name].shape):
-                raise TrainingError(f"checkpoint {checkpoint}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+                raise TrainingError(
+                    f"checkpoint {checkpoint}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}"
+                )
             params[name].copy_(_shard_like(tensor, params[name]))
     saved = _unflatten_optimizer(opt_tensors, trainer["optimizer"])
     ordered = [p for group in optimizer.param_groups for p in group["params"]]

@@ -270,7 +270,9 @@ def run(
                 )
         except KeyboardInterrupt as exc:
             if world.is_main:
-                click.echo(f"{'Terminated (SIGTERM)' if isinstance(exc, Terminated) else 'Interrupted'}; continue with --resume {output}", err=True)
+                click.echo(
+                    f"{'Terminated (SIGTERM)' if isinstance(exc, Terminated) else 'Interrupted'}; continue with --resume {output}", err=True
+                )
             ctx.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
         if report is not None:
             _print_report(report, as_json, out)

@@ -238,7 +238,9 @@ def test_third_party_quantizer_fsdp_on_two_nodes(work, tiny_llama_dir, hqq4_inst
     endpoint = f"127.0.0.1:{free_port()}"
     env = {"QLORA_PLUGINS_DISABLE_AUTOLOAD": "0"}
     nodes = [
-        qlora("run", config, "-o", out, "--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, env=env)
+        qlora(
+            "run", config, "-o", out, "--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, env=env
+        )
         for n in (0, 1)
     ]
     results = [finished(node) for node in nodes]
@@ -249,3 +251,34 @@ def test_third_party_quantizer_fsdp_on_two_nodes(work, tiny_llama_dir, hqq4_inst
     total = report["quantization"]["quantized_bytes"]
     assert len(ranks) == 2 and all(0.4 * total < r["base_weight_bytes"] < 0.6 * total for r in ranks), (ranks, total)
     assert steps_logged(out) == [1, 2]
+
+
+def test_plan_per_rank():
+    """`qlora plan --world-size 2 --strategy fsdp` halves what FSDP shards and adds the gathered
+    blocks; DDP keeps the weights and adds its buckets; --batch is the global micro-batch."""
+
+    def plan(*args: str) -> dict:
+        result = run_cli("plan", "llama-2-7b", "--optimizer", "adamw", "--batch", "2", "--json", *args, registry=make_registry())
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def rows(data: dict) -> dict:
+        return {r["component"]: r["device_bytes"] + r["host_bytes"] for r in data["rows"]}
+
+    one, fsdp, ddp = plan(), plan("--world-size", "2", "--strategy", "fsdp"), plan("--world-size", "2")
+    for key in ("base_weights", "quant_constants", "adapters", "optimizer"):
+        assert rows(fsdp)[key] == pytest.approx(rows(one)[key] / 2)
+        assert rows(ddp)[key] == pytest.approx(rows(one)[key])
+    assert rows(fsdp)["fsdp_gathered"] > 0 and rows(ddp)["ddp_buckets"] == pytest.approx(rows(one)["adapter_grads"])
+    assert (
+        fsdp["totals"]["device_peak_bytes"]
+        < ddp["totals"]["device_peak_bytes"]
+        < one["totals"]["device_peak_bytes"] + rows(ddp)["ddp_buckets"]
+    )
+    assert fsdp["settings"]["world_size"] == 2 and fsdp["settings"]["strategy"] == "fsdp"
+    refused = run_cli("plan", "llama-2-7b", "--batch", "3", "--world-size", "2", registry=make_registry())
+    assert refused.exit_code == 2 and refused.stderr.startswith("Error: --batch")
+    refused = run_cli(
+        "plan", "llama-2-7b", "--world-size", "2", "--strategy", "fsdp", "--optimizer", "paged_adamw", registry=make_registry()
+    )
+    assert refused.exit_code == 2 and refused.stderr.startswith("Error: --optimizer")
