@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("QLORA_BENCH_CACHE", "/tmp/qlora-bench")))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--per-rank-batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "distributed.json")
     args = parser.parse_args(argv)
     import torch

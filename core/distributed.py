@@ -30,6 +30,8 @@ from qlora_plugins.core.run_report import RunReport
 from qlora_plugins.core.training import IGNORE_INDEX, TrainLoop, TrainState, collate, move_batch
 
 STRATEGIES = ("ddp", "fsdp")
+#: ``train.distributed`` and the strategy of a plain one-process run.
+NO_DISTRIBUTION = "none"
 #: ``RANK:STEP``: that rank raises at the start of that optimizer step (a testing aid: how a
 #: failure on one rank stops the job).
 FAULT_ENV = "QLORA_PLUGINS_FAULT_RANK"
@@ -75,8 +77,8 @@ def strategy_for(train_cfg: Any, world_size: int) -> str:
     """
     wanted = train_cfg.distributed
     if wanted == "auto":
-        return "ddp" if world_size > 1 else "none"
-    if wanted == "none" and world_size > 1:
+        return "ddp" if world_size > 1 else NO_DISTRIBUTION
+    if wanted == NO_DISTRIBUTION and world_size > 1:
         raise ConfigError("train.distributed", f"is none, but the job has {world_size} processes; use auto, ddp or fsdp")
     return wanted
 
@@ -89,7 +91,7 @@ def check_distributed(config: Any, plugins: Any, world_size: int) -> str:
     """
     train_cfg = config.train
     strategy = strategy_for(train_cfg, world_size)
-    if strategy == "none":
+    if strategy == NO_DISTRIBUTION:
         return strategy
     if train_cfg.batch_size % world_size:
         raise ConfigError(
@@ -442,7 +444,7 @@ def run_worker(
     try:
         plugins = resolve_plugins(config, registry)
         strategy = check_distributed(config, plugins, world.world_size)
-        if strategy == "none":
+        if strategy == NO_DISTRIBUTION:
             raise ConfigError("train.distributed", "none under a launcher; run qlora run without torchrun for one process")
         device = modeling.choose_device(config.train.device)
     except QloraError:

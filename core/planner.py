@@ -132,6 +132,10 @@ CUDA = {"context": 0.6e9, "transient": 1.2, "logits_copies": 3.0, "host_baseline
 # --- architectures ------------------------------------------------------------------------
 
 
+#: The strategy of a plain one-process run (``train.distributed: none``).
+NO_DISTRIBUTION = "none"
+
+
 def _get(config: dict, *keys: str, default: Any = None) -> Any:
     for key in keys:
         if config.get(key) is not None:
@@ -317,14 +321,14 @@ class Settings:
     gradient_checkpointing: bool = True
     device: str = "cuda"
     world_size: int = 1
-    strategy: str = "none"
+    strategy: str = NO_DISTRIBUTION
 
     def __attrs_post_init__(self) -> None:
         if self.world_size < 1:
             raise ConfigError("--world-size", f"must be at least 1, got {self.world_size}")
-        if self.strategy not in ("none", "ddp", "fsdp"):
+        if self.strategy not in (NO_DISTRIBUTION, "ddp", "fsdp"):
             raise ConfigError("--strategy", f"must be ddp or fsdp, got {self.strategy!r}")
-        if self.world_size > 1 and self.strategy == "none":
+        if self.world_size > 1 and self.strategy == NO_DISTRIBUTION:
             self.strategy = "ddp"
         if self.strategy == "fsdp" and not getattr(self.optimizer, "shardable", False):
             raise ConfigError("--optimizer", f"'{self.optimizer.name}' cannot update FSDP-sharded parameters; plan --optimizer adamw")
@@ -493,15 +497,23 @@ def _distribute_rows(rows: list, arch: Architecture, s: Settings, grad_bytes: fl
     states by the world size and adds the gathered blocks (the one computing and the next one,
     prefetched); DDP keeps everything whole and adds its gradient buckets."""
     n = s.world_size
-    if n <= 1 or s.strategy == "none":
+    if n <= 1 or s.strategy == NO_DISTRIBUTION:
         return
     if s.strategy == "fsdp":
         block = sum(r.device + r.host for r in rows if r.key in ("base_weights", "quant_constants")) / max(arch.layers, 1)
+        root = sum(r.device + r.host for r in rows if r.key == "other_weights")  # the root group: embeddings, norms, head
         for row in rows:
             if row.key in SHARDED_ROWS:
                 row.device, row.host = row.device / n, row.host / n
                 row.note = (row.note + "; " if row.note else "") + f"1/{n} per rank (FSDP)"
-        rows.append(Row("fsdp_gathered", "FSDP all-gathered blocks (packed; computing + prefetched)", 2 * block * (n - 1) / n))
+        rows.append(
+            Row(
+                "fsdp_gathered",
+                "FSDP all-gathered: the root (embeddings, head) + 2 blocks",
+                (root + 2 * block) * (n - 1) / n,
+                note="the root group stays gathered from forward to backward; blocks are packed bytes",
+            )
+        )
     else:
         rows.append(Row("ddp_buckets", "DDP gradient buckets (a copy of the gradients)", grad_bytes))
 
