@@ -510,8 +510,8 @@ def _distribute_rows(rows: list, arch: Architecture, s: Settings, grad_bytes: fl
             Row(
                 "fsdp_gathered",
                 "FSDP all-gathered: the root (embeddings, head) + 2 blocks",
-                (root + 2 * block) * (n - 1) / n,
-                note="the root group stays gathered from forward to backward; blocks are packed bytes",
+                2 * (root + 2 * block),
+                note="the all-gather buffer and the unsharded copy of each (measured on CPU); blocks are packed bytes",
             )
         )
     else:
