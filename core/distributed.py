@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import functools
 import os
+import signal
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -387,7 +388,6 @@ def die_with_launcher() -> None:
     kill this rank when the agent dies: a SIGKILL of ``qlora run --nproc-per-node`` then stops
     the whole job instead of leaving ranks that go on writing. Linux only; elsewhere nothing."""
     import ctypes
-    import signal
     import sys
 
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
@@ -487,6 +487,9 @@ def run_worker(
         text = _first_line(exc) if isinstance(exc, QloraError) else f"{type(exc).__name__}: {_first_line(exc)}"
         raise DistributedError(f"rank {world.rank}: {text}") from None
     finally:
+        # the job is over for this rank: the agent's SIGTERM to the ranks still exiting must end
+        # them quietly, not raise Terminated inside the interpreter's exit handlers
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
