@@ -282,3 +282,26 @@ def test_plan_per_rank():
         "plan", "llama-2-7b", "--world-size", "2", "--strategy", "fsdp", "--optimizer", "paged_adamw", registry=make_registry()
     )
     assert refused.exit_code == 2 and refused.stderr.startswith("Error: --optimizer")
+
+
+@pytest.mark.slow
+def test_every_builtin_quantizer_shards_under_fsdp():
+    """Each builtin quantizer's QuantLinear layers, sharded by FSDP2 on two gloo ranks (with
+    trainable LoRA-like layers beside them), give the unsharded output and gradients exactly,
+    each rank keeping about half of the packed codes and constants."""
+    names = ["nf4", "fp4", "int4_sym", "int4_asym", "none"]
+    worker = Path(__file__).with_name("fsdp_quantizers_worker.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), *names],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["quantizer"]: r for r in map(json.loads, (line for line in done.stdout.splitlines() if line.startswith("{")))}
+    assert set(results) == set(names)
+    for name, result in results.items():
+        assert result["out_diff"] < 1e-5 and result["grad_diff"] < 1e-5, result
+        if name != "none":
+            assert 0.45 < result["share"] < 0.55, result
