@@ -254,6 +254,7 @@ class DistributedPipeline(Pipeline):
 
     def open_run_dir(self, prepared: Prepared) -> RunDirectory:
         self.opened = True
+        barrier()  # every rank has checked the output (prepare) before rank 0 creates or replaces it
         if self.world.is_main:
             run_dir = super().open_run_dir(prepared)
             barrier()
