@@ -9,7 +9,8 @@
 #    decide whether nf4/fp4 should dispatch to bitsandbytes (printed at the end),
 # 4. runs the quickstart pipeline on CUDA (nf4 native with each kernel choice, nf4 bitsandbytes
 #    backend = transformers' Linear4bit, LoRA baseline) and prints each run's step time and peak
-#    CUDA memory.
+#    CUDA memory,
+# 5. runs DDP and FSDP on the NCCL backend (`qlora run --nproc-per-node`, one rank per GPU, at most 2).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -55,3 +56,20 @@ PY
 for k in triton bitsandbytes torch; do QLORA_PLUGINS_CUDA_KERNELS=$k run_one "nf4-native-$k"; done
 run_one nf4-bitsandbytes-backend --set quantizer.backend=bitsandbytes   # transformers + bitsandbytes Linear4bit + peft
 run_one lora-baseline --set quantizer=none
+# 5. the NCCL path: DDP and FSDP through `qlora run --nproc-per-node N` (N = the GPUs, at most 2; one GPU
+#    still runs one nccl rank), each run's backend, world size and per-rank CUDA peak printed
+NGPU=$(python3 -c "import torch; print(min(2, torch.cuda.device_count()))")
+for strategy in ddp fsdp; do
+  python3 -m qlora_plugins run examples/quickstart.yaml --set train.device=cuda --set train.max_steps=10 \
+    --set train.batch_size=$((2 * NGPU)) --set train.distributed=$strategy --nproc-per-node "$NGPU" \
+    -o "$OUT/run-nccl-$strategy" --force --no-progress > "$OUT/run-nccl-$strategy.log" 2>&1
+  echo "nccl $strategy exit $?"
+  python3 - "$OUT/run-nccl-$strategy/report.json" <<'PY' || tail -5 "$OUT/run-nccl-$strategy.log"
+import json, sys
+r = json.load(open(sys.argv[1]))
+d = r["distributed"]
+print(json.dumps({"strategy": d["strategy"], "backend": d["backend"], "world_size": d["world_size"],
+                  "median_step_time_s": r["training"]["median_step_time_s"], "last_loss": r["training"]["last_loss"],
+                  "ranks": d["ranks"]}))
+PY
+done

@@ -67,6 +67,8 @@ def plan_settings(
     gradient_checkpointing: bool = True,
     device: str = "cuda",
     explicit: tuple[str, ...] = (),
+    world_size: int = 1,
+    strategy: str = "none",
 ):
     """Planner settings from ``qlora plan``'s flags: plugins by name (None: the registry's
     default of the kind), each flag of :data:`PLUGIN_FLAGS` passed as an option to the plugins
@@ -105,6 +107,8 @@ def plan_settings(
             seq=seq,
             gradient_checkpointing=gradient_checkpointing,
             device=device,
+            world_size=world_size,
+            strategy=strategy,
         )
     except ConfigError as exc:
         if exc.path in by_key:
@@ -163,6 +167,13 @@ def plan_settings(
 @click.option("--host-memory", callback=_size, metavar="SIZE", help="Host RAM budget, e.g. 64GB.")
 @click.option("--revision", default=None, help="With a Hugging Face Hub id: the branch, tag or commit (default: the default branch).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (bytes) instead of the tables.")
+@click.option("--world-size", default=1, show_default=True, type=click.IntRange(1, 65536), help="Processes (ranks); the plan is per rank.")
+@click.option(
+    "--strategy",
+    default=None,
+    type=click.Choice(["ddp", "fsdp"]),
+    help="How the ranks share the model (default with --world-size > 1: ddp); --batch is the global micro-batch.",
+)
 @click.pass_context
 def plan_command(
     ctx: click.Context,
@@ -184,6 +195,8 @@ def plan_command(
     host_memory: float | None,
     revision: str | None,
     as_json: bool,
+    world_size: int,
+    strategy: str | None,
 ) -> None:
     """Predict the memory of fine-tuning MODEL before anything is loaded.
 
@@ -238,6 +251,8 @@ def plan_command(
         gradient_checkpointing=gradient_checkpointing,
         device=device,
         explicit=explicit,
+        world_size=world_size,
+        strategy=strategy or ("ddp" if world_size > 1 else "none"),
     )
     if targets is not None:
         known = {lin.name for lin in arch.linears}

@@ -16,6 +16,7 @@ class AdamW(Optimizer):
     """torch.optim.AdamW (fp32 states on the model's device)."""
 
     name = "adamw"
+    shardable = True
 
     def create(self, params, device):
         import torch

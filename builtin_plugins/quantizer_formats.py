@@ -86,6 +86,14 @@ class _LutFormat(_PackedLut):
             return bnb_backend.footprint(model)
         return super().footprint(model)
 
+    def sharding_refusal(self) -> str | None:
+        if self.options.backend == "bitsandbytes":
+            return (
+                "quantizer.backend: bitsandbytes keeps each weight's QuantState outside the parameters, "
+                "which FSDP cannot shard; use backend: native (same codes) with train.distributed: fsdp"
+            )
+        return None
+
     def metadata(self) -> dict:
         meta = super().metadata()
         meta["backend"] = "bitsandbytes" if self.options.backend == "bitsandbytes" else f"qlora_plugins ({_kernels().backend_name()})"

@@ -292,6 +292,7 @@ RESUMABLE_CHANGES = {
     ("train", "keep_checkpoints"),
     ("train", "device"),
     ("train", "threads"),
+    ("train", "distributed"),  # checkpoints are consolidated: DDP, FSDP and one process read the same
     ("export",),
 }
 

@@ -86,6 +86,7 @@ class TrainSection:
     keep_checkpoints: int = attrs.field(default=2, validator=in_range(1, None))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = attrs.field(default=None, validator=positive)
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
 
     def __attrs_post_init__(self) -> None:
         if self.max_steps is None and self.epochs is None:

@@ -107,6 +107,14 @@ class EvaluationError(QloraError):
 
 
 # --- end generate/eval ---
+class DistributedError(QloraError):
+    """A distributed run failed on one rank (the message names it), or cannot start (the launch
+    options, the process group)."""
+
+
+class QuietExit(QloraError):
+    """A rank other than 0 stops because of an input error that rank 0 reports: exit code 2
+    without a line of its own, so a refusal reads once, not once per process."""
 
 
 class Terminated(KeyboardInterrupt):

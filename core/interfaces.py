@@ -156,6 +156,14 @@ class Quantizer(Plugin):
         """Facts for the run report (format, blocksize, double quantization, backend...)."""
         return {}
 
+    def sharding_refusal(self) -> str | None:
+        """Why the model this quantizer loads cannot be sharded by FSDP (``train.distributed:
+        fsdp``), as ``"option: reason"`` naming the option at fault; None when it can. FSDP shards
+        every parameter and the packed tensors of :class:`~qlora_plugins.quantized.QuantLinear`
+        layers (docs/distributed.md), so the default is None; a quantizer whose layers keep state
+        FSDP cannot see (bitsandbytes' ``QuantState``) says so here, before anything loads."""
+        return None
+
     # --- planning (``qlora plan``) ------------------------------------------------------------
 
     def planned_bytes(self, numel: int) -> tuple[int, int] | None:
@@ -337,6 +345,9 @@ class Optimizer(Plugin):
 
     kind: ClassVar[str] = "optimizer"
     Options: ClassVar[type] = OptimizerOptions
+    #: Whether the optimizer works on parameters sharded by FSDP (``DTensor`` parameters, plain
+    #: elementwise updates); ``train.distributed: fsdp`` refuses an optimizer that does not say so.
+    shardable: ClassVar[bool] = False
 
     def create(self, params: list["torch.nn.Parameter"], device: "torch.device") -> "torch.optim.Optimizer":
         """Return an optimizer over ``params`` for a model on ``device``."""

@@ -34,7 +34,8 @@ def model_request(config: Config, model_dir: Path, device: str, num_labels: int 
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    # (a QloraError keeps its option marks, so that a message wrapping it is spelled by its reader)
+    text = (Exception.__str__(exc) if isinstance(exc, QloraError) else str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 

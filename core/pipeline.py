@@ -310,6 +310,8 @@ class Pipeline:
     """
 
     stages = ("check", "prepare", "load", "attach", "open_run_dir", "train", "save_and_export", "evaluate", "finish")
+    #: Whether this process writes the run directory (a distributed run's other ranks do not).
+    writes_run_dir = True
 
     def __init__(
         self,
@@ -441,7 +443,7 @@ class Pipeline:
         """The ``track`` section's trackers, opened (none on a process that does not write the
         metrics, see :func:`~qlora_plugins.core.tracking.is_metrics_process`)."""
         plugins = prepared.checked.plugins
-        chosen = plugins.trackers if is_metrics_process() else []
+        chosen = plugins.trackers if self.writes_run_dir and is_metrics_process() else []
 
         def describe(tracker: Any) -> str:
             return self.registry.registration("tracker", tracker.name).source.describe()
@@ -462,7 +464,8 @@ class Pipeline:
             return Trained(notes=list(trackers.warnings))
         splits, model, trained = prepared.splits, attached.model, Trained()
         steps = total_steps(train_cfg, len(splits.train))
-        optimizer = plugins.optimizer.create(attached.params, torch.device(device))
+        trainer, params = self.distribute(prepared, attached)
+        optimizer = plugins.optimizer.create(params, torch.device(device))
         note = plugins.optimizer.runtime_note(torch.device(device))
         if note:
             trained.notes.append(note)
@@ -470,13 +473,13 @@ class Pipeline:
         scheduler = _scheduler(train_cfg.lr_scheduler, optimizer, train_cfg.warmup_steps, steps)
         state = TrainState()
         if run_dir.resumed:
-            checkpoint, restored = restore_latest(out, model, optimizer, scheduler, self.log)
+            checkpoint, restored = self.restore_checkpoint(out, model, optimizer, scheduler)
             if restored is not None:
                 state, trained.resumed_from = restored, restored.step
                 self.log(f"Resuming from {checkpoint} (step {state.step})")
 
         def save(at: TrainState) -> None:
-            save_training_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
+            self.save_checkpoint(out, model, optimizer, scheduler, at, meta, train_cfg.keep_checkpoints)
 
         def on_step_end(at: TrainState) -> None:
             if train_cfg.checkpoint_every and at.step % train_cfg.checkpoint_every == 0:
@@ -492,8 +495,8 @@ class Pipeline:
         started, status = time.perf_counter(), "failed"
         try:
             with progress.current().stage("train", total=steps, unit="step", initial=state.step) as stage:
-                trained.result = TrainLoop(
-                    model,
+                trained.result = self.loop_class(
+                    trainer,
                     optimizer,
                     scheduler,
                     train_cfg,
@@ -519,6 +522,24 @@ class Pipeline:
         trained.train_seconds = round(time.perf_counter() - started, 3)
         self._interrupt_save = (state, save)  # an interrupt from here on keeps the finished training
         return trained
+
+    # --- what a distributed run replaces (core/distributed.py) ------------------------------------
+
+    #: The training loop class (a distributed run shards each batch across the ranks).
+    loop_class: type = TrainLoop
+
+    def distribute(self, prepared: Prepared, attached: Attached) -> tuple[Any, list]:
+        """The model the loop trains (wrapped for DDP, sharded for FSDP) and its trainable
+        parameters, for the optimizer; one process trains the attached model itself."""
+        return attached.model, attached.params
+
+    def save_checkpoint(self, out: Path, model: Any, optimizer: Any, scheduler: Any, at: TrainState, meta: dict, keep: int) -> None:
+        """Write the checkpoint of ``at`` (atomic; see core/checkpointing.py)."""
+        save_training_checkpoint(out, model, optimizer, scheduler, at, meta, keep)
+
+    def restore_checkpoint(self, out: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[Path | None, TrainState | None]:
+        """Restore the newest intact checkpoint of ``out`` into the model, optimizer and scheduler."""
+        return restore_latest(out, model, optimizer, scheduler, self.log)
 
     def save_and_export(self, prepared: Prepared, attached: Attached, run_dir: RunDirectory) -> tuple[dict, float]:
         """Save the adapter to adapter/, then run every exporter into exports/ (verified)."""
@@ -636,8 +657,9 @@ class Pipeline:
         # everything a user can get wrong has been checked: only now is the run directory written
         run_dir = self.open_run_dir(prepared)
         try:
-            atomic_write_json(run_dir.path / RUN_MARKER, _marker(report, "running"))  # first: the marker makes the directory ours
-            atomic_write_yaml(run_dir.path / "config.yaml", prepared.resolved)
+            if self.writes_run_dir:
+                atomic_write_json(run_dir.path / RUN_MARKER, _marker(report, "running"))  # first: the marker makes the directory ours
+                atomic_write_yaml(run_dir.path / "config.yaml", prepared.resolved)
             meta = {"config": prepared.resolved, "plugins": report.plugins, "versions": report.versions}
             trained = self.train(prepared, attached, run_dir, meta)
             report.notes += trained.notes

@@ -133,6 +133,10 @@ CUDA = {"context": 0.6e9, "transient": 1.2, "logits_copies": 3.0, "host_baseline
 # --- architectures ------------------------------------------------------------------------
 
 
+#: The strategy of a plain one-process run (``train.distributed: none``).
+NO_DISTRIBUTION = "none"
+
+
 def _get(config: dict, *keys: str, default: Any = None) -> Any:
     for key in keys:
         if config.get(key) is not None:
@@ -325,8 +329,26 @@ class Settings:
     seq: int = 512
     gradient_checkpointing: bool = True
     device: str = "cuda"
+    world_size: int = 1
+    strategy: str = NO_DISTRIBUTION
 
     def __attrs_post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ConfigError(wording.option("world_size"), f"must be at least 1, got {self.world_size}")
+        if self.strategy not in (NO_DISTRIBUTION, "ddp", "fsdp"):
+            raise ConfigError(wording.option("strategy"), f"must be ddp or fsdp, got {self.strategy!r}")
+        if self.world_size > 1 and self.strategy == NO_DISTRIBUTION:
+            self.strategy = "ddp"
+        if self.strategy == "fsdp" and not getattr(self.optimizer, "shardable", False):
+            raise ConfigError(
+                wording.option("optimizer"),
+                f"'{self.optimizer.name}' cannot update FSDP-sharded parameters; plan {wording.option('optimizer')} adamw",
+            )
+        if self.batch % self.world_size:
+            raise ConfigError(
+                wording.option("batch"),
+                f"{self.batch} (the global micro-batch) does not divide across {wording.option('world_size')} {self.world_size}",
+            )
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(wording.option("dtype"), f"must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.device not in ("cuda", "cpu"):
@@ -468,7 +490,7 @@ def activation_bytes(arch: Architecture, settings: Settings, checkpointing: bool
     compute = "float32" if settings.dtype == "float32" else "bfloat16"
     dbytes = DTYPE_BYTES[settings.dtype]
     coef = _declared(wording.option("adapter"), settings.adapter, "planned_activations", compute, dbytes)
-    tokens = settings.batch * settings.seq
+    tokens = settings.batch // settings.world_size * settings.seq  # one rank's share of the micro-batch
     kv = arch.kv_heads * arch.head_dim
     per_layer = tokens * (coef.h * arch.hidden + coef.i * arch.intermediate + coef.kv * kv + coef.c)
     head = tokens * (4 * arch.vocab + 4 * arch.hidden)  # fp32 log-softmax of the loss + final norm
@@ -481,6 +503,36 @@ def activation_bytes(arch: Architecture, settings: Settings, checkpointing: bool
         stored = arch.layers * per_layer + head
         transient = logits
     return {"stored": stored, "transient": transient, "peak": stored + transient}
+
+
+#: Rows FSDP divides across the ranks (each keeps ~1/N of them).
+SHARDED_ROWS = ("base_weights", "quant_constants", "other_weights", "adapters", "adapter_grads", "optimizer")
+
+
+def _distribute_rows(rows: list, arch: Architecture, s: Settings, grad_bytes: float) -> None:
+    """Per-rank rows of a distributed run: FSDP divides the weights, gradients and optimizer
+    states by the world size and adds the gathered blocks (the one computing and the next one,
+    prefetched); DDP keeps everything whole and adds its gradient buckets."""
+    n = s.world_size
+    if n <= 1 or s.strategy == NO_DISTRIBUTION:
+        return
+    if s.strategy == "fsdp":
+        block = sum(r.device + r.host for r in rows if r.key in ("base_weights", "quant_constants")) / max(arch.layers, 1)
+        root = sum(r.device + r.host for r in rows if r.key == "other_weights")  # the root group: embeddings, norms, head
+        for row in rows:
+            if row.key in SHARDED_ROWS:
+                row.device, row.host = row.device / n, row.host / n
+                row.note = (row.note + "; " if row.note else "") + f"1/{n} per rank (FSDP)"
+        rows.append(
+            Row(
+                "fsdp_gathered",
+                "FSDP all-gathered: the root (embeddings, head) + 2 blocks",
+                2 * (root + 2 * block),
+                note="the all-gather buffer and the unsharded copy of each (measured on CPU); blocks are packed bytes",
+            )
+        )
+    else:
+        rows.append(Row("ddp_buckets", "DDP gradient buckets (a copy of the gradients)", grad_bytes))
 
 
 def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] = None) -> Plan:
@@ -549,6 +601,9 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
     else:
         rows.append(Row("optimizer", f"optimizer states ({o.name})", states.device_bytes, states.host_bytes, note=states.note))
 
+    full_weights = sum(r.device + r.host for r in rows if r.key in ("base_weights", "quant_constants", "other_weights"))
+    _distribute_rows(rows, arch, s, grad_bytes)
+
     act_on = activation_bytes(arch, s, True, constants)
     act_off = activation_bytes(arch, s, False, constants)
     chosen = act_on if s.gradient_checkpointing else act_off
@@ -592,9 +647,11 @@ def make_plan(arch: Architecture, settings: Settings, constants: Optional[dict] 
     ckpt_bytes = DTYPE_BYTES.get(ckpt_dtype, dbytes)
     convert = dbytes if ckpt_dtype != s.dtype else 0
     resident_weights = sum(r.device + r.host for r in rows if r.key in ("base_weights", "quant_constants", "other_weights"))
+    # every rank loads the whole model before FSDP shards it (core/fsdp.py)
+    loaded_weights = max(resident_weights, full_weights)
     one_linear = largest_linear * (ckpt_bytes + convert) + q.planned_encode_bytes(largest_linear, dbytes)
     one_copy = min((arch.largest_tensor or largest_linear) * ckpt_bytes, LOAD_CHUNK_BYTES)
-    load_over = resident_weights + (max(one_linear, one_copy) if quantized else 0)
+    load_over = loaded_weights + (max(one_linear, one_copy) if quantized else 0)
     totals = {
         "device_peak_bytes": 0.0 if cpu else device_total,
         "host_over_baseline_bytes": max(host_over, load_over),
@@ -808,7 +865,7 @@ def settings_dict(settings: Settings) -> dict:
     for kind in ("quantizer", "adapter", "optimizer"):
         plugin = getattr(settings, kind)
         out[kind], out[f"{kind}_options"] = plugin.name, options_to_dict(plugin.options)
-    for field in ("dtype", "batch", "seq", "gradient_checkpointing", "device"):
+    for field in ("dtype", "batch", "seq", "gradient_checkpointing", "device", "world_size", "strategy"):
         out[field] = getattr(settings, field)
     return out
 
@@ -865,7 +922,8 @@ def format_plan(plan: Plan, budget: Optional[dict] = None, budgets: Optional[dic
     lines = [
         f"qlora plan: {a.name} ({a.total_params / 1e9:.2f}B params, {a.model_type}; {a.source})",
         f"settings: quantizer {s.quantizer.planned_label()}; adapter {s.adapter.planned_label()}; optimizer {s.optimizer.name}; "
-        f"dtype={s.dtype} batch={s.batch} seq={s.seq} checkpointing={'on' if s.gradient_checkpointing else 'off'} device={s.device}",
+        f"dtype={s.dtype} batch={s.batch} seq={s.seq} checkpointing={'on' if s.gradient_checkpointing else 'off'} device={s.device}"
+        + (f" world_size={s.world_size} strategy={s.strategy} (figures per rank)" if s.world_size > 1 else ""),
         "",
     ]
     width = max(len(r.label) for r in plan.rows)

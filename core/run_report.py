@@ -69,6 +69,8 @@ class RunReport:
     :param loss_plot: the loss-curve PNG, when there was a loss to plot.
     :param evaluations: the ``eval`` section's figures, by evaluator: ``{"base": {...},
         "fine_tuned": {...}, "seconds": s}`` (left out of report.json when there is none).
+    :param distributed: world size, strategy, backend and every rank's peak memory (and base
+        weight bytes) of a run on several processes; empty for one process.
     """
 
     status: str
@@ -87,6 +89,7 @@ class RunReport:
     notes: list = attrs.field(factory=list)
     loss_plot: Optional[str] = None
     evaluations: dict = attrs.field(factory=dict)  # issue 14, generate/eval branch
+    distributed: dict = attrs.field(factory=dict)
 
     @classmethod
     def start(cls, out: Path, config: Any, model_dir: Optional[Path], plugins: dict, versions: dict, device: str) -> "RunReport":
@@ -109,4 +112,6 @@ class RunReport:
             out.pop("loss_plot")
         if not self.evaluations:
             out.pop("evaluations")
+        if not self.distributed:
+            out.pop("distributed")
         return out

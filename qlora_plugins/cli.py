@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 import click
 
-from qlora_plugins.core.errors import QloraError, Terminated
+from qlora_plugins.core.errors import QloraError, QuietExit, Terminated
 from qlora_plugins.core.interfaces import KINDS
 from qlora_plugins.core.wording import log_with_names
 
@@ -108,6 +108,12 @@ CLI_FLAGS: dict[str, str] = {
     "seq": "--seq",
     "text": "--text",
     "revision": "--revision",
+    "world_size": "--world-size",
+    "strategy": "--strategy",
+    "nproc_per_node": "--nproc-per-node",
+    "nnodes": "--nnodes",
+    "node_rank": "--node-rank",
+    "rdzv_endpoint": "--rdzv-endpoint",
     "template": "--template",
     "prompts": "--prompts",
     "max_new_tokens": "--max-new-tokens",
@@ -132,6 +138,8 @@ class QloraGroup(click.Group):
 
         try:
             return super().invoke(ctx)
+        except QuietExit:  # another rank of a distributed job reports the error
+            ctx.exit(2)
         except QloraError as exc:
             if debug():
                 raise
@@ -224,6 +232,15 @@ def cli(ctx: click.Context, debug: bool, blocked: tuple[str, ...], no_autoload: 
 )
 @click.option("--no-progress", is_flag=True, help="Do not show progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the summary table.")
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Train on N processes of this machine (torchrun's elastic agent starts them; docs/distributed.md).",
+)
+@click.option("--nnodes", type=click.IntRange(1, 4096), default=1, show_default=True, help="Machines in the job (with --rdzv-endpoint).")
+@click.option("--node-rank", type=click.IntRange(0, 4095), default=0, show_default=True, help="This machine's index among --nnodes.")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT", default=None, help="Where the nodes meet (c10d rendezvous), for --nnodes > 1.")
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -234,11 +251,19 @@ def run(
     resume_dir: str | None,
     no_progress: bool,
     as_json: bool,
+    nproc_per_node: int | None,
+    nnodes: int,
+    node_rank: int,
+    rdzv_endpoint: str | None,
 ) -> None:
     """Run the pipeline described by CONFIG: load, quantize, attach the adapter, train, export.
 
     Writes a run directory with the resolved config (config.yaml), metrics.jsonl, report.json,
     loss.png, the trained adapter and the exports, then prints a summary table.
+
+    With --nproc-per-node (and --nnodes/--node-rank/--rdzv-endpoint) the job runs on several
+    processes through torch.distributed.run; under an external torchrun or accelerate launch it
+    joins the job from the environment (RANK, WORLD_SIZE). Rank 0 writes the run directory.
     """
     from qlora_plugins.core.config import load_config
 
@@ -247,10 +272,10 @@ def run(
     _warn_broken(registry)
     _quiet_libraries()
     from qlora_plugins.core import pipeline
-    from qlora_plugins.core.report import format_table, summary_rows
     from qlora_plugins.core.safety import RUN_MARKER
 
     resume = resume_dir is not None
+    output_given = output is not None or bool(resume_dir)
     if resume:
         if resume_dir:
             output = Path(resume_dir)
@@ -262,6 +287,38 @@ def run(
         output = Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_usable_path(output, "--resume" if resume_dir else "--output")
     log = stderr_log(quiet=as_json)
+    from qlora_plugins.core import distributed
+
+    world = distributed.detect()
+    if nproc_per_node is not None or nnodes > 1:
+        if world is not None:
+            raise QloraError("--nproc-per-node: this qlora run was itself started by a launcher (RANK is set); drop the option")
+        where = (nproc_per_node or 1, nnodes, node_rank, rdzv_endpoint)
+        _launch(ctx, config, config_path, registry, output, overrides, force, resume, no_progress, as_json, where)
+        return
+    if world is not None and (world.world_size > 1 or config.train.distributed in distributed.STRATEGIES):
+        try:
+            with _json_stdout(as_json) as out:
+                report = distributed.run_worker(
+                    config,
+                    registry,
+                    output if (output_given or world.is_main) else None,
+                    world,
+                    force=force,
+                    resume=resume,
+                    log=log,
+                    progress=not no_progress and not as_json,
+                    debug=bool((ctx.find_root().obj or {}).get("debug")) or os.environ.get("QLORA_DEBUG") == "1",
+                )
+        except KeyboardInterrupt as exc:
+            if world.is_main:
+                click.echo(
+                    f"{'Terminated (SIGTERM)' if isinstance(exc, Terminated) else 'Interrupted'}; continue with --resume {output}", err=True
+                )
+            ctx.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
+        if report is not None:
+            _print_report(report, as_json, out)
+        return
     try:
         with _json_stdout(as_json) as out:
             report = pipeline.run(config, registry, output, force=force, log=log, progress=not no_progress and not as_json, resume=resume)
@@ -272,12 +329,52 @@ def run(
         else:
             click.echo(f"{what} before the run directory was written", err=True)
         ctx.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)
+    _print_report(report, as_json, out)
+
+
+def _print_report(report: dict, as_json: bool, out: TextIO) -> None:
+    from qlora_plugins.core.report import format_table, summary_rows
+
     if as_json:
         from qlora_plugins.core.rundir import dumps
 
         click.echo(dumps(report, indent=2), file=out)
     else:
         click.echo(format_table(summary_rows(report), "qlora run: completed"))
+
+
+def _launch(
+    ctx: click.Context,
+    config: Any,
+    config_path: Path,
+    registry: Any,
+    output: Path,
+    overrides: tuple[str, ...],
+    force: bool,
+    resume: bool,
+    no_progress: bool,
+    as_json: bool,
+    where: tuple[int, int, int, str | None],
+) -> None:
+    """Refuse what cannot run distributed (before anything loads), then hand the job to
+    torch.distributed.run with the same command for every rank."""
+    from qlora_plugins.core import distributed, launch
+    from qlora_plugins.core.config import resolve_plugins
+
+    nproc, nnodes, node_rank, endpoint = where
+    distributed.check_distributed(config, resolve_plugins(config, registry), nproc * nnodes)
+    root = ctx.find_root()
+    args: list[str] = ["--debug"] if (root.obj or {}).get("debug") else []
+    for option in ("blocked",):
+        args += [f"--block={name}" for name in root.params.get(option) or ()]
+    if root.params.get("no_autoload"):
+        args.append("--no-autoload")
+    args += ["run", str(config_path)]
+    for item in overrides:
+        args += ["--set", item]
+    args += ["--resume", str(output)] if resume else ["--output", str(output)]
+    args += ["--force"] * force + ["--no-progress"] * no_progress + ["--json"] * as_json
+    ctx.exit(launch.launch(args, nproc, nnodes, node_rank, endpoint))
 
 
 @cli.command()

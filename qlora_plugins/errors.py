@@ -3,6 +3,7 @@
 from qlora_plugins.core.errors import (
     ConfigError,
     DataError,
+    DistributedError,
     EvaluationError,
     ExportError,
     ModelError,
@@ -20,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EvaluationError",
+    "DistributedError",
     "ExportError",
     "ModelError",
     "OutputExistsError",
