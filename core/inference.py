@@ -492,11 +492,11 @@ def read_prompts(path: Path, option: str = wording.option("prompts")) -> list[li
     except OSError as exc:
         raise TargetError(f"{option}: cannot read {path}: {exc.strerror or exc}") from None
     prompts: list[list[dict]] = []
-    jsonl = path.suffix.lower() == ".jsonl"
+    is_jsonl = path.suffix.lower() == ".jsonl"
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        if not jsonl:
+        if not is_jsonl:
             prompts.append([{"role": "user", "content": line}])
             continue
         try:
