@@ -459,7 +459,10 @@ class Exporter(Plugin):
 
 @attrs.define
 class DataOptions:
-    """Options every data format accepts. ``path`` is relative to the config file's directory."""
+    """Options every data format accepts. ``path`` is relative to the config file's directory.
+
+    The host itself reads two more keys of the ``data`` section, for every data format:
+    ``packing`` and ``sources`` (core/mixing.py); they never reach a format's options."""
 
     path: str
     eval_fraction: float = attrs.field(default=0.1, validator=in_range(0.0, 0.9))
@@ -495,6 +498,8 @@ class DataSplits:
         reads rows; None otherwise.
     :param dropped: rows that were read but yield no example (e.g. the prompt alone fills
         ``max_length``), for the run's summary and report.
+    :param sources: when the host mixes several files (``data.sources``), each source's
+        figures and share of the training examples and tokens; None otherwise.
     """
 
     train: Sequence[dict]
@@ -502,6 +507,7 @@ class DataSplits:
     num_labels: Optional[int] = None
     rows: Optional[int] = None
     dropped: int = 0
+    sources: Optional[list] = None
 
 
 class DataFormat(Plugin):
