@@ -36,6 +36,7 @@ from qlora_plugins.core.pipeline import (
 from qlora_plugins.core.registry import Registry, create_registry
 from qlora_plugins.core.run_report import RunReport, TrainingFigures
 from qlora_plugins.core.sources import cache_home, materialize_source
+from qlora_plugins.core.training import TrainLoop, TrainState, step_loss
 
 __all__ = [
     "Attached",
@@ -49,6 +50,8 @@ __all__ = [
     "RunDirectory",
     "RunReport",
     "Trained",
+    "TrainLoop",
+    "TrainState",
     "TrainingFigures",
     "apply_overrides",
     "cache_home",
@@ -64,4 +67,5 @@ __all__ = [
     "resolve_plugins",
     "resolved_dict",
     "run",
+    "step_loss",
 ]
