@@ -27,7 +27,7 @@ of runs made minutes apart, so read them with the load next to them.
 
 Usage::
 
-    python benchmarks/packing.py                 # ~5-10 minutes on 2 busy cores
+    python benchmarks/packing.py                 # ~10 minutes on 2 cores at load ~8
     python benchmarks/packing.py --steps 3 --batch 2 --max-length 256   # quicker
 """
 
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("/work/shared/data/alpaca_seed_tasks.jsonl"))
     parser.add_argument("--cache", type=Path, default=Path("/tmp/qlora-bench"))
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per configuration (the first is a warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (the first is a warm-up)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--only", nargs="*", default=None, help="configurations to run (default: all)")

@@ -116,9 +116,10 @@ def summed_token_loss(logits: Any, labels: Any) -> Any:
     at position t predict ``labels[t + 1]``; labels -100 are not trained. Computed in fp32."""
     import torch.nn.functional as F
 
-    shifted = logits[:, :-1, :].float()
-    targets = labels[:, 1:].to(shifted.device)
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    # shift the labels, not the logits: a slice of the logits would be copied by the reshape
+    targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def step_loss(model: Any, batch: dict, task: str) -> Any:
