@@ -94,7 +94,14 @@ def ours(spec: dict) -> dict:
         "quantizer": {"name": "nf4"},
         "adapter": {"name": "lora", **LORA, "target_modules": "all-linear"},
         "optimizer": {"name": "adamw", "lr": 2e-4},
-        "data": {"name": "instruction", "path": spec["data"], "max_length": spec["max_length"], "eval_fraction": 0.0, "packing": spec["packing"], "min_kept_fraction": 0.0},
+        "data": {
+            "name": "instruction",
+            "path": spec["data"],
+            "max_length": spec["max_length"],
+            "eval_fraction": 0.0,
+            "packing": spec["packing"],
+            "min_kept_fraction": 0.0,
+        },
         "train": {
             "max_steps": spec["steps"],
             "batch_size": spec["batch"],
@@ -144,7 +151,14 @@ def equivalence(spec: dict) -> dict:
         "model": {"path": spec["model"]},
         "quantizer": {"name": "nf4"},
         "adapter": {"name": "lora", **{**LORA, "dropout": 0.0}, "target_modules": "all-linear"},
-        "data": {"name": "instruction", "path": spec["data"], "max_length": spec["max_length"], "eval_fraction": 0.0, "max_examples": 12, "min_kept_fraction": 0.0},
+        "data": {
+            "name": "instruction",
+            "path": spec["data"],
+            "max_length": spec["max_length"],
+            "eval_fraction": 0.0,
+            "max_examples": 12,
+            "min_kept_fraction": 0.0,
+        },
         "train": {"max_steps": 1, "seed": 0, "threads": 1, "gradient_checkpointing": False},
         "export": [],
     }
@@ -196,9 +210,13 @@ def trl(spec: dict) -> dict:
         records.append({"prompt": TEMPLATE.format(instruction=r["instruction"], input_block=block), "completion": r["output"]})
     dataset = Dataset.from_list(records)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], quantization_config=bnb, dtype=torch.float32)
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     args = SFTConfig(
         output_dir=str(Path(spec["work"]) / name),
         max_steps=spec["steps"],
@@ -258,7 +276,11 @@ def run_worker(spec: dict, timeout: float) -> dict:
     env.setdefault("QLORA_PLUGINS_DISABLE_AUTOLOAD", "1")
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, timeout=timeout
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         return {"config": spec.get("name"), "error": (proc.stderr or proc.stdout)[-1500:]}
@@ -306,9 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(WORKERS[spec["kind"]](spec)))
         return
 
-    from memory import write_llama_checkpoint
-
     import torch
+    from memory import write_llama_checkpoint
 
     torch.set_num_threads(1)
     model = write_llama_checkpoint(args.cache / "llama-packing-32m", ARCH)
@@ -352,7 +373,14 @@ def main(argv: list[str] | None = None) -> None:
             "bytes_per_example": {"min": lengths[0], "median": statistics.median(lengths), "max": lengths[-1]},
             "max_length": args.max_length,
         },
-        "settings": {"batch_size": args.batch, "steps": args.steps, "warmup_steps": 1, "threads": 1, "lora": LORA, "gradient_checkpointing": True},
+        "settings": {
+            "batch_size": args.batch,
+            "steps": args.steps,
+            "warmup_steps": 1,
+            "threads": 1,
+            "lora": LORA,
+            "gradient_checkpointing": True,
+        },
         "trained_tokens_per_s": rates,
         "ratios": {
             "ours_packed_vs_ours_unpacked": _ratio(rates.get("ours_packed"), rates.get("ours_unpacked")),

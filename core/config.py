@@ -492,7 +492,11 @@ def resolved_dict(config: Config, plugins: ResolvedPlugins) -> dict:
         host = config.data_host
         if isinstance(plugins.data, MixedSources):
             base = {k: v for k, v in out["data"].items() if k != "path"}
-            out["data"] = {**base, "packing": host.packing, "sources": [_resolved_source(config, base, s, f) for s, f in zip(host.sources or [], plugins.data.formats)]}
+            out["data"] = {
+                **base,
+                "packing": host.packing,
+                "sources": [_resolved_source(config, base, s, f) for s, f in zip(host.sources or [], plugins.data.formats)],
+            }
         else:
             out["data"]["packing"] = host.packing
             if hasattr(plugins.data.options, "path"):

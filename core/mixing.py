@@ -160,9 +160,7 @@ class MixedSources(DataFormat):
 
     def load(self, context: DataContext) -> DataSplits:
         """Load every source (errors name ``data.sources[i]``) and mix the training splits."""
-        loaded = [
-            fmt.load(attrs.evolve(context, config_path=f"{context.config_path}.sources[{i}]")) for i, fmt in enumerate(self.formats)
-        ]
+        loaded = [fmt.load(attrs.evolve(context, config_path=f"{context.config_path}.sources[{i}]")) for i, fmt in enumerate(self.formats)]
         sizes = [len(s.train) for s in loaded]
         weighted = all(s.weight is not None for s in self.sources)
         if weighted:

@@ -75,7 +75,9 @@ def test_sampling_repeats_or_subsamples_deterministically():
 @pytest.mark.slow
 def test_concatenated_and_weighted_sources_report_their_shares(tmp_path, files):
     a, b = files
-    plain = write_config(tmp_path, {"sources": [{"path": a.name}, {"path": b.name, "instruction_column": "question", "output_column": "answer"}]})
+    plain = write_config(
+        tmp_path, {"sources": [{"path": a.name}, {"path": b.name, "instruction_column": "question", "output_column": "answer"}]}
+    )
     report = run(plain, tmp_path / "plain")
     sources = report["data"]["sources"]
     assert [s["train_examples"] for s in sources] == [12, 4] and report["training"]["train_examples"] == 16
@@ -85,7 +87,12 @@ def test_concatenated_and_weighted_sources_report_their_shares(tmp_path, files):
 
     weighted = write_config(
         tmp_path,
-        {"sources": [{"path": a.name, "weight": 1}, {"path": b.name, "weight": 1, "instruction_column": "question", "output_column": "answer"}]},
+        {
+            "sources": [
+                {"path": a.name, "weight": 1},
+                {"path": b.name, "weight": 1, "instruction_column": "question", "output_column": "answer"},
+            ]
+        },
         "weighted.yaml",
     )
     report = run(weighted, tmp_path / "weighted")
@@ -106,7 +113,9 @@ def test_concatenated_and_weighted_sources_report_their_shares(tmp_path, files):
 @pytest.mark.slow
 def test_summary_names_each_source(tmp_path, files):
     a, b = files
-    config = write_config(tmp_path, {"sources": [{"path": a.name}, {"path": b.name, "instruction_column": "question", "output_column": "answer"}]})
+    config = write_config(
+        tmp_path, {"sources": [{"path": a.name}, {"path": b.name, "instruction_column": "question", "output_column": "answer"}]}
+    )
     result = run_cli("run", config, "--output", tmp_path / "run", "--no-progress", registry=make_registry())
     assert result.exit_code == 0, result.output
     assert "source a.jsonl" in result.stdout and "12 examples (75.0%)" in result.stdout
@@ -117,7 +126,12 @@ def test_the_same_seed_mixes_the_same_examples(tmp_path, files):
     from qlora_plugins.api import Pipeline
 
     a, b = files
-    data = {"sources": [{"path": a.name, "weight": 1}, {"path": b.name, "weight": 3, "instruction_column": "question", "output_column": "answer"}]}
+    data = {
+        "sources": [
+            {"path": a.name, "weight": 1},
+            {"path": b.name, "weight": 3, "instruction_column": "question", "output_column": "answer"},
+        ]
+    }
 
     def train_ids(seed: int, name: str) -> list:
         config = load_config(write_config(tmp_path, data, name, seed=seed))

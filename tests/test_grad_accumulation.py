@@ -56,7 +56,13 @@ def stages(tmp_path_factory):
         "model": {"source": "tiny-llama"},
         "quantizer": {"name": "nf4"},
         "adapter": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"name": "instruction", "path": str(data), "max_length": 128, "eval_fraction": 0.0, "template": "{instruction}{input_block}\n"},
+        "data": {
+            "name": "instruction",
+            "path": str(data),
+            "max_length": 128,
+            "eval_fraction": 0.0,
+            "template": "{instruction}{input_block}\n",
+        },
         "train": {"max_steps": 1, "batch_size": 8, "seed": 5, "max_grad_norm": None, "gradient_checkpointing": False, "threads": 1},
         "export": [],
     }

@@ -180,7 +180,9 @@ def test_packed_batch_has_the_loss_and_adapter_gradients_of_the_unpacked_example
     loss_diff, grad_diff = abs(loss_u - loss_p), max_grad_diff(grads_u, grads_p)
     scale = max(float(g.abs().max()) for g in grads_u.values())
     with capsys.disabled():
-        print(f"\n{source}: {len(examples)} examples in {stats.packs} packs; |dloss| {loss_diff:.2e}, max |dgrad| {grad_diff:.2e} (max |grad| {scale:.2e})")
+        print(
+            f"\n{source}: {len(examples)} examples in {stats.packs} packs; |dloss| {loss_diff:.2e}, max |dgrad| {grad_diff:.2e} (max |grad| {scale:.2e})"
+        )
     assert loss_diff < 1e-5 and grad_diff < 1e-5 * max(1.0, scale)
 
     # the controls: attention across examples changes the result; so do positions that run on
