@@ -3,15 +3,20 @@ TRL's ``SFTTrainer`` (peft LoRA + bitsandbytes 4-bit) with packing off and on, i
 and the packed-vs-unpacked equivalence of the loss and adapter gradients on the same model.
 Prints ONE JSON object and writes it to benchmarks/results/packing.json.
 
+Tokenizer: a byte-level BPE tokenizer of ``--vocab`` tokens trained (deterministically, with the
+``tokenizers`` library) on the seed tasks themselves, so that examples have subword lengths like
+a real model's (with the 260-token byte tokenizer of our tiny models they would be 3-4x longer
+and nearly all cut at ``--max-length``).
+
 Data: the alpaca seed tasks (``--data``, default /work/shared/data/alpaca_seed_tasks.jsonl: 175
 tasks, one or more instances each) turned into instruction rows in a temporary directory, with
 the instruction format's prompt template for both stacks (TRL gets ``prompt``/``completion``
 rows, so it trains the completion only, like our instruction format). Variable lengths: with the
-byte-level tokenizer of our tiny models, examples run from ~60 to over 6000 tokens (cut at
-``--max-length``).
+BPE tokenizer, examples run from ~20 to ~1500 tokens (cut at ``--max-length``).
 
-Model: a Llama-architecture checkpoint with random init (benchmarks/memory.py's writer), hidden
-512, 10 layers, intermediate 1536, 8 heads with 4 key/value heads: 31.7M parameters, fp32.
+Model: a Llama-architecture checkpoint with random init (seed 0), hidden 512, 10 layers,
+intermediate 1536, 8 heads with 4 key/value heads, untied embeddings of the tokenizer's
+vocabulary: 35.7M parameters at ``--vocab 4096``, fp32.
 Same LoRA settings for both stacks: r=16, alpha=32, dropout 0.05, all linear layers; AdamW
 (lr 2e-4), gradient checkpointing on, batch size ``--batch`` (examples unpacked, packed
 sequences of ``--max-length`` tokens packed), one thread.
@@ -46,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 ARCH = dict(
     hidden_size=512,
@@ -54,9 +58,9 @@ ARCH = dict(
     num_hidden_layers=10,
     num_attention_heads=8,
     num_key_value_heads=4,
-    vocab_size=260,
     tie_word_embeddings=False,
 )
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 INPUT_TEMPLATE = "### Input:\n{input}\n\n"
@@ -72,6 +76,39 @@ def instruction_rows(seed_tasks: Path) -> list[dict]:
         for instance in task.get("instances", []):
             rows.append({"instruction": task["instruction"], "input": instance.get("input", ""), "output": instance["output"]})
     return rows
+
+
+def write_model(directory: Path, rows: list[dict], vocab: int) -> Path:
+    """The benchmark checkpoint: a BPE tokenizer trained on the rows' text and a seeded random
+    Llama of :data:`ARCH` over its vocabulary (written once; ``.complete`` marks it)."""
+    if (directory / ".complete").is_file():
+        return directory
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [TEMPLATE + r["instruction"] + INPUT_TEMPLATE + r["input"] + r["output"] for r in rows]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **ARCH,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    (directory / ".complete").write_text("ok\n", encoding="utf-8")
+    return directory
 
 
 def _load() -> list[float]:
@@ -156,7 +193,7 @@ def equivalence(spec: dict) -> dict:
             "path": spec["data"],
             "max_length": spec["max_length"],
             "eval_fraction": 0.0,
-            "max_examples": 12,
+            "max_examples": 10,
             "min_kept_fraction": 0.0,
         },
         "train": {"max_steps": 1, "seed": 0, "threads": 1, "gradient_checkpointing": False},
@@ -189,6 +226,59 @@ def equivalence(spec: dict) -> dict:
         "max_abs_loss_diff": abs(loss_u - loss_p),
         "max_abs_grad_diff": max(float((a - b).abs().max()) for a, b in zip(grads_u, grads_p)),
         "max_abs_grad": max(float(g.abs().max()) for g in grads_u),
+    }
+
+
+def efficiency(spec: dict) -> dict:
+    """Data arithmetic, no timing: over one epoch in our loop's batch order, the token positions
+    computed (batch size x the longest item of each batch) and the trained tokens, unpacked and
+    packed. Their ratio bounds the speed-up packing can give when a step costs in proportion to
+    its positions."""
+    import yaml
+
+    from qlora_plugins.api import Pipeline, load_config
+    from qlora_plugins.core.training import epoch_order
+    from qlora_plugins.data import pack_examples
+    from qlora_plugins.testing import make_registry
+
+    work = Path(spec["work"])
+    config = {
+        "model": {"path": spec["model"]},
+        "data": {
+            "name": "instruction",
+            "path": spec["data"],
+            "max_length": spec["max_length"],
+            "eval_fraction": 0.0,
+            "min_kept_fraction": 0.0,
+        },
+        "train": {"max_steps": 1, "seed": 0},
+        "export": [],
+    }
+    path = work / "efficiency.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    pipeline = Pipeline(load_config(path), make_registry(), work / "efficiency", progress=False)
+    examples = list(pipeline.prepare(pipeline.check()).splits.train)
+    packs, stats = pack_examples(examples, spec["max_length"], seed=0)
+    trained = sum(sum(1 for label in e["labels"][1:] if label != -100) for e in examples)
+
+    def positions(items: list) -> int:
+        order, batch, total = epoch_order(len(items), 0, 0), spec["batch"], 0
+        for start in range(0, len(items), batch):
+            chunk = [items[i] for i in order[start : start + batch]]
+            total += len(chunk) * max(len(c["input_ids"]) for c in chunk)
+        return total
+
+    unpacked, packed = positions(examples), positions(packs)
+    return {
+        "examples": len(examples),
+        "packs": stats.packs,
+        "fill": stats.fill,
+        "trained_tokens": trained,
+        "positions_unpacked": unpacked,
+        "positions_packed": packed,
+        "trained_per_position_unpacked": round(trained / unpacked, 4),
+        "trained_per_position_packed": round(trained / packed, 4),
+        "speedup_bound": round(unpacked / packed, 3),
     }
 
 
@@ -268,7 +358,7 @@ def trl(spec: dict) -> dict:
     }
 
 
-WORKERS = {"ours": ours, "trl": trl, "equivalence": equivalence}
+WORKERS = {"ours": ours, "trl": trl, "equivalence": equivalence, "efficiency": efficiency}
 
 
 def run_worker(spec: dict, timeout: float) -> dict:
@@ -318,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (the first is a warm-up)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=4096, help="size of the BPE tokenizer trained on the data")
     parser.add_argument("--only", nargs="*", default=None, help="configurations to run (default: all)")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "packing.json")
@@ -329,22 +420,22 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     import torch
-    from memory import write_llama_checkpoint
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     torch.set_num_threads(1)
-    model = write_llama_checkpoint(args.cache / "llama-packing-32m", ARCH)
-    from transformers import AutoConfig
-
-    n_params = None
+    rows = instruction_rows(args.data)
+    model = write_model(args.cache / f"llama-packing-bpe{args.vocab}", rows, args.vocab)
     with torch.device("meta"):
-        from transformers import LlamaForCausalLM
-
         n_params = sum(p.numel() for p in LlamaForCausalLM(AutoConfig.from_pretrained(str(model))).parameters())
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    token_lengths = sorted(
+        len(tokenizer(TEMPLATE + r["instruction"] + (INPUT_TEMPLATE + r["input"] if r["input"] else "") + r["output"])["input_ids"])
+        for r in rows
+    )
     load_before = _load()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qlora-packing-") as tmp:
         work = Path(tmp)
-        rows = instruction_rows(args.data)
         (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (work / "rows.json").write_text(json.dumps(rows), encoding="utf-8")
         base = {"model": str(model), "data": str(work / "rows.jsonl"), "rows": str(work / "rows.json"), "work": tmp}
@@ -355,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
             ("trl_unpacked", {"kind": "trl", "packing": False}),
             ("trl_packed", {"kind": "trl", "packing": True}),
             ("equivalence", {"kind": "equivalence"}),
+            ("efficiency", {"kind": "efficiency"}),
         ]
         results: dict[str, dict] = {}
         for name, extra in plan:
@@ -362,15 +454,15 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"running {name} (load {_load()})", file=sys.stderr)
             results[name] = {**run_worker({**base, **extra, "name": name}, args.timeout), "load_after": _load()}
-    rates = {name: _rate(r) for name, r in results.items() if name != "equivalence"}
-    lengths = sorted(len(TEMPLATE) + len(r["instruction"]) + len(r["input"]) + len(r["output"]) for r in rows)
+    rates = {name: _rate(r) for name, r in results.items() if name not in ("equivalence", "efficiency")}
     out = {
         "benchmark": "packing",
         "model": {"arch": "llama", "parameters": n_params, **ARCH},
         "data": {
             "file": str(args.data),
             "examples": len(rows),
-            "bytes_per_example": {"min": lengths[0], "median": statistics.median(lengths), "max": lengths[-1]},
+            "tokens_per_example": {"min": token_lengths[0], "median": statistics.median(token_lengths), "max": token_lengths[-1]},
+            "vocab": len(tokenizer),
             "max_length": args.max_length,
         },
         "settings": {
@@ -390,7 +482,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         "targets": {"ours_packed_vs_ours_unpacked": ">= 1.5", "ours_packed_vs_trl_packed": "> 1.0"},
         "equivalence": results.get("equivalence"),
-        "runs": {k: v for k, v in results.items() if k != "equivalence"},
+        "data_efficiency": results.get("efficiency"),
+        "runs": {k: v for k, v in results.items() if k not in ("equivalence", "efficiency")},
         "load_average": {"before": load_before, "after": _load()},
         "cpu_count": os.cpu_count(),
         "seconds": round(time.perf_counter() - started, 1),
