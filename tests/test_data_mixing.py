@@ -44,9 +44,11 @@ def files(tmp_path) -> tuple[Path, Path]:
     return a, b
 
 
-def run(config: Path, out: Path) -> dict:
+def run(config: Path, out: Path, summary: list | None = None) -> dict:
     result = run_cli("run", config, "--output", out, "--no-progress", registry=make_registry())
     assert result.exit_code == 0, result.output
+    if summary is not None:
+        summary.append(result.stdout)
     return json.loads((out / "report.json").read_text())
 
 
@@ -73,12 +75,15 @@ def test_sampling_repeats_or_subsamples_deterministically():
 
 
 @pytest.mark.slow
-def test_concatenated_and_weighted_sources_report_their_shares(tmp_path, files):
+def test_concatenated_and_weighted_sources_report_their_shares_in_report_and_summary(tmp_path, files):
     a, b = files
     plain = write_config(
         tmp_path, {"sources": [{"path": a.name}, {"path": b.name, "instruction_column": "question", "output_column": "answer"}]}
     )
-    report = run(plain, tmp_path / "plain")
+    summary: list = []
+    report = run(plain, tmp_path / "plain", summary)
+    assert "source a.jsonl" in summary[0] and "12 examples (75.0%)" in summary[0]
+    assert "source b.jsonl" in summary[0] and "4 examples (25.0%)" in summary[0]
     sources = report["data"]["sources"]
     assert [s["train_examples"] for s in sources] == [12, 4] and report["training"]["train_examples"] == 16
     assert [s["example_share"] for s in sources] == [0.75, 0.25]
@@ -108,18 +113,6 @@ def test_concatenated_and_weighted_sources_report_their_shares(tmp_path, files):
     again.write_text(yaml.safe_dump(resolved), encoding="utf-8")
     config = load_config(again)
     assert resolved_dict(config, resolve_plugins(config, make_registry()))["data"] == resolved["data"]
-
-
-@pytest.mark.slow
-def test_summary_names_each_source(tmp_path, files):
-    a, b = files
-    config = write_config(
-        tmp_path, {"sources": [{"path": a.name}, {"path": b.name, "instruction_column": "question", "output_column": "answer"}]}
-    )
-    result = run_cli("run", config, "--output", tmp_path / "run", "--no-progress", registry=make_registry())
-    assert result.exit_code == 0, result.output
-    assert "source a.jsonl" in result.stdout and "12 examples (75.0%)" in result.stdout
-    assert "source b.jsonl" in result.stdout and "4 examples (25.0%)" in result.stdout
 
 
 def test_the_same_seed_mixes_the_same_examples(tmp_path, files):
