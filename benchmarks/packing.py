@@ -21,8 +21,9 @@ Same LoRA settings for both stacks: r=16, alpha=32, dropout 0.05, all linear lay
 (lr 2e-4), gradient checkpointing on, batch size ``--batch`` (examples unpacked, packed
 sequences of ``--max-length`` tokens packed), one thread.
 
-Each configuration runs in a fresh process (``--worker``), ``--steps`` optimizer steps of which
-the first is a warm-up; tokens per second = trained tokens (labels that are not -100 after the
+Each configuration runs in a fresh process (``--worker``), ``--steps`` optimizer steps
+(``--unpacked-steps`` for the unpacked ones, so that both sample a similar number of examples)
+of which the first is a warm-up; tokens per second = trained tokens (labels that are not -100 after the
 shift) of the measured steps / their wall time. Ours: ``qlora run`` in-process, figures from
 metrics.jsonl (``trained_tokens``, ``step_time_s``). TRL: the trainer's collator is wrapped to
 count the trained tokens of every batch; a callback takes the time at every step end.
@@ -406,6 +407,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("/work/shared/data/alpaca_seed_tasks.jsonl"))
     parser.add_argument("--cache", type=Path, default=Path("/tmp/qlora-bench"))
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (the first is a warm-up)")
+    parser.add_argument(
+        "--unpacked-steps",
+        type=int,
+        default=9,
+        help="optimizer steps of the unpacked configurations (the first is a warm-up): more than packed, so that both measure a "
+        "similar number of examples (a pack holds ~3.8 of them)",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=4096, help="size of the BPE tokenizer trained on the data")
@@ -441,9 +449,9 @@ def main(argv: list[str] | None = None) -> None:
         base = {"model": str(model), "data": str(work / "rows.jsonl"), "rows": str(work / "rows.json"), "work": tmp}
         base.update(steps=args.steps, batch=args.batch, max_length=args.max_length)
         plan = [
-            ("ours_unpacked", {"kind": "ours", "packing": False}),
+            ("ours_unpacked", {"kind": "ours", "packing": False, "steps": args.unpacked_steps}),
             ("ours_packed", {"kind": "ours", "packing": True}),
-            ("trl_unpacked", {"kind": "trl", "packing": False}),
+            ("trl_unpacked", {"kind": "trl", "packing": False, "steps": args.unpacked_steps}),
             ("trl_packed", {"kind": "trl", "packing": True}),
             ("equivalence", {"kind": "equivalence"}),
             ("efficiency", {"kind": "efficiency"}),
@@ -466,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_length": args.max_length,
         },
         "settings": {
+            "unpacked_steps": args.unpacked_steps,
             "batch_size": args.batch,
             "steps": args.steps,
             "warmup_steps": 1,
