@@ -101,7 +101,7 @@ def max_diff(a: list, b: list) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def test_four_micro_batches_of_two_give_the_gradient_of_one_batch_of_eight(stages):
+def test_four_micro_batches_of_two_give_the_gradient_of_one_batch_of_eight(stages, capsys):
     prepared, _ = stages
     examples = prepared.splits.train
     assert len(examples) == 8
@@ -109,12 +109,14 @@ def test_four_micro_batches_of_two_give_the_gradient_of_one_batch_of_eight(stage
     whole, whole_record = one_step(stages, 8, 1)
     split, split_record = one_step(stages, 2, 4)
     scale = max(float(g.abs().max()) for g in whole)
+    with capsys.disabled():
+        print(f"\n4 x 2 vs 1 x 8 (trained tokens per pair {per_pair}): max |dgrad| {max_diff(whole, split):.2e} (max |grad| {scale:.2e})")
     assert max_diff(whole, split) < 1e-6 * max(1.0, scale) * 10
     assert split_record["trained_tokens"] == whole_record["trained_tokens"] == sum(per_pair)
     assert split_record["loss"] == pytest.approx(whole_record["loss"], rel=1e-6)  # the per-token mean of the step
 
 
-def test_averaging_micro_batch_means_would_be_wrong(stages):
+def test_averaging_micro_batch_means_would_be_wrong(stages, capsys):
     """The control: dividing each micro-batch's mean loss by 4 (the old way) weights the tokens
     of a short micro-batch more, and the gradient is measurably different."""
     from qlora_plugins.api import step_loss
@@ -129,6 +131,8 @@ def test_averaging_micro_batch_means_would_be_wrong(stages):
         (step_loss(model, batch, "causal_lm") / trained_tokens(batch, "causal_lm") / 4).backward()
     naive = [p.grad.detach().clone() for p in attached.params]
     model.zero_grad(set_to_none=True)
+    with capsys.disabled():
+        print(f"\nmean of micro-batch means vs 1 x 8: max |dgrad| {max_diff(whole, naive):.2e}")
     assert max_diff(whole, naive) > 100 * max_diff(whole, one_step(stages, 2, 4)[0])
 
 
