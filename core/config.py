@@ -22,6 +22,7 @@ import yaml
 from qlora_plugins.core.errors import ConfigError, PluginError, short_repr
 from qlora_plugins.core.hub import is_hub_id
 from qlora_plugins.core.interfaces import Plugin
+from qlora_plugins.core.mixing import DataHostOptions, MixedSources, split_host_options
 from qlora_plugins.core.options import build_options, did_you_mean, in_range, key_text, options_to_dict, positive
 from qlora_plugins.core.wording import option
 
@@ -120,6 +121,8 @@ class Config:
     eval: list[PluginSpec] = attrs.field(factory=list)
     #: ``track``: the metrics trackers as written (the kind's default one always runs too)
     track: list[PluginSpec] = attrs.field(factory=list)
+    #: the ``data`` section's host keys (``packing``, ``sources``), taken out of ``data.options``
+    data_host: DataHostOptions = attrs.field(factory=DataHostOptions)
 
     def resolve_path(self, value: str) -> Path:
         """A path from the config, made absolute against the config file's directory."""
@@ -415,6 +418,10 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         track = _track_specs(data.get("track"))
         if train.enabled and specs["data"] is None:
             raise ConfigError("data", "is required when train.enabled is true")
+        data_host = DataHostOptions()
+        if specs["data"] is not None:
+            data_options, data_host = split_host_options(specs["data"].options, "data")
+            specs["data"] = attrs.evolve(specs["data"], options=data_options)
         evals = _eval_specs(data.get("eval"))
     except ConfigError as exc:
         if src and exc.source is None:
@@ -433,6 +440,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         base_dir,
         eval=evals,
         track=track,
+        data_host=data_host,
     )
 
 
@@ -526,11 +534,27 @@ def resolve_plugins(config: Config, registry: Any) -> ResolvedPlugins:
         if name in seen:
             raise ConfigError(f"export[{i}].name", f"duplicate exporter '{name}' (each exporter writes exports/{name}/)", source=src)
         seen.add(name)
+    data: Optional[Plugin] = None
+    if config.data is not None:
+        sources = config.data_host.sources
+        if not sources:
+            data = make("data_format", config.data)
+        else:  # the section's options once (errors name data.KEY), then each source's (data.sources[i].KEY)
+            first = {**config.data.options, "path": sources[0].path}
+            section = make("data_format", attrs.evolve(config.data, options=first))
+            formats = [
+                make(
+                    "data_format",
+                    PluginSpec(config.data.name, {**config.data.options, **s.options, "path": s.path}, f"data.sources[{i}]"),
+                )
+                for i, s in enumerate(sources)
+            ]
+            data = MixedSources(formats, sources, section.options)  # type: ignore[arg-type]
     return ResolvedPlugins(
         quantizer=make("quantizer", config.quantizer),
         adapter=make("adapter", config.adapter),
         optimizer=make("optimizer", config.optimizer),
-        data=make("data_format", config.data) if config.data else None,
+        data=data,
         exporters=[make("exporter", spec) for spec in export],
         evaluators=_evaluators(config, make),
         trackers=_resolve_trackers(config, registry, make),
@@ -566,11 +590,32 @@ def resolved_dict(config: Config, plugins: ResolvedPlugins) -> dict:
     }
     if config.model.path is not None and not is_hub_id(config.model.path, config.base_dir):
         out["model"]["path"] = str(config.resolve_path(config.model.path))
-    if plugins.data is not None and hasattr(plugins.data.options, "path"):
-        out["data"]["path"] = str(config.resolve_path(plugins.data.options.path))
+    if plugins.data is not None:
+        host = config.data_host
+        if isinstance(plugins.data, MixedSources):
+            base = {k: v for k, v in out["data"].items() if k != "path"}
+            out["data"] = {
+                **base,
+                "packing": host.packing,
+                "sources": [_resolved_source(config, base, s, f) for s, f in zip(host.sources or [], plugins.data.formats)],
+            }
+        else:
+            out["data"]["packing"] = host.packing
+            if hasattr(plugins.data.options, "path"):
+                out["data"]["path"] = str(config.resolve_path(plugins.data.options.path))
     if plugins.evaluators:  # only when there is an eval section (older run configs stay as they were)
         out["eval"] = [section(p) for p in plugins.evaluators]
         for entry in out["eval"]:
             if isinstance(entry.get("path"), str) and entry["path"]:
                 entry["path"] = str(config.resolve_path(entry["path"]))
     return out
+
+
+def _resolved_source(config: Config, base: dict, source: Any, fmt: Plugin) -> dict:
+    """One resolved ``data.sources`` entry: its absolute path, its weight and the options in which
+    it differs from the section."""
+    own = {k: v for k, v in options_to_dict(fmt.options).items() if k != "path" and base.get(k) != v}
+    entry = {"path": str(config.resolve_path(source.path)), **own}
+    if source.weight is not None:
+        entry["weight"] = source.weight
+    return entry

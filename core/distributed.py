@@ -25,10 +25,11 @@ from typing import Any, Iterator, Sequence
 import attrs
 
 from qlora_plugins.core.errors import ConfigError, DistributedError, QloraError, QuietExit
+from qlora_plugins.core.packing import trained_tokens
 from qlora_plugins.core.pipeline import Attached, Pipeline, Prepared, RunDirectory, _first_line
 from qlora_plugins.core.report import peak_rss_bytes
 from qlora_plugins.core.run_report import RunReport
-from qlora_plugins.core.training import IGNORE_INDEX, TrainLoop, TrainState, collate, move_batch
+from qlora_plugins.core.training import TrainLoop, TrainState, move_batch, step_loss
 from qlora_plugins.core.wording import option
 
 STRATEGIES = ("ddp", "fsdp")
@@ -138,14 +139,6 @@ def rank_slice(examples: list, world: World) -> list:
     return examples[start : (world.rank + 1) * n // size]
 
 
-def trained_units(batch: dict, task: str) -> int:
-    """What the model's mean loss averages over: trained (shifted) label tokens for a language
-    model, examples for a classifier."""
-    if task == "seq_cls":
-        return int(batch["labels"].shape[0])
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
-
-
 class DistributedTrainLoop(TrainLoop):
     """:class:`TrainLoop` whose step trains this rank's slice of each global micro-batch, with
     the loss normalized by the trained units of the whole step on every rank.
@@ -164,7 +157,10 @@ class DistributedTrainLoop(TrainLoop):
         rank, _, step = fault.partition(":")
         self._fault_step = int(step) if rank.strip().isdigit() and int(rank) == world.rank and step.strip().isdigit() else None
 
-    def _step(self, batches: Iterator[list[dict]], params: list) -> tuple[float, int, float | None]:
+    def _step(self, batches: Iterator[list[dict]], params: list) -> tuple[float | None, int, int, float | None]:
+        """:meth:`TrainLoop._step` on this rank's slice of every micro-batch: the summed loss is
+        divided by the trained tokens of the whole step on all ranks (all-reduced), so the
+        gradient is the one-process gradient of the same global batch."""
         import torch
         import torch.distributed as dist
 
@@ -172,48 +168,48 @@ class DistributedTrainLoop(TrainLoop):
         if self._fault_step is not None and self.state.step + 1 == self._fault_step:
             raise RuntimeError(f"fault injected by {FAULT_ENV} at step {self._fault_step}")
         torch.manual_seed(step_seed(cfg.seed, self.state.step, world.rank))
-        micro = []
+        micro, tokens = [], 0
         for _ in range(cfg.gradient_accumulation_steps):
-            examples = next(batches)
-            mine = rank_slice(examples, world)
+            items = next(batches)
+            mine = rank_slice(items, world)
             # a rank without examples (a tiny last batch) still runs forward and backward, on a
             # stand-in whose loss counts zero, so that the collectives match
-            batch = move_batch(collate(mine or examples[:1], self.pad_id, self.task), self.device)
-            units = trained_units(batch, self.task) if mine else 0
-            tokens = int(batch["attention_mask"].sum().item()) if mine else 0
-            micro.append((batch, units, tokens))
-        counts = torch.tensor([float(sum(u for _, u, _ in micro)), float(sum(t for _, _, t in micro))], dtype=torch.float64)
+            batch = self.collate_fn(mine or items[:1])
+            count = trained_tokens(batch, self.task) if mine else 0
+            tokens += sum(len(item["input_ids"]) for item in mine)
+            micro.append((batch, count))
+        counts = torch.tensor([float(sum(c for _, c in micro)), float(tokens)], dtype=torch.float64)
         dist.all_reduce(counts)
-        total_units, total_tokens = max(counts[0].item(), 1.0), int(counts[1].item())
+        total, total_tokens = counts[0].item(), int(counts[1].item())
         local_sum = 0.0
-        for i, (batch, units, _) in enumerate(micro):
+        for i, (batch, count) in enumerate(micro):
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or self.strategy != "ddp" else self.model.no_sync()
             with sync:
-                out = self.model(**batch)
-                if units:
-                    mean = out.loss
-                    if not torch.isfinite(mean):
+                moved = move_batch(batch, self.device)
+                if count and total:
+                    summed = step_loss(self.model, moved, self.task)
+                    if not torch.isfinite(summed):
                         raise QloraError(
-                            f"loss became {mean.item()} at step {self.state.step + 1}; stopping (lower optimizer.lr, check the data); "
+                            f"loss became {summed.item()} at step {self.state.step + 1}; stopping (lower optimizer.lr, check the data); "
                             "the last checkpoint is kept"
                         )
                     # DDP and FSDP average gradients over ranks: scale back to a sum over the step
-                    loss = mean * (units * world.world_size / total_units)
-                    local_sum += mean.item() * units
+                    loss = summed * (world.world_size / total)
+                    local_sum += summed.item()
                 else:
-                    loss = out.logits.sum() * 0.0
+                    loss = self.model(**{k: v for k, v in moved.items() if k != "labels"}).logits.sum() * 0.0
                 loss.backward()
-        summed = torch.tensor([local_sum], dtype=torch.float64)
-        dist.all_reduce(summed)
+        summed_all = torch.tensor([local_sum], dtype=torch.float64)
+        dist.all_reduce(summed_all)
         grad_norm = None
-        if cfg.max_grad_norm is not None:
+        if cfg.max_grad_norm is not None and total:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return summed.item() / total_units, total_tokens, grad_norm
+        return (summed_all.item() / total if total else None), total_tokens, int(total), grad_norm
 
 
 def barrier() -> None:

@@ -470,7 +470,10 @@ class Exporter(Plugin):
 
 @attrs.define
 class DataOptions:
-    """Options every data format accepts. ``path`` is relative to the config file's directory."""
+    """Options every data format accepts. ``path`` is relative to the config file's directory.
+
+    The host itself reads two more keys of the ``data`` section, for every data format:
+    ``packing`` and ``sources`` (core/mixing.py); they never reach a format's options."""
 
     path: str
     eval_fraction: float = attrs.field(default=0.1, validator=in_range(0.0, 0.9))
@@ -508,6 +511,8 @@ class DataSplits:
         ``max_length``), for the run's summary and report.
     :param truncated: kept examples that were cut to ``max_length``, when the format counts
         them (``qlora data preview`` reports it); None when it does not say.
+    :param sources: when the host mixes several files (``data.sources``), each source's
+        figures and share of the training examples and tokens; None otherwise.
     """
 
     train: Sequence[dict]
@@ -516,6 +521,7 @@ class DataSplits:
     rows: Optional[int] = None
     dropped: int = 0
     truncated: Optional[int] = None
+    sources: Optional[list] = None
 
 
 class DataFormat(Plugin):

@@ -45,6 +45,7 @@ from qlora_plugins.core.loading import (  # noqa: F401  (re-exported: the pipeli
     plugin_report,
     versions,
 )
+from qlora_plugins.core.packing import PackingStats, collate_packed, collate_varlen, compute_dtype, pack_examples, packed_attention
 from qlora_plugins.core.report import peak_rss_bytes, plot_loss
 from qlora_plugins.core.run_report import RunReport, TrainingFigures
 from qlora_plugins.core.rundir import (
@@ -101,6 +102,7 @@ def check(config: Config, registry: Any, materialize: bool = False) -> Checked:
             raise ConfigError(
                 "data.name", f"data format '{plugins.data.name}' supports task(s) {', '.join(plugins.data.tasks)}, not model.task={task}"
             )
+        check_data_host(config, plugins.data)
         plugins.data.check(config.base_dir, "data")
     model_dir, hub_model = None, None
     if config.model.path is not None:
@@ -132,6 +134,20 @@ def resolve_model_path(config: Config, weights: bool = True) -> tuple[Path, HubM
         return config.resolve_path(value), None
     found = resolve_hub(value, config.model.revision, weights=weights)
     return found.path, found
+
+
+def check_data_host(config: Config, data: Any) -> None:
+    """Refuse, before anything is loaded, host data options that do not fit the run: packing or
+    mixing for classification, packing for a format without ``max_length``."""
+    host, task = config.data_host, config.model.task
+    if host.packing and task != "causal_lm":
+        raise ConfigError("data.packing", f"packs token sequences for causal_lm; model.task is {task} (one label per example)")
+    if host.packing and not isinstance(getattr(data.options, "max_length", None), int):
+        raise ConfigError("data.packing", f"needs a max_length (the packed sequence length); data format '{data.name}' has none")
+    if host.sources and task != "causal_lm":
+        raise ConfigError(
+            "data.sources", f"mixes causal_lm data; model.task is {task} (each file would number its class labels on its own)"
+        )
 
 
 def check_exporters(exporters: list, context: ExportCheck, registry: Any, paths: list[str] | None = None) -> None:
@@ -237,6 +253,41 @@ def _restore_previous(out: Path, aside: Path | None, log: Log) -> None:
         log(f"The replaced run is kept in {aside}")
 
 
+def check_takes_position_ids(model: Any) -> None:
+    """Packing restarts the positions at every example: refuse a model whose forward takes no
+    ``position_ids`` (it would number a pack's tokens 0..n and the examples would differ from
+    their unpacked selves)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        parameters = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if "position_ids" not in parameters:
+        raise ConfigError("data.packing", f"model type {type(base).__name__} takes no position_ids, so packed examples cannot restart them")
+
+
+def packed_collator(model: Any, device: str, pad_id: int | None) -> Callable[[list[dict]], dict]:
+    """The collator of packed sequences for ``model``: one row without padding for a
+    flash-attention model on CUDA, else padded rows with the 4-D block-diagonal mask."""
+    if packed_attention(model, device) == "varlen":
+        return collate_varlen
+    dtype, pad = compute_dtype(model), pad_id if pad_id is not None else 0
+    return lambda packs: collate_packed(packs, pad, dtype)
+
+
+def data_report(prepared: "Prepared") -> dict:
+    """report.json's ``data``: the format, packing figures and each mixed source's share."""
+    plugins, splits = prepared.checked.plugins, prepared.splits
+    if plugins.data is None or splits is None:
+        return {}
+    out: dict = {"format": plugins.data.name, "packing": prepared.packing.to_dict() if prepared.packing else None}
+    if getattr(splits, "sources", None):
+        out["sources"] = splits.sources
+    return out
+
+
 # --- what the stages hand each other -------------------------------------------------------
 
 
@@ -254,6 +305,8 @@ class Prepared:
     inputs: list
     notes: list[str] = attrs.field(factory=list)
     num_labels: int | None = None
+    packs: list | None = None
+    packing: PackingStats | None = None
 
 
 @attrs.define
@@ -375,6 +428,13 @@ class Pipeline:
                     f"data.max_length={getattr(plugins.data.options, 'max_length', '?')}, or an empty response)"
                 )
                 self.log(notes[-1])
+        packs, packing = None, None
+        if splits is not None and config.data_host.packing:
+            packs, packing = pack_examples(splits.train, plugins.data.options.max_length, train_cfg.seed)
+            self.log(
+                f"Packed {packing.examples} examples into {packing.packs} sequences of {packing.max_length} tokens "
+                f"({100 * packing.fill:.1f}% full)"
+            )
         resolved = resolved_dict(config, plugins)
         if config.model.source:  # the resolved config names the materialized checkpoint (report.json keeps the source)
             resolved["model"]["path"], resolved["model"]["source"] = str(model_dir), None
@@ -382,7 +442,9 @@ class Pipeline:
             resolved["model"]["path"], resolved["model"]["revision"] = checked.hub.repo_id, checked.hub.commit
         if self.resume:
             _check_resume(out, resolved)
-        return Prepared(checked, out, device, tokenizer, splits, resolved, inputs, notes, splits.num_labels if splits else None)
+        return Prepared(
+            checked, out, device, tokenizer, splits, resolved, inputs, notes, splits.num_labels if splits else None, packs, packing
+        )
 
     def load(self, prepared: Prepared) -> Loaded:
         """The base model, loaded (and quantized) by the quantizer."""
@@ -424,6 +486,8 @@ class Pipeline:
                 f"{config.model.frozen_dtype}; use it only with adapters that keep the base frozen",
             )
         parameters = parameter_report(model, loaded.footprint)
+        if config.data_host.packing:
+            check_takes_position_ids(model)
         if not params:
             raise TrainingError("adapter: the configuration leaves nothing trainable (check adapter.target_modules)")
         return Attached(model, params, parameters)
@@ -463,7 +527,10 @@ class Pipeline:
             trackers.close("completed")
             return Trained(notes=list(trackers.warnings))
         splits, model, trained = prepared.splits, attached.model, Trained()
-        steps = total_steps(train_cfg, len(splits.train))
+        train_data, collate_fn = splits.train, None
+        if prepared.packs is not None:
+            train_data, collate_fn = prepared.packs, packed_collator(model, device, prepared.tokenizer.pad_token_id)
+        steps = total_steps(train_cfg, len(train_data))
         trainer, params = self.distribute(prepared, attached)
         optimizer = plugins.optimizer.create(params, torch.device(device))
         note = plugins.optimizer.runtime_note(torch.device(device))
@@ -490,7 +557,8 @@ class Pipeline:
                 save(at)
                 self.log(f"Interrupted: checkpoint of step {at.step} saved; continue with {option('resume')}")
 
-        self.log(f"Training {attached.parameters['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples")
+        packed = f" in {len(train_data)} packed sequences" if prepared.packs is not None else ""
+        self.log(f"Training {attached.parameters['trainable']:,} parameters for {steps} steps on {len(splits.train)} examples{packed}")
         trackers = self.open_trackers(prepared, run_dir, state.step if run_dir.resumed else None)
         started, status = time.perf_counter(), "failed"
         try:
@@ -500,7 +568,7 @@ class Pipeline:
                     optimizer,
                     scheduler,
                     train_cfg,
-                    splits.train,
+                    train_data,
                     splits.eval,
                     prepared.tokenizer.pad_token_id,
                     config.model.task,
@@ -511,6 +579,7 @@ class Pipeline:
                     on_step_end=on_step_end,
                     on_interrupt=on_interrupt,
                     progress=stage,
+                    collate_fn=collate_fn,
                 ).run()
             status = "completed"
         except KeyboardInterrupt:
@@ -644,6 +713,7 @@ class Pipeline:
         if checked.hub is not None:
             report.model["hub"] = checked.hub.as_dict()
         report.notes += prepared.notes
+        report.data = data_report(prepared)
         loaded = self.load(prepared)
         report.quantization = {
             "quantized_params": loaded.footprint.quantized_params,

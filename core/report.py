@@ -31,7 +31,7 @@ def peak_rss_bytes() -> int:
 def plot_loss(metrics_path: Path, png_path: Path, title: str) -> bool:
     """Draw train (and eval) loss against step into ``png_path``; False if there is nothing to plot."""
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:
         return False
@@ -105,6 +105,24 @@ def summary_rows(report: dict) -> list[tuple[str, Any]]:
             ("eval loss", fmt(t.get("eval_loss"))),
             ("time per step", f"{fmt(t.get('median_step_time_s'), '.3f')} s (median)"),
         ]
+    data = report.get("data") or {}
+    packing = data.get("packing")
+    if packing:
+        rows.append(
+            (
+                "packing",
+                f"{packing['examples']:,} examples in {packing['packs']:,} sequences of {packing['max_length']} tokens "
+                f"({100 * packing['fill']:.1f}% full)",
+            )
+        )
+    for source in data.get("sources") or []:
+        rows.append(
+            (
+                f"source {Path(str(source['path'])).name}",
+                f"{source['train_examples']:,} examples ({100 * source['example_share']:.1f}%), "
+                f"{source['tokens']:,} tokens ({100 * source['token_share']:.1f}%)",
+            )
+        )
     rows.append(("peak memory", human_bytes(report.get("memory", {}).get("peak_rss_bytes"))))
     if report.get("memory", {}).get("load_peak_rss_bytes"):
         rows.append(("peak memory while loading", human_bytes(report["memory"]["load_peak_rss_bytes"])))

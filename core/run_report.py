@@ -65,6 +65,8 @@ class RunReport:
     :param exports: facts and fidelity of each export, by exporter.
     :param memory: peak resident memory (and CUDA peak), during loading and overall.
     :param timings: seconds spent loading, training, exporting and in all.
+    :param data: the data format, the packing figures (``data.packing``) and each mixed
+        source's share of the training examples and tokens (``data.sources``).
     :param notes: lines worth reading (optimizer behaviour on this device, dropped rows...).
     :param loss_plot: the loss-curve PNG, when there was a loss to plot.
     :param evaluations: the ``eval`` section's figures, by evaluator: ``{"base": {...},
@@ -86,6 +88,7 @@ class RunReport:
     exports: dict = attrs.field(factory=dict)
     memory: dict = attrs.field(factory=dict)
     timings: dict = attrs.field(factory=dict)
+    data: dict = attrs.field(factory=dict)
     notes: list = attrs.field(factory=list)
     loss_plot: Optional[str] = None
     evaluations: dict = attrs.field(factory=dict)  # issue 14, generate/eval branch

@@ -1,7 +1,15 @@
 """The training loop: plain PyTorch with transformers' schedulers.
 
 Deterministic given the seed: batches come from a per-epoch seeded permutation, so the position in
-the data is just (epoch, batch index) and a run can be resumed exactly.
+the data is just (epoch, batch index) and a run can be resumed exactly. The items batched are the
+examples, or the packs of ``data.packing`` (core/packing.py) with their own collator.
+
+Gradient accumulation normalizes by the trained tokens of the whole optimizer step: each
+micro-batch contributes its *summed* token loss divided by the trained tokens of all the step's
+micro-batches (counted before the first forward), so 4 micro-batches of 2 examples give the
+gradient of one batch of 8 however the trained tokens are spread over them (averaging per-batch
+means would weight a token of a short micro-batch more; transformers#34191). The loss recorded
+for a step is therefore the per-token mean over the step.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import attrs
 
 from qlora_plugins.core.errors import TrainingError
+from qlora_plugins.core.packing import trained_tokens
 
 IGNORE_INDEX = -100
 
@@ -102,6 +111,26 @@ def move_batch(batch: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def summed_token_loss(logits: Any, labels: Any) -> Any:
+    """The causal LM cross-entropy summed (not averaged) over the trained positions: the logits
+    at position t predict ``labels[t + 1]``; labels -100 are not trained. Computed in fp32."""
+    import torch.nn.functional as F
+
+    # shift the labels, not the logits: a slice of the logits would be copied by the reshape
+    targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def step_loss(model: Any, batch: dict, task: str) -> Any:
+    """The loss of one micro-batch summed over what it trains (tokens for a causal LM, examples
+    for classification), for the caller to divide by the step's total."""
+    if task == "seq_cls":
+        return model(**batch).loss * batch["labels"].shape[0]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return summed_token_loss(model(**inputs).logits, batch["labels"])
+
+
 def evaluate(
     model: Any, data: Sequence[dict], batch_size: int, pad_id: int, task: str, device: str, max_batches: int | None = None
 ) -> dict:
@@ -153,6 +182,8 @@ class TrainLoop:
 
     :param on_record: called with every metrics record (train steps and evals).
     :param on_step_end: called with the state after each optimizer step (checkpointing).
+    :param collate_fn: turns the items of ``train_data`` taken for a micro-batch into model
+        inputs with ``labels`` (default: :func:`collate`; packs use core/packing.py's).
     """
 
     def __init__(
@@ -172,12 +203,14 @@ class TrainLoop:
         on_step_end: Callable[[TrainState], None] = lambda s: None,
         on_interrupt: Callable[[TrainState], None] = lambda s: None,
         progress: Any = None,
+        collate_fn: Callable[[list[dict]], dict] | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, train_cfg
         self.train_data, self.eval_data = train_data, eval_data
         self.pad_id, self.task, self.device, self.total = pad_id, task, device, total
         self.state = state or TrainState()
         self.on_record, self.on_step_end, self.on_interrupt, self.progress = on_record, on_step_end, on_interrupt, progress
+        self.collate_fn = collate_fn or (lambda items: collate(items, pad_id, task))
 
     def _eval(self) -> dict:
         from qlora_plugins.core.progress import current
@@ -227,7 +260,7 @@ class TrainLoop:
             snapshot = (self.state.epoch, self.state.batch_in_epoch, torch.get_rng_state())
             try:
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
-                loss_total, tokens, grad_norm = self._step(batches, params)
+                loss_total, tokens, trained, grad_norm = self._step(batches, params)
             except KeyboardInterrupt:
                 self.state.epoch, self.state.batch_in_epoch = snapshot[0], snapshot[1]
                 torch.set_rng_state(snapshot[2])
@@ -237,8 +270,9 @@ class TrainLoop:
                 raise
             elapsed = time.perf_counter() - started
             step_times.append(elapsed)
-            self._first_loss = loss_total if self._first_loss is None else self._first_loss
-            self._last_loss = loss_total
+            if loss_total is not None:
+                self._first_loss = loss_total if self._first_loss is None else self._first_loss
+                self._last_loss = loss_total
             if self.state.step % cfg.log_every == 0 or self.state.step == self.total:
                 record = {
                     "step": self.state.step,
@@ -246,6 +280,7 @@ class TrainLoop:
                     "lr": lr,
                     "step_time_s": round(elapsed, 5),
                     "tokens": tokens,
+                    "trained_tokens": trained,
                     "epoch": self.state.epoch,
                 }
                 if grad_norm is not None:
@@ -253,34 +288,43 @@ class TrainLoop:
                 self.on_record(record)
             if self.progress is not None:
                 self.progress.update(1)
-                self.progress.set_postfix(loss=f"{loss_total:.4f}")
+                if loss_total is not None:
+                    self.progress.set_postfix(loss=f"{loss_total:.4f}")
             if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < self.total:
                 self._eval()
             self.on_step_end(self.state)
         return self._eval()
 
-    def _step(self, batches: Iterator[list[dict]], params: list) -> tuple[float, int, float | None]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+    def _step(self, batches: Iterator[list[dict]], params: list) -> tuple[float | None, int, int, float | None]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches, normalized by
+        the trained tokens of all of them; returns (loss, input tokens, trained tokens, grad norm)."""
         import torch
 
         cfg = self.cfg
-        loss_total, tokens = 0.0, 0
+        micro, tokens = [], 0
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = move_batch(collate(next(batches), self.pad_id, self.task), self.device)
-            loss = self.model(**batch).loss / cfg.gradient_accumulation_steps
+            items = next(batches)
+            tokens += sum(len(item["input_ids"]) for item in items)
+            batch = self.collate_fn(items)
+            micro.append((batch, trained_tokens(batch, self.task)))
+        total = sum(count for _, count in micro)
+        loss_total: float | None = 0.0 if total else None
+        for batch, count in micro:
+            if count == 0:  # nothing to learn from (every label masked): no forward, no gradient
+                continue
+            loss = step_loss(self.model, move_batch(batch, self.device), self.task) / total
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"loss became {loss.item() * cfg.gradient_accumulation_steps} at step {self.state.step + 1}; "
+                    f"loss became {loss.item()} at step {self.state.step + 1}; "
                     "stopping (lower optimizer.lr, check the data); the last checkpoint is kept"
                 )
             loss.backward()
-            loss_total += loss.item()
-            tokens += int(batch["attention_mask"].sum().item())
+            loss_total = (loss_total or 0.0) + loss.item()
         grad_norm = None
-        if cfg.max_grad_norm is not None:
+        if cfg.max_grad_norm is not None and total:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return loss_total, tokens, grad_norm
+        return loss_total, tokens, total, grad_norm

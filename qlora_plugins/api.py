@@ -37,6 +37,7 @@ from qlora_plugins.core.registry import Registry, create_registry
 from qlora_plugins.core.run_report import RunReport, TrainingFigures
 from qlora_plugins.core.rundir import atomic_write_json, dumps
 from qlora_plugins.core.sources import cache_home, materialize_source
+from qlora_plugins.core.training import TrainLoop, TrainState, step_loss
 
 __all__ = [
     "Attached",
@@ -50,6 +51,8 @@ __all__ = [
     "RunDirectory",
     "RunReport",
     "Trained",
+    "TrainLoop",
+    "TrainState",
     "TrainingFigures",
     "apply_overrides",
     "atomic_write_json",
@@ -67,4 +70,5 @@ __all__ = [
     "resolve_plugins",
     "resolved_dict",
     "run",
+    "step_loss",
 ]

@@ -157,8 +157,10 @@ def finished_config(data: dict, config_file: Path, with_data: bool = True) -> An
             model.pop("source")
     parse["model"] = model
     parse["train"] = {**(parse.get("train") or {}), "enabled": False}
-    data_path = ((parse.get("data") or {}).get("path")) if isinstance(parse.get("data"), dict) else None
-    if not (with_data and bool(data_path) and Path(data_path).is_file()):
+    section = parse.get("data") if isinstance(parse.get("data"), dict) else {}
+    sources = section.get("sources") if isinstance(section.get("sources"), list) else None
+    data_paths = [s.get("path") if isinstance(s, dict) else None for s in sources] if sources else [section.get("path")]
+    if not with_data or not all(isinstance(p, str) and p and Path(p).is_file() for p in data_paths):
         parse.pop("data", None)
     parse["export"] = []
     parse.pop("eval", None)
