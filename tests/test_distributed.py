@@ -198,6 +198,27 @@ def test_ddp_killed_and_resumed_under_fsdp_equals_one_process(work, reference):
 
 
 @pytest.mark.slow
+def test_ddp_with_packing_and_accumulation_equals_one_process(work, tiny_llama_dir):
+    """Packed sequences and 2 micro-batches per step on 2 ranks: the loss of every rank is
+    divided by the trained tokens of the whole step on all ranks, so the adapter is the
+    one-process adapter of the same config (the per-batch-mean mistake would not be)."""
+    runs = {}
+    for name, extra in (("packed-one", []), ("packed-ddp", ["--nproc-per-node", "2"])):
+        config = config_for(work, tiny_llama_dir, name, gradient_accumulation_steps=2, max_steps=4)
+        data = json.loads(config.read_text())
+        data["data"]["packing"] = True
+        config.write_text(json.dumps(data))
+        code, _, err = finished(qlora("run", config, "-o", work / name, *extra))
+        assert code == 0, err
+        runs[name] = work / name
+    assert max_difference(adapter_of(runs["packed-ddp"]), adapter_of(runs["packed-one"])) < TOLERANCE
+    rows = [json.loads(line) for line in (runs["packed-ddp"] / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (runs["packed-one"] / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["trained_tokens"] for r in rows if "loss" in r]
+    assert trained == [r["trained_tokens"] for r in one if "loss" in r] and all(t > 0 for t in trained)
+
+
+@pytest.mark.slow
 def test_fsdp_rank_failure_then_resume_on_one_process(work, tiny_llama_dir, reference):
     """FSDP: rank 1 raises at step 3: exit 2, one line naming rank 1, the run marked failed with
     its checkpoints intact; ``--resume`` on one process finishes at the one-process adapter. Each
