@@ -200,6 +200,13 @@ class TokenizedSet:
     path: Optional[Path]
     seconds: float = 0.0
 
+    def describe(self) -> str:
+        """One line for the run's log: where the tokens came from and how long it took."""
+        if self.hit:
+            return f"data: {self.rows:,} rows, tokenized set from the cache {self.path} ({self.seconds:.1f} s)"
+        where = f"cached in {self.path}" if self.path else "not cached (data.cache: false)"
+        return f"data: {self.rows:,} rows tokenized in {self.seconds:.1f} s; {where}"
+
     def column(self, name: str) -> Any:
         """One column as a numpy array (read from the memory-mapped file, not through Python)."""
         return self.dataset.data.column(name).to_numpy()
@@ -461,6 +468,8 @@ class Examples(Sequence[dict]):
         self._data = dataset.select_columns(list(columns)) if list(dataset.column_names) != list(columns) else dataset
         self._indices = list(indices) if indices is not None else None
         self.columns = tuple(columns)
+        #: the :class:`TokenizedSet` these examples come from (set by :func:`split_examples`)
+        self.tokenized: Optional[TokenizedSet] = None
 
     def __len__(self) -> int:
         return len(self._indices) if self._indices is not None else len(self._data)
@@ -508,7 +517,7 @@ def split_examples(
 
     kept = np.flatnonzero(keep) if keep is not None else np.arange(len(tokenized.dataset))
     train_idx, eval_idx = split_indices(len(kept), eval_fraction, seed)
-    return (
-        Examples(tokenized.dataset, kept[train_idx].tolist(), columns),
-        Examples(tokenized.dataset, kept[eval_idx].tolist(), columns),
-    )
+    train = Examples(tokenized.dataset, kept[train_idx].tolist(), columns)
+    evaluation = Examples(tokenized.dataset, kept[eval_idx].tolist(), columns)
+    train.tokenized = evaluation.tokenized = tokenized
+    return train, evaluation
