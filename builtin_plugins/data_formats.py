@@ -74,7 +74,10 @@ def _features(**columns: Any) -> Any:
     import datasets
 
     return datasets.Features(
-        {name: datasets.Sequence(datasets.Value(kind[0])) if isinstance(kind, list) else datasets.Value(kind) for name, kind in columns.items()}
+        {
+            name: datasets.Sequence(datasets.Value(kind[0])) if isinstance(kind, list) else datasets.Value(kind)
+            for name, kind in columns.items()
+        }
     )
 
 
@@ -246,7 +249,7 @@ class Text(_FileFormat):
                 meta=facts,
                 regroup=_Blocks(o.max_length, separator, facts),
                 features=_features(ids=_IDS, present="bool", nonblank="bool"),
-                regroup_features=_features(input_ids=_IDS, labels=_IDS),
+                regroup_features=_features(input_ids=_IDS),
             )
 
         data = _tokenize(self, context, path, prepare)
@@ -257,7 +260,7 @@ class Text(_FileFormat):
                 f"{context.config_path}.path: {path.name} has {data.meta['tokens']} tokens, "
                 f"fewer than one block of max_length={o.max_length}"
             )
-        train, evaluation = split_examples(data, None, o.eval_fraction, context.seed)
+        train, evaluation = split_examples(data, None, o.eval_fraction, context.seed, ("input_ids",), {"labels": "input_ids"})
         return DataSplits(train, evaluation, rows=data.rows)
 
 
@@ -292,7 +295,7 @@ class _Blocks:
             while len(self.carry) >= self.max_length:
                 blocks.append(self.carry[: self.max_length])
                 del self.carry[: self.max_length]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        return {"input_ids": blocks}
 
 
 @attrs.define

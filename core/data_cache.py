@@ -121,7 +121,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     parts: dict[str, Any] = {"class": type(tokenizer).__qualname__}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        parts["tokenizer_json"] = _sha(backend.to_str())
+        serialized = json.loads(backend.to_str())
+        for state in ("truncation", "padding"):  # set by calls with truncation=/padding=, not part of the tokens
+            serialized.pop(state, None)
+        parts["tokenizer_json"] = _sha(json.dumps(serialized, sort_keys=True))
     elif hasattr(tokenizer, "get_vocab"):
         parts["vocab"] = _sha(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False))
     for name in ("special_tokens_map", "all_special_ids", "chat_template", "bos_token_id", "eos_token_id", "pad_token_id"):
@@ -424,7 +427,15 @@ def tokenize_cached(
         try:
             total = sum(path.stat().st_size for path in files)
             shards, columns, rows, facts = _build(work, files, prepare, config_path, max_examples, choose_num_proc(total, num_proc))
-            meta = {"version": CACHE_VERSION, "key": key, "format": name, "rows": rows, "facts": facts, "shards": shards, "columns": columns}
+            meta = {
+                "version": CACHE_VERSION,
+                "key": key,
+                "format": name,
+                "rows": rows,
+                "facts": facts,
+                "shards": shards,
+                "columns": columns,
+            }
             meta["files"] = [str(path) for path in files]
             atomic_write_text(work / META, json.dumps(meta, indent=1) + "\n")
             if final is None:
@@ -464,10 +475,20 @@ class Examples(Sequence[dict]):
     optionally through a list of row indices. Indexing with a slice gives a list of dicts, so it
     stands in wherever a list of examples was used."""
 
-    def __init__(self, dataset: Any, indices: Optional[Sequence[int]] = None, columns: Sequence[str] = ("input_ids", "labels")) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        indices: Optional[Sequence[int]] = None,
+        columns: Sequence[str] = ("input_ids", "labels"),
+        same_as: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        """:param columns: the dataset's columns each example holds.
+        :param same_as: extra keys that repeat a column (``{"labels": "input_ids"}`` for plain
+            language modelling), so the file stores the tokens once."""
         self._data = dataset.select_columns(list(columns)) if list(dataset.column_names) != list(columns) else dataset
         self._indices = list(indices) if indices is not None else None
         self.columns = tuple(columns)
+        self.same_as = dict(same_as or {})
         #: the :class:`TokenizedSet` these examples come from (set by :func:`split_examples`)
         self.tokenized: Optional[TokenizedSet] = None
 
@@ -493,8 +514,10 @@ class Examples(Sequence[dict]):
         return self._row(index % n)
 
     def _row(self, position: int) -> dict:
-        row = self._data[self._indices[position] if self._indices is not None else position]
-        return dict(row)
+        row = dict(self._data[self._indices[position] if self._indices is not None else position])
+        for key, column in self.same_as.items():
+            row[key] = list(row[column])
+        return row
 
     def __iter__(self) -> Iterator[dict]:
         for position in range(len(self)):
@@ -505,19 +528,25 @@ class Examples(Sequence[dict]):
 
 
 def split_examples(
-    tokenized: TokenizedSet, keep: Any, eval_fraction: float, seed: int, columns: Sequence[str] = ("input_ids", "labels")
+    tokenized: TokenizedSet,
+    keep: Any,
+    eval_fraction: float,
+    seed: int,
+    columns: Sequence[str] = ("input_ids", "labels"),
+    same_as: Optional[Mapping[str, str]] = None,
 ) -> tuple[Examples, Examples]:
     """Train and eval :class:`Examples` over the rows of ``tokenized`` where ``keep`` (a boolean
     array, or None for all) is true, split by
     :func:`~qlora_plugins.core.datafiles.split_indices` over the kept rows in file order: the
-    same split, a deterministic function of the seed, as a list of those examples would get."""
+    same split, a deterministic function of the seed, as a list of those examples would get.
+    ``columns`` and ``same_as`` are :class:`Examples`'s."""
     import numpy as np
 
     from qlora_plugins.core.datafiles import split_indices
 
     kept = np.flatnonzero(keep) if keep is not None else np.arange(len(tokenized.dataset))
     train_idx, eval_idx = split_indices(len(kept), eval_fraction, seed)
-    train = Examples(tokenized.dataset, kept[train_idx].tolist(), columns)
-    evaluation = Examples(tokenized.dataset, kept[eval_idx].tolist(), columns)
+    train = Examples(tokenized.dataset, kept[train_idx].tolist(), columns, same_as)
+    evaluation = Examples(tokenized.dataset, kept[eval_idx].tolist(), columns, same_as)
     train.tokenized = evaluation.tokenized = tokenized
     return train, evaluation

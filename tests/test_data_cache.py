@@ -249,3 +249,34 @@ def test_cli_run_and_resume_reuse_the_cache(home, builds, write_config, tmp_path
     assert len(builds) == 1 and "tokenized set from the cache" in resumed.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["training"]["train_examples"] == 36 and report["training"]["resumed_from_step"] == 2
+
+
+def test_the_plugin_guide_data_format_example_runs(home, builds, tokenizer, tmp_path):
+    import re
+    import sys
+    import types
+
+    from conftest import REPO
+
+    text = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
+    source = re.search(r"<!-- example: data_format -->\s*```python\n(.*?)```", text, re.S).group(1)
+    assert "qlora_plugins.core" not in source
+    module = types.ModuleType("docs_example_data_format")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(source, "docs/plugins.md <example: data_format>", "exec"), module.__dict__)
+        registry = new_registry(plugins=[module])
+        assert not registry.broken
+        data = tmp_path / "words.jsonl"
+        data.write_text("".join(json.dumps({"word": f"w{i}"}) + "\n" for i in range(12)), encoding="utf-8")
+        fmt = registry.create("data_format", "words", {"path": "words.jsonl", "max_length": 16}, "data")
+        context = DataContext(tokenizer, "causal_lm", 0, tmp_path, "data")
+        first, second = fmt.load(context), fmt.load(context)
+        assert len(builds) == 1 and second.train.tokenized.hit and len(first.train) + len(first.eval) == 12
+        example = second.train[0]
+        assert example["labels"] == example["input_ids"] and tokenizer.decode(example["input_ids"]).startswith("word: w")
+        data.write_text(data.read_text() + json.dumps({"word": 5}) + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=r"words.jsonl row 13 column 'word': expected text"):
+            fmt.load(context)
+    finally:
+        sys.modules.pop(module.__name__, None)
