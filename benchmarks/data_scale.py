@@ -6,7 +6,7 @@ written to ``benchmarks/results/data_scale.json``).
    1 GB) of ``{"messages": [system, user, assistant]}``, and a byte-level BPE tokenizer trained
    offline on its sentence pool, with a ChatML chat template (no Hub).
 2. Runs each contender in a fresh subprocess and measures its wall time and peak memory (the
-   process and all its children, polled from ``/proc`` every 0.2 s: summed RSS, summed PSS (which
+   process and all its children, polled from ``/proc`` every 0.5 s: summed RSS, summed PSS (which
    counts a page shared by the workers once) and the largest ``ru_maxrss``):
 
    * ``ours``: a data format defined here (``bench_chat``: the tokenizer's ``apply_chat_template``
@@ -316,14 +316,16 @@ def measure(name: str, spec: dict, env: dict) -> dict:
     code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import data_scale; data_scale.worker_main({json.dumps({**spec, 'worker': name, 'out': str(out)})!r})"
     started = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = (0, 0, 0)
-    while proc.poll() is None:
-        sample = _tree_memory(proc.pid)
-        peak = tuple(max(a, b) for a, b in zip(peak, sample))  # type: ignore[assignment]
-        time.sleep(0.2)
+    log_path = Path(spec["scratch"]) / f"{name}.log"
+    with open(log_path, "w") as log_file:  # a file, not a pipe: a chatty contender never blocks on a full pipe
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        peak = (0, 0, 0)
+        while proc.poll() is None:
+            sample = _tree_memory(proc.pid)
+            peak = tuple(max(a, b) for a, b in zip(peak, sample))  # type: ignore[assignment]
+            time.sleep(0.5)
     wall = time.perf_counter() - started
-    log = proc.stdout.read() if proc.stdout else ""
+    log = log_path.read_text(errors="replace")
     if proc.returncode != 0 or not out.is_file():
         return {"error": f"exit {proc.returncode}", "log_tail": log[-3000:]}
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, overloa
 
 import attrs
 
+from qlora_plugins.core.datafiles import check_data_file, is_text_builder, read_rows, split_indices
 from qlora_plugins.core.errors import DataError, WriteError
 from qlora_plugins.core.rundir import atomic_write_text
 from qlora_plugins.core.safety import TEMP_SUFFIX
@@ -236,7 +237,7 @@ def entry_key(
     described = []
     for path, builder in zip(files, builders):
         stat = path.stat()
-        digest = scan_file(path, f"{config_path}.path", utf8=builder in ("json", "csv", "text"))
+        digest = scan_file(path, f"{config_path}.path", utf8=is_text_builder(builder))
         described.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns, digest])
     from qlora_plugins import __version__
 
@@ -321,8 +322,6 @@ def _build(
     """Read, encode (and regroup) into ``work``; the shards, columns, rows and meta."""
     import datasets
 
-    from qlora_plugins.core.datafiles import read_rows
-
     raw_dir = work / "raw"
     parts = [read_rows(path, f"{config_path}.path", cache_dir=raw_dir) for path in files]
     rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -399,8 +398,6 @@ def tokenize_cached(
     :raises DataError: bad data (from the reader or the encoder).
     :raises WriteError: the cache directory cannot be written.
     """
-    from qlora_plugins.core.datafiles import check_data_file
-
     started = time.perf_counter()
     files = [Path(f) for f in files]
     builders = [check_data_file(path, f"{config_path}.path") for path in files]
@@ -523,6 +520,20 @@ class Examples(Sequence[dict]):
         for position in range(len(self)):
             yield self._row(position)
 
+    def __add__(self, other: Sequence[dict]) -> list[dict]:
+        """Concatenation gives a list, as for lists of examples."""
+        return list(self) + list(other)
+
+    def __radd__(self, other: Sequence[dict]) -> list[dict]:
+        return list(other) + list(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Examples, list, tuple)):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
     def __repr__(self) -> str:
         return f"Examples({len(self)} examples, columns={list(self.columns)})"
 
@@ -541,8 +552,6 @@ def split_examples(
     same split, a deterministic function of the seed, as a list of those examples would get.
     ``columns`` and ``same_as`` are :class:`Examples`'s."""
     import numpy as np
-
-    from qlora_plugins.core.datafiles import split_indices
 
     kept = np.flatnonzero(keep) if keep is not None else np.arange(len(tokenized.dataset))
     train_idx, eval_idx = split_indices(len(kept), eval_fraction, seed)

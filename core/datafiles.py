@@ -30,6 +30,13 @@ def check_data_file(path: Path, config_path: str = "data.path") -> str:
     return builder
 
 
+def is_text_builder(builder: str) -> bool:
+    """Whether files of this ``datasets`` builder are text (checked to be UTF-8)."""
+    if builder in ("json", "csv", "text"):
+        return True
+    return False
+
+
 def read_rows(path: Path, config_path: str = "data.path", cache_dir: Path | None = None) -> Any:
     """Load ``path`` as a ``datasets.Dataset``.
 
@@ -38,7 +45,7 @@ def read_rows(path: Path, config_path: str = "data.path", cache_dir: Path | None
     are kept in memory, for small files). A parse error in a JSON-lines file names the line.
     """
     builder = check_data_file(path, config_path)
-    if builder in ("json", "csv", "text"):
+    if is_text_builder(builder):
         from qlora_plugins.core.data_cache import scan_file
 
         scan_file(path, config_path, utf8=True)
