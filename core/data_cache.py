@@ -404,7 +404,7 @@ def tokenize_cached(
     keyed = options_fingerprint(options) if options is not None else {}
     key = entry_key(files, tokenizer_fingerprint(tokenizer), name, {**keyed, "max_examples": max_examples}, code, config_path, builders)
     root = data_cache_dir() if cache else Path(tempfile.gettempdir())
-    final = root / f"{name}-{key}" if cache else None
+    final = root / f"{name}-{key}" if cache else None  # without the cache: a fresh private directory
     with _quiet_datasets():
         if final is not None and final.exists():
             opened = _open_entry(final, key)
@@ -413,9 +413,12 @@ def tokenize_cached(
                 return TokenizedSet(dataset, meta["rows"], meta["facts"], True, final, time.perf_counter() - started)
             _discard(final)
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            _remove_stale(root)
-            work = Path(tempfile.mkdtemp(prefix=f".{name}-{key}.", suffix=TEMP_SUFFIX, dir=root))
+            if final is not None:
+                root.mkdir(parents=True, exist_ok=True)
+                _remove_stale(root)  # only in the cache, where every temporary is ours
+                work = Path(tempfile.mkdtemp(prefix=f".{name}-{key}.", suffix=TEMP_SUFFIX, dir=root))
+            else:
+                work = Path(tempfile.mkdtemp(prefix=f"qlora-data-{name}-"))
         except OSError as exc:
             raise WriteError(
                 f"{config_path}: cannot write the data cache {root} ({ENV_HOME}): {exc.strerror or exc}; "
