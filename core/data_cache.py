@@ -301,6 +301,23 @@ def _remove_stale(directory: Path) -> None:
 
 
 @contextlib.contextmanager
+def _same_environ() -> Iterator[None]:
+    """Keep ``os.environ`` the same object with the same contents: a parallel ``Dataset.map``
+    replaces it by a copy (after changing TOKENIZERS_PARALLELISM for its workers), which would
+    leave anyone holding the original (pytest's monkeypatch, a caller's reference) behind."""
+    original, snapshot = os.environ, dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ = original
+        for name in [name for name in original if name not in snapshot]:
+            del original[name]
+        for name, value in snapshot.items():
+            if original.get(name) != value:
+                original[name] = value
+
+
+@contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     import logging
 
@@ -329,19 +346,20 @@ def _build(
         rows = rows.select(range(min(len(rows), max_examples)))
     encoder = prepare(rows)
     num_proc = max(1, min(num_proc, len(rows) // max(encoder.batch_size, 1) or 1))
-    encoded = rows.map(
-        encoder.encode,
-        batched=True,
-        batch_size=encoder.batch_size,
-        with_indices=True,
-        remove_columns=rows.column_names,
-        num_proc=num_proc if num_proc > 1 else None,
-        cache_file_name=str(work / "encoded.arrow"),
-        features=encoder.features,
-        load_from_cache_file=False,
-        new_fingerprint=_sha(str(work))[:16],
-        desc=None,
-    )
+    with _same_environ():
+        encoded = rows.map(
+            encoder.encode,
+            batched=True,
+            batch_size=encoder.batch_size,
+            with_indices=True,
+            remove_columns=rows.column_names,
+            num_proc=num_proc if num_proc > 1 else None,
+            cache_file_name=str(work / "encoded.arrow"),
+            features=encoder.features,
+            load_from_cache_file=False,
+            new_fingerprint=_sha(str(work))[:16],
+            desc=None,
+        )
     if encoder.regroup is not None:
         encoded = encoded.map(
             encoder.regroup,

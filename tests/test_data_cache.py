@@ -6,6 +6,7 @@ for validation, with errors naming the byte and line."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -157,11 +158,13 @@ def test_concurrent_builds_of_one_entry_both_succeed(home, tokenizer, tmp_path):
 
 def test_parallel_tokenizing_gives_the_same_examples(home, tokenizer, tmp_path):
     data = rows_file(tmp_path / "rows.jsonl", n=2500, long_prompts=5)
+    environ = os.environ
     serial = load(tokenizer, data, num_proc=1, cache=False)
     parallel = load(tokenizer, data, num_proc=2, cache=False)
     assert parallel.train.tokenized.path is None and len(parallel.train.tokenized.dataset.cache_files) == 2
     assert list(parallel.train) == list(serial.train) and parallel.dropped == serial.dropped == 5
     assert not entries()  # data.cache: false writes nothing into the cache
+    assert os.environ is environ and os.environ["QLORA_PLUGINS_HOME"] == str(home)  # datasets' workers leave it as it was
 
 
 def test_a_row_error_in_a_worker_names_the_row(home, tokenizer, tmp_path):
