@@ -356,6 +356,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-data-scale"))
     parser.add_argument("--output", type=Path, default=HERE / "results" / "data_scale.json")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="run only ours_cached, on the cache an earlier run of the same size left in --workdir (a rerun at another load)",
+    )
     args = parser.parse_args()
 
     workdir = args.workdir
@@ -366,17 +371,19 @@ def main() -> None:
     tokenizer = build_tokenizer(workdir / "tokenizer")
     num_proc = args.num_proc or len(os.sched_getaffinity(0))
     scratch = workdir / "scratch"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
+    if not args.cached_only:
+        shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(exist_ok=True)
     spec = {"file": str(data), "tokenizer": str(tokenizer), "max_length": args.max_length, "num_proc": num_proc, "scratch": str(scratch)}
     base = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "HF_"))}
     base.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE)})
     ours_env = {**base, "QLORA_PLUGINS_HOME": str(scratch / "qhome"), "HF_HOME": str(scratch / "hf-ours")}
     results: dict[str, Any] = {}
     loads: dict[str, list] = {}
-    results["ours"] = measure("ours", spec, ours_env)
-    loads["ours"] = list(os.getloadavg())
-    if not args.skip_trl:
+    if not args.cached_only:
+        results["ours"] = measure("ours", spec, ours_env)
+        loads["ours"] = list(os.getloadavg())
+    if not args.skip_trl and not args.cached_only:
         results["trl"] = measure("trl", spec, {**base, "HF_HOME": str(scratch / "hf-trl")})
         loads["trl"] = list(os.getloadavg())
     results["ours_cached"] = measure("ours_cached", spec, ours_env)
@@ -406,12 +413,15 @@ def main() -> None:
             "same_token_count": ours.get("tokens") == trl.get("tokens"),
             "same_first_tokens": ours.get("sample_ids") == trl.get("sample_ids"),
         }
+    targets: dict[str, bool] = {}
+    if "wall_s" in ours and "wall_s" in trl:
+        targets["time_at_most_trl"] = ours["wall_s"] <= trl["wall_s"]
+        targets["cpu_time_at_most_trl"] = ours["cpu_s"] <= trl["cpu_s"]
+        targets["peak_memory_at_most_trl"] = ours["peak_pss_tree_mb"] <= trl["peak_pss_tree_mb"]
     if "wall_s" in cached:
-        report["targets"] = {
-            "time_at_most_trl": "wall_s" in trl and ours.get("wall_s", 1e9) <= trl["wall_s"],
-            "peak_memory_at_most_trl": "wall_s" in trl and ours.get("peak_pss_tree_mb", 1e9) <= trl["peak_pss_tree_mb"],
-            "cached_run_under_10_s": cached["wall_s"] < 10,
-        }
+        targets["cached_run_under_10_s"] = cached["wall_s"] < 10
+    if targets:
+        report["targets"] = targets
     text = json.dumps(report, indent=2)
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
