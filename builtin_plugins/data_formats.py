@@ -1,8 +1,12 @@
 """Builtin data formats: ``instruction`` (prompt masked from the loss), ``text`` (plain causal-LM
-text cut into blocks) and ``classification`` (a text column and a label column)."""
+text cut into blocks) and ``classification`` (a text column and a label column).
+
+Each tokenizes through :func:`qlora_plugins.data.tokenize_cached`: batched, in worker processes
+for big files, kept as memory-mapped Arrow and cached (docs/data-cache.md)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import string
 from pathlib import Path
@@ -11,7 +15,7 @@ from typing import Any
 import attrs
 
 from qlora_plugins import DataContext, DataFormat, DataOptions, DataSplits, hookimpl
-from qlora_plugins.data import check_data_file, read_rows, require_columns, split_indices
+from qlora_plugins.data import Encoder, check_data_file, code_fingerprint, require_columns, split_examples, tokenize_cached
 from qlora_plugins.errors import DataError, short_repr, short_text
 
 IGNORE_INDEX = -100
@@ -61,13 +65,37 @@ def _resolve(context: DataContext, value: str) -> Path:
     return path if path.is_absolute() else context.base_dir / path
 
 
-def _limit(rows: Any, max_examples: int | None) -> Any:
-    return rows.select(range(min(len(rows), max_examples))) if max_examples else rows
+_KEPT, _TOO_LONG, _EMPTY = 0, 1, 2
+_IDS = ["int32"]
 
 
-def _split(examples: list[dict], options: Any, seed: int) -> tuple[list[dict], list[dict]]:
-    train_idx, eval_idx = split_indices(len(examples), options.eval_fraction, seed)
-    return [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
+def _features(**columns: Any) -> Any:
+    """``datasets.Features`` from ``name=dtype`` (a list of one dtype: a list column)."""
+    import datasets
+
+    return datasets.Features(
+        {
+            name: datasets.Sequence(datasets.Value(kind[0])) if isinstance(kind, list) else datasets.Value(kind)
+            for name, kind in columns.items()
+        }
+    )
+
+
+def _tokenize(fmt: DataFormat, context: DataContext, path: Path, prepare: Any) -> Any:
+    """Tokenize ``path`` through the cache with the format's options and code as part of the key."""
+    o = fmt.options
+    return tokenize_cached(
+        [path],
+        prepare,
+        tokenizer=context.tokenizer,
+        name=fmt.name,
+        options=o,
+        code=code_fingerprint(type(fmt)),
+        config_path=context.config_path,
+        max_examples=o.max_examples,
+        num_proc=o.num_proc,
+        cache=o.cache,
+    )
 
 
 class _FileFormat(DataFormat):
@@ -126,48 +154,70 @@ class Instruction(_FileFormat):
     def load(self, context: DataContext) -> DataSplits:
         o = self.options
         path = _resolve(context, o.path)
-        rows = _limit(read_rows(path, f"{context.config_path}.path"), o.max_examples)
-        require_columns(rows, [o.instruction_column, o.output_column], path, f"{context.config_path}.path")
-        tok = context.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
-        has_input = o.input_column in rows.column_names
         where = f"{context.config_path}.path: {path.name}"
-        examples, too_long, empty = [], 0, 0
-        answers_seen = False
-        for number, row in enumerate(rows, start=1):
-            inp = cell_text(row.get(o.input_column), where, number, o.input_column) if has_input else ""
-            prompt = o.template.format(
-                instruction=cell_text(row[o.instruction_column], where, number, o.instruction_column),
-                input_block=o.input_template.format(input=inp) if inp else "",
-            )
-            answer = cell_text(row[o.output_column], where, number, o.output_column)
-            answers_seen = answers_seen or bool(answer.strip())
-            prompt_ids = bos + tok(prompt, add_special_tokens=False)["input_ids"]
-            answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + eos
-            if not answer_ids:
-                empty += 1  # no response and no EOS token: nothing to learn from this row
-                continue
-            ids = (prompt_ids + answer_ids)[: o.max_length]
-            labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[: o.max_length]
-            if all(label == IGNORE_INDEX for label in labels):
-                too_long += 1  # the prompt alone fills max_length: nothing to learn from this row
-                continue
-            examples.append({"input_ids": ids, "labels": labels})
-        if not answers_seen:
+        tok = context.tokenizer
+
+        def prepare(rows: Any) -> Encoder:
+            require_columns(rows, [o.instruction_column, o.output_column], path, f"{context.config_path}.path")
+            has_input = o.input_column in rows.column_names
+            encode = functools.partial(_encode_instruction, o=o, tok=tok, where=where, has_input=has_input)
+            return Encoder(encode, features=_features(input_ids=_IDS, labels=_IDS, status="int8", answered="bool"))
+
+        data = _tokenize(self, context, path, prepare)
+        status = data.column("status")
+        too_long, empty = int((status == _TOO_LONG).sum()), int((status == _EMPTY).sum())
+        kept = status == _KEPT
+        if not data.column("answered").any():
             raise DataError(f"{where}: column '{o.output_column}' is empty in every row, so there is no response to learn")
-        if not examples and too_long:
+        if not kept.any() and too_long:
             raise DataError(
                 f"{context.config_path}.max_length: every prompt in {path.name} is at least {o.max_length} tokens, "
                 "so no row has a response to learn; raise max_length"
             )
-        if not examples:
+        if not kept.any():
             raise DataError(f"{where}: no row has a response to learn")
         reasons = [f"{too_long} with a prompt of at least max_length={o.max_length} tokens"] if too_long else []
         reasons += [f"{empty} with an empty response"] if empty else []
-        _check_kept(context, o, path, len(rows), len(examples), ", ".join(reasons))
-        train, evaluation = _split(examples, o, context.seed)
-        return DataSplits(train, evaluation, rows=len(rows), dropped=too_long + empty)
+        _check_kept(context, o, path, data.rows, int(kept.sum()), ", ".join(reasons))
+        train, evaluation = split_examples(data, kept, o.eval_fraction, context.seed)
+        return DataSplits(train, evaluation, rows=data.rows, dropped=too_long + empty)
+
+
+def _encode_instruction(batch: dict, indices: list, *, o: Any, tok: Any, where: str, has_input: bool) -> dict:
+    """One batch of instruction rows: prompt and answer tokens, the prompt masked; a row whose
+    prompt fills max_length, or without a response and EOS, is kept with a drop status."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
+    prompts, answers = [], []
+    for k, index in enumerate(indices):
+        number = index + 1
+        inp = cell_text(batch[o.input_column][k], where, number, o.input_column) if has_input else ""
+        prompts.append(
+            o.template.format(
+                instruction=cell_text(batch[o.instruction_column][k], where, number, o.instruction_column),
+                input_block=o.input_template.format(input=inp) if inp else "",
+            )
+        )
+        answers.append(cell_text(batch[o.output_column][k], where, number, o.output_column))
+    prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    answer_ids = tok(answers, add_special_tokens=False)["input_ids"] if answers else []
+    out: dict = {"input_ids": [], "labels": [], "status": [], "answered": []}
+    for answer, p_ids, a_ids in zip(answers, prompt_ids, answer_ids):
+        p_ids, a_ids = bos + list(p_ids), list(a_ids) + eos
+        ids = (p_ids + a_ids)[: o.max_length]
+        labels = ([IGNORE_INDEX] * len(p_ids) + a_ids)[: o.max_length]
+        if not a_ids:
+            status = _EMPTY  # no response and no EOS token: nothing to learn from this row
+        elif all(label == IGNORE_INDEX for label in labels):
+            status = _TOO_LONG  # the prompt alone fills max_length: nothing to learn from this row
+        else:
+            status = _KEPT
+        keep = status == _KEPT
+        out["input_ids"].append(ids if keep else [])
+        out["labels"].append(labels if keep else [])
+        out["status"].append(status)
+        out["answered"].append(bool(answer.strip()))
+    return out
 
 
 @attrs.define
@@ -187,23 +237,65 @@ class Text(_FileFormat):
     def load(self, context: DataContext) -> DataSplits:
         o = self.options
         path = _resolve(context, o.path)
-        rows = _limit(read_rows(path, f"{context.config_path}.path"), o.max_examples)
-        require_columns(rows, [o.text_column], path, f"{context.config_path}.path")
         where = f"{context.config_path}.path: {path.name}"
-        cells = [cell_text(t, where, number, o.text_column) for number, t in enumerate(rows[o.text_column], start=1)]
-        if not any(cell.strip() for cell in cells):
-            raise DataError(f"{where}: column '{o.text_column}' is empty in every row")
-        text = "\n".join(cell for cell, raw in zip(cells, rows[o.text_column]) if raw is not None)
-        ids = context.tokenizer(text, add_special_tokens=False)["input_ids"]
-        n_blocks = len(ids) // o.max_length
-        if n_blocks == 0:
-            raise DataError(
-                f"{context.config_path}.path: {path.name} has {len(ids)} tokens, fewer than one block of max_length={o.max_length}"
+        tok = context.tokenizer
+
+        def prepare(rows: Any) -> Encoder:
+            require_columns(rows, [o.text_column], path, f"{context.config_path}.path")
+            facts: dict = {"tokens": 0, "nonblank": False}
+            separator = list(tok("\n", add_special_tokens=False)["input_ids"])
+            return Encoder(
+                functools.partial(_encode_text, column=o.text_column, tok=tok, where=where),
+                meta=facts,
+                regroup=_Blocks(o.max_length, separator, facts),
+                features=_features(ids=_IDS, present="bool", nonblank="bool"),
+                regroup_features=_features(input_ids=_IDS),
             )
-        blocks = [ids[i * o.max_length : (i + 1) * o.max_length] for i in range(n_blocks)]
-        examples = [{"input_ids": b, "labels": list(b)} for b in blocks]
-        train, evaluation = _split(examples, o, context.seed)
-        return DataSplits(train, evaluation, rows=len(rows))
+
+        data = _tokenize(self, context, path, prepare)
+        if not data.meta["nonblank"]:
+            raise DataError(f"{where}: column '{o.text_column}' is empty in every row")
+        if len(data.dataset) == 0:
+            raise DataError(
+                f"{context.config_path}.path: {path.name} has {data.meta['tokens']} tokens, "
+                f"fewer than one block of max_length={o.max_length}"
+            )
+        train, evaluation = split_examples(data, None, o.eval_fraction, context.seed, ("input_ids",), {"labels": "input_ids"})
+        return DataSplits(train, evaluation, rows=data.rows)
+
+
+def _encode_text(batch: dict, indices: list, *, column: str, tok: Any, where: str) -> dict:
+    """The tokens of each row's text (a missing cell is no text and no line)."""
+    raw = batch[column]
+    cells = [cell_text(value, where, index + 1, column) for value, index in zip(raw, indices)]
+    ids = tok(cells, add_special_tokens=False)["input_ids"] if cells else []
+    return {"ids": [list(i) for i in ids], "present": [value is not None for value in raw], "nonblank": [bool(c.strip()) for c in cells]}
+
+
+class _Blocks:
+    """The sequential pass of ``text``: the rows' tokens joined by the newline's tokens (as the
+    text joined by newlines) and cut into ``max_length`` blocks; the last partial block is
+    dropped. Records the token count and whether any row holds text in ``facts``."""
+
+    def __init__(self, max_length: int, separator: list, facts: dict) -> None:
+        self.max_length, self.separator, self.facts = max_length, separator, facts
+        self.carry: list = []
+        self.started = False
+
+    def __call__(self, batch: dict) -> dict:
+        blocks = []
+        for ids, present, nonblank in zip(batch["ids"], batch["present"], batch["nonblank"]):
+            self.facts["nonblank"] = self.facts["nonblank"] or bool(nonblank)
+            if not present:
+                continue
+            added = (self.separator if self.started else []) + list(ids)
+            self.started = True
+            self.facts["tokens"] += len(added)
+            self.carry.extend(added)
+            while len(self.carry) >= self.max_length:
+                blocks.append(self.carry[: self.max_length])
+                del self.carry[: self.max_length]
+        return {"input_ids": blocks}
 
 
 @attrs.define
@@ -224,31 +316,44 @@ class Classification(_FileFormat):
     def load(self, context: DataContext) -> DataSplits:
         o = self.options
         path = _resolve(context, o.path)
-        rows = _limit(read_rows(path, f"{context.config_path}.path"), o.max_examples)
-        require_columns(rows, [o.text_column, o.label_column], path, f"{context.config_path}.path")
         where = f"{context.config_path}.path: {path.name}"
-        raw_labels = [_label(label, where, number, o.label_column) for number, label in enumerate(rows[o.label_column], start=1)]
-        if any(label is None for label in raw_labels):
-            raise DataError(f"{context.config_path}.path: {path.name} has rows without a label in column '{o.label_column}'")
-        if all(isinstance(label, int) and not isinstance(label, bool) for label in raw_labels):
-            if min(raw_labels) < 0:
-                raise DataError(f"{context.config_path}.path: {path.name}: integer labels must be >= 0")
-            label_ids, num_labels = list(raw_labels), max(raw_labels) + 1
-        else:
-            names = sorted({str(label) for label in raw_labels})
-            index = {name: i for i, name in enumerate(names)}
-            label_ids, num_labels = [index[str(label)] for label in raw_labels], len(names)
-        if num_labels < 2:
-            raise DataError(f"{context.config_path}.path: {path.name} has a single label class; classification needs at least 2")
-        texts = [cell_text(text, where, number, o.text_column) for number, text in enumerate(rows[o.text_column], start=1)]
-        if not any(text.strip() for text in texts):
+        tok = context.tokenizer
+
+        def prepare(rows: Any) -> Encoder:
+            require_columns(rows, [o.text_column, o.label_column], path, f"{context.config_path}.path")
+            raw_labels = [_label(label, where, number, o.label_column) for number, label in enumerate(rows[o.label_column], start=1)]
+            if any(label is None for label in raw_labels):
+                raise DataError(f"{context.config_path}.path: {path.name} has rows without a label in column '{o.label_column}'")
+            index: dict | None = None
+            if all(isinstance(label, int) and not isinstance(label, bool) for label in raw_labels):
+                if min(raw_labels) < 0:
+                    raise DataError(f"{context.config_path}.path: {path.name}: integer labels must be >= 0")
+                num_labels = max(raw_labels) + 1
+            else:
+                names = sorted({str(label) for label in raw_labels})
+                index, num_labels = {name: i for i, name in enumerate(names)}, len(names)
+            if num_labels < 2:
+                raise DataError(f"{context.config_path}.path: {path.name} has a single label class; classification needs at least 2")
+            encode = functools.partial(_encode_classification, o=o, tok=tok, where=where, index=index)
+            return Encoder(encode, meta={"num_labels": num_labels}, features=_features(input_ids=_IDS, labels="int64", nonblank="bool"))
+
+        data = _tokenize(self, context, path, prepare)
+        if not data.column("nonblank").any():
             raise DataError(f"{where}: column '{o.text_column}' is empty in every row")
-        examples = []
-        for text, label in zip(texts, label_ids):
-            ids = context.tokenizer(text, truncation=True, max_length=o.max_length)["input_ids"]
-            examples.append({"input_ids": ids, "labels": label})
-        train, evaluation = _split(examples, o, context.seed)
-        return DataSplits(train, evaluation, num_labels=num_labels, rows=len(rows))
+        train, evaluation = split_examples(data, None, o.eval_fraction, context.seed)
+        return DataSplits(train, evaluation, num_labels=data.meta["num_labels"], rows=data.rows)
+
+
+def _encode_classification(batch: dict, indices: list, *, o: Any, tok: Any, where: str, index: dict | None) -> dict:
+    """One batch of classification rows: the text's tokens (truncated) and the label's index."""
+    texts = [cell_text(text, where, i + 1, o.text_column) for text, i in zip(batch[o.text_column], indices)]
+    ids = tok(texts, truncation=True, max_length=o.max_length)["input_ids"] if texts else []
+    labels = [_label(label, where, i + 1, o.label_column) for label, i in zip(batch[o.label_column], indices)]
+    return {
+        "input_ids": [list(i) for i in ids],
+        "labels": [index[str(label)] if index is not None else label for label in labels],
+        "nonblank": [bool(text.strip()) for text in texts],
+    }
 
 
 def _label(value: Any, where: str, row: int, column: str) -> Any:

@@ -30,14 +30,25 @@ def check_data_file(path: Path, config_path: str = "data.path") -> str:
     return builder
 
 
-def read_rows(path: Path, config_path: str = "data.path") -> Any:
-    """Load ``path`` as a ``datasets.Dataset`` (kept in memory; no cache files are written)."""
-    builder = check_data_file(path, config_path)
+def is_text_builder(builder: str) -> bool:
+    """Whether files of this ``datasets`` builder are text (checked to be UTF-8)."""
     if builder in ("json", "csv", "text"):
-        try:
-            path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{config_path}: {path} is not UTF-8 text (byte {exc.start})") from None
+        return True
+    return False
+
+
+def read_rows(path: Path, config_path: str = "data.path", cache_dir: Path | None = None) -> Any:
+    """Load ``path`` as a ``datasets.Dataset``.
+
+    The file is streamed, never read whole: the UTF-8 check decodes it chunk by chunk, and with
+    ``cache_dir`` the rows are converted into memory-mapped Arrow files there (without it they
+    are kept in memory, for small files). A parse error in a JSON-lines file names the line.
+    """
+    builder = check_data_file(path, config_path)
+    if is_text_builder(builder):
+        from qlora_plugins.core.data_cache import scan_file
+
+        scan_file(path, config_path, utf8=True)
     import datasets
 
     no_rows = DataError(f"{config_path}: {path} has no rows")
@@ -45,11 +56,15 @@ def read_rows(path: Path, config_path: str = "data.path") -> Any:
         raise no_rows  # datasets fails on it with "BatchSize must be greater than 0"
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its errors become our DataError
     datasets.disable_progress_bars()
+    where = {"keep_in_memory": True, "cache_dir": None} if cache_dir is None else {"keep_in_memory": False, "cache_dir": str(cache_dir)}
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, cache_dir=None)
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **where)
     except Exception as exc:  # datasets wraps parser errors in several exception types
         if "corresponds to no data" in str(exc):  # a header-only csv, blank jsonl, `[]`
             raise no_rows from None
+        located = _json_lines_error(path) if builder == "json" else None
+        if located:
+            raise DataError(f"{config_path}: cannot parse {path}: {located}") from None
         cause = exc.__cause__ or exc.__context__ or exc
         raise DataError(
             f"{config_path}: cannot parse {path}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
@@ -57,6 +72,31 @@ def read_rows(path: Path, config_path: str = "data.path") -> Any:
     if len(ds) == 0:
         raise no_rows
     return ds
+
+
+def _json_lines_error(path: Path) -> str | None:
+    """``line N: <what>`` for the first line of a JSON-lines file that is not a JSON object,
+    read line by line; None when every line is one (or the file is one JSON document)."""
+    import json
+
+    with open(path, "rb") as handle:
+        if path.suffix.lower() != ".jsonl":  # a .json file: JSON lines only when its first line is an object
+            try:
+                if not isinstance(json.loads(handle.readline()), dict):
+                    return None
+            except ValueError:
+                return None
+            handle.seek(0)
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                return f"line {number}: {type(exc).__name__}: {short_text(exc, 200)}"
+            if not isinstance(value, dict):
+                return f"line {number}: expected a JSON object, got {short_text(line.strip(), 60)}"
+    return None
 
 
 def _parquet_rows(path: Path) -> int | None:

@@ -473,13 +473,20 @@ class DataOptions:
     """Options every data format accepts. ``path`` is relative to the config file's directory.
 
     The host itself reads two more keys of the ``data`` section, for every data format:
-    ``packing`` and ``sources`` (core/mixing.py); they never reach a format's options."""
+    ``packing`` and ``sources`` (core/mixing.py); they never reach a format's options.
+
+    ``num_proc`` (worker processes for tokenizing; default: the cores, for files of 32 MiB or
+    more) and ``cache`` (keep the tokenized set in ``$QLORA_PLUGINS_HOME/data``) are read by
+    formats built on :func:`qlora_plugins.data.tokenize_cached`.
+    """
 
     path: str
     eval_fraction: float = attrs.field(default=0.1, validator=in_range(0.0, 0.9))
     max_length: int = attrs.field(default=256, validator=in_range(8, 1_000_000))
     max_examples: Optional[int] = attrs.field(default=None, validator=positive)
     min_kept_fraction: float = attrs.field(default=0.5, validator=in_range(0.0, 1.0))
+    num_proc: Optional[int] = attrs.field(default=None, validator=positive)
+    cache: bool = True
 
 
 @attrs.define
@@ -504,6 +511,10 @@ class DataContext:
 class DataSplits:
     """Tokenized examples: sequences of dicts with ``input_ids`` and ``labels``
     (token labels with -100 for masked positions, or a class index for ``seq_cls``).
+
+    ``train`` and ``eval`` may be plain lists of dicts, or any ``Sequence`` of dicts with ``len``,
+    integer indexing and slicing that returns a list: :class:`qlora_plugins.data.Examples` over
+    a memory-mapped Arrow dataset is what the builtin formats return.
 
     :param rows: how many rows the data file gave (after ``max_examples``), when the format
         reads rows; None otherwise.
@@ -537,7 +548,11 @@ class DataFormat(Plugin):
     # --- end generate/eval ---
 
     def load(self, context: DataContext) -> DataSplits:
-        """Read, validate and tokenize the data; raise DataError naming the file on bad input."""
+        """Read, validate and tokenize the data; raise DataError naming the file on bad input.
+
+        A format built for large files tokenizes through :func:`qlora_plugins.data.tokenize_cached`
+        (batched, parallel, cached, memory-mapped) and returns
+        :class:`qlora_plugins.data.Examples`; returning lists of dicts stays supported."""
         raise NotImplementedError
 
     def check(self, base_dir: Path, config_path: str = "data") -> None:

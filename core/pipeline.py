@@ -416,6 +416,9 @@ class Pipeline:
             with progress.current().stage("data", unit="example") as stage:
                 splits = plugins.data.load(DataContext(tokenizer, config.model.task, train_cfg.seed, config.base_dir, "data"))
                 stage.update(len(splits.train) + len(splits.eval))
+            tokenized = getattr(splits.train, "tokenized", None)
+            if tokenized is not None and hasattr(tokenized, "describe"):
+                self.log(tokenized.describe())
             if len(splits.train) == 0:
                 raise QloraError("data: the training split is empty")
             if config.model.task == "causal_lm" and not any(
