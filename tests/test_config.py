@@ -471,7 +471,15 @@ def _section_keys(section: str) -> list[str]:
         return [f.name for f in attrs.fields(ModelSection)]
     if section == "train":
         return [f.name for f in attrs.fields(TrainSection)]
-    kind = {"quantizer": "quantizer", "adapter": "adapter", "optimizer": "optimizer", "data": "data_format", "export": "exporter"}[section]
+    kind = {
+        "quantizer": "quantizer",
+        "adapter": "adapter",
+        "optimizer": "optimizer",
+        "data": "data_format",
+        "export": "exporter",
+        "eval": "evaluator",
+        "track": "tracker",
+    }[section]
     return sorted({f.name for reg in REGISTRY.registrations(kind) for f in attrs.fields(reg.cls.Options)} | {"name"})
 
 
