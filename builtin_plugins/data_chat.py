@@ -28,14 +28,16 @@ reason), so a batched ``datasets.map`` can wrap it.
 from __future__ import annotations
 
 import bisect
+import functools
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence
 
 import attrs
 
 from qlora_plugins import DataContext, DataFormat, DataOptions, DataSplits, hookimpl
+from qlora_plugins.builtin_plugins import chat_templates as template_source_module
 from qlora_plugins.builtin_plugins.chat_templates import TEMPLATES
-from qlora_plugins.data import check_data_file, read_rows, require_columns, split_indices
+from qlora_plugins.data import Encoder, Examples, check_data_file, code_fingerprint, require_columns, split_indices, tokenize_cached
 from qlora_plugins.errors import DataError, short_repr, short_text
 from qlora_plugins.options import closest
 
@@ -524,58 +526,96 @@ class Chat(DataFormat):
         return ChatEncoder(context.tokenizer, source, label, stops, o.train_on, o.max_length, reader)
 
     def load(self, context: DataContext) -> DataSplits:
+        """Tokenize the file through the data cache (batched, in worker processes for big files,
+        kept as memory-mapped Arrow; a second run or a resume reuses it), then split."""
+        import numpy as np
+
         o, cp = self.options, context.config_path
         path = _resolve(context.base_dir, o.path)
+        where = f"{cp}.path: {path.name}"
+
+        def prepare(rows: Any) -> Encoder:
+            if o.messages_field is not None:
+                require_columns(rows, [o.messages_field], path, f"{cp}.path")
+            encoder = self.encoder(context, self.reader(rows.column_names, path, cp))
+            encode = functools.partial(_encode_conversations, encoder=encoder, where=where, locate=_Locator(path))
+            return Encoder(encode, features=_chat_features())
+
         try:
-            rows = read_rows(path, f"{cp}.path")
+            data = tokenize_cached(
+                [path],
+                prepare,
+                tokenizer=context.tokenizer,
+                name=self.name,
+                options=o,
+                code=code_fingerprint(type(self)) + code_fingerprint(template_source_module),  # (the builtin templates' text)
+                config_path=cp,
+                max_examples=o.max_examples,
+                num_proc=o.num_proc,
+                cache=o.cache,
+            )
         except DataError as exc:
             if "cannot parse" in str(exc) and path.suffix.lower() == ".jsonl" and path.is_file():
                 problem = _diagnose_jsonl(path, self.reader(["messages"], path, cp), o.messages_field is None)
                 if problem:
                     raise DataError(f"{cp}.path: {path.name} {problem}") from None
             raise
-        if o.max_examples:
-            rows = rows.select(range(min(len(rows), o.max_examples)))
-        reader = self.reader(rows.column_names, path, cp)
-        if o.messages_field is not None:
-            require_columns(rows, [o.messages_field], path, f"{cp}.path")
-        encoder = self.encoder(context, reader)
-        locate = _Locator(path)
-        where = f"{cp}.path: {path.name}"
-        examples: list[dict] = []
-        truncated, dropped = 0, {"truncated": 0, "no_trained_token": 0}
-        first_dropped: str | None = None
-        for index, row in enumerate(rows):
-            try:
-                out = encoder.encode_row(row)
-            except RowError as exc:
-                raise DataError(f"{where} {locate(index)}: {exc}") from None
-            if out["dropped"]:
-                dropped[out["dropped"]] += 1
-                first_dropped = first_dropped or locate(index)
-                continue
-            truncated += out["truncated"]
-            examples.append({"input_ids": out["input_ids"], "labels": out["labels"]})
-        n_dropped = sum(dropped.values())
-        if not examples:
-            if dropped["truncated"]:
+        status = data.column("status")
+        kept = status == _KEPT
+        cut, empty = int((status == _CUT).sum()), int((status == _NOTHING).sum())
+        n_dropped, n_kept = cut + empty, int(kept.sum())
+        first_dropped = _Locator(path)(int(np.flatnonzero(~kept)[0])) if n_dropped else None
+        if not n_kept:
+            if cut:
                 raise DataError(
                     f"{cp}.max_length: no conversation in {path.name} keeps a trained token within max_length={o.max_length} "
                     f"(first: {first_dropped}); raise max_length"
                 )
             raise DataError(f"{where}: no conversation has a token to train on (data.train_on: {o.train_on}; first: {first_dropped})")
-        if n_dropped and len(examples) < o.min_kept_fraction * len(rows):
-            reasons = [f"{dropped['truncated']} with no trained token within max_length={o.max_length}"] if dropped["truncated"] else []
-            reasons += [f"{dropped['no_trained_token']} with nothing to train"] if dropped["no_trained_token"] else []
+        if n_dropped and n_kept < o.min_kept_fraction * data.rows:
+            reasons = [f"{cut} with no trained token within max_length={o.max_length}"] if cut else []
+            reasons += [f"{empty} with nothing to train"] if empty else []
             raise DataError(
-                f"{cp}.max_length: only {len(examples)} of {len(rows)} conversations of {path.name} are usable "
+                f"{cp}.max_length: only {n_kept} of {data.rows} conversations of {path.name} are usable "
                 f"({n_dropped} dropped: {', '.join(reasons)}; first: {first_dropped}); data.min_kept_fraction is "
                 f"{o.min_kept_fraction:g}; raise max_length or lower min_kept_fraction"
             )
-        train_idx, eval_idx = split_indices(len(examples), o.eval_fraction, context.seed)
-        train = [examples[i] for i in sorted(train_idx)]  # file order: `qlora data preview` shows the first rows
-        evaluation = [examples[i] for i in sorted(eval_idx)]
-        return DataSplits(train, evaluation, rows=len(rows), dropped=n_dropped, truncated=truncated)
+        truncated = int((data.column("truncated") & kept).sum())
+        kept_rows = np.flatnonzero(kept)
+        train_idx, eval_idx = split_indices(len(kept_rows), o.eval_fraction, context.seed)
+        # file order: `qlora data preview` shows the first rows
+        train = Examples(data.dataset, sorted(kept_rows[train_idx].tolist()))
+        evaluation = Examples(data.dataset, sorted(kept_rows[eval_idx].tolist()))
+        train.tokenized = evaluation.tokenized = data
+        return DataSplits(train, evaluation, rows=data.rows, dropped=n_dropped, truncated=truncated)
+
+
+_KEPT, _CUT, _NOTHING = 0, 1, 2
+_STATUS = {None: _KEPT, "truncated": _CUT, "no_trained_token": _NOTHING}
+
+
+def _chat_features() -> Any:
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int32"))
+    return datasets.Features({"input_ids": ids, "labels": ids, "status": datasets.Value("int8"), "truncated": datasets.Value("bool")})
+
+
+def _encode_conversations(batch: dict, indices: list, *, encoder: ChatEncoder, where: str, locate: _Locator) -> dict:
+    """One batch of rows through :meth:`ChatEncoder.encode_row` (runs in worker processes): the
+    example columns, and a status for rows that give no example (they are counted, not kept)."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "truncated": []}
+    columns = list(batch)
+    for k, index in enumerate(indices):
+        try:
+            example = encoder.encode_row({name: batch[name][k] for name in columns})
+        except RowError as exc:
+            raise DataError(f"{where} {locate(index)}: {exc}") from None
+        out["input_ids"].append(example["input_ids"])
+        out["labels"].append(example["labels"])
+        out["status"].append(_STATUS[example["dropped"]])
+        out["truncated"].append(bool(example["truncated"]))
+    return out
 
 
 @hookimpl

@@ -432,3 +432,21 @@ def test_runs_trained_on_conversations_are_chatted_with_their_template():
     registry = make_registry()
     assert is_conversational({"data": {"name": "chat", "path": "x.jsonl"}}, registry)
     assert not is_conversational({"data": {"name": "instruction", "path": "x.jsonl"}}, registry)
+
+
+def test_conversations_are_tokenized_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The chat format tokenizes through the data cache: Arrow-backed splits, a second load of the
+    same file with the same tokenizer and options is a hit with the same examples, and editing
+    the file rebuilds."""
+    monkeypatch.setenv("QLORA_PLUGINS_HOME", str(tmp_path / "home"))
+
+    def conversation(user: str, assistant: str) -> dict:
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+    rows = [conversation("hello", "hi there"), conversation("what is two and two", "four")]
+    first = load(tmp_path, rows)
+    again = load(tmp_path, rows, rows_written=True)  # the same file, untouched
+    assert not first.train.tokenized.hit and again.train.tokenized.hit
+    assert list(again.train) == list(first.train) and len(first.train) == 2
+    edited = load(tmp_path, rows + [conversation("and three", "five")])
+    assert not edited.train.tokenized.hit and len(edited.train) == 3
