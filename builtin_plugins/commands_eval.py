@@ -5,33 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
 
 import click
 
 from qlora_plugins import hookimpl
-
-
-def evaluator_options(run_config: dict | None, name: str, overrides: Sequence[str], names: Sequence[str]) -> dict:
-    """The options of evaluator ``name``: those recorded in the run's ``eval`` section (first
-    entry of that name), updated with ``--option`` overrides (``NAME.KEY=VALUE`` for that
-    evaluator only, ``KEY=VALUE`` for every evaluator)."""
-    from qlora_plugins.api import apply_overrides
-
-    options: dict = {}
-    for entry in (run_config or {}).get("eval") or []:
-        if isinstance(entry, dict) and entry.get("name") == name:
-            options = {k: v for k, v in entry.items() if k != "name"}
-            break
-    mine = []
-    for item in overrides:
-        first, dot, rest = item.partition(".")
-        if dot and first in names and "=" not in first:
-            if first == name:
-                mine.append(rest)
-        else:
-            mine.append(item)
-    return apply_overrides(options, mine) if mine else options
 
 
 def _run_config(target: Path, kind: str) -> dict | None:
@@ -109,6 +86,7 @@ def eval_command(
     directory. For a run directory the results are also added to its report.json.
     """
     from qlora_plugins import EvalContext
+    from qlora_plugins.api import recorded_plugin_options
     from qlora_plugins.builtin_plugins.commands_generate import _log, _quiet, _registry
     from qlora_plugins.errors import ConfigError
     from qlora_plugins.evaluation import as_is, check_evaluators, format_results, run_evaluators
@@ -122,7 +100,11 @@ def eval_command(
     plugins = []
     for name in evaluators:
         registry.get("evaluator", name, f"--evaluator {name}")
-        plugins.append(registry.create("evaluator", name, evaluator_options(run_config, name, options, evaluators), f"--evaluator {name}"))
+        plugins.append(
+            registry.create(
+                "evaluator", name, recorded_plugin_options(run_config, "eval", name, options, evaluators), f"--evaluator {name}"
+            )
+        )
     paths = [f"--evaluator {e.name}" for e in plugins]
     task = ((run_config or {}).get("model") or {}).get("task") or ("causal_lm" if kind != "model" else model_task(target))
     check_evaluators(plugins, task, Path.cwd(), registry, paths)

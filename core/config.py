@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import attrs
 import yaml
@@ -337,6 +337,29 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def recorded_plugin_options(
+    run_config: Optional[Mapping], section: str, name: str, overrides: Sequence[str], names: Sequence[str] = ()
+) -> dict:
+    """The options of plugin ``name`` as a finished run's config records them in ``section``
+    (``export``, ``eval``; its first entry of that name), with ``KEY=VALUE`` overrides applied:
+    ``NAME.KEY=VALUE`` (NAME one of ``names``) applies to that plugin only, a plain ``KEY=VALUE``
+    to every one (``qlora export --option``, ``qlora eval --option``)."""
+    options: dict = {}
+    for entry in (run_config or {}).get(section) or []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            options = {k: v for k, v in entry.items() if k != "name"}
+            break
+    mine = []
+    for item in overrides:
+        first, dot, rest = item.partition(".")
+        if dot and first in names and "=" not in first:
+            if first == name:
+                mine.append(rest)
+        else:
+            mine.append(item)
+    return apply_overrides(options, mine) if mine else options
+
+
 def _child_container(node: Any, part: str, nxt: str, path: str) -> Any:
     """The mapping or list at ``node[part]`` that an override descends into, created if missing.
 
@@ -404,17 +427,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         if "export" not in data:  # the default exporter (resolve_plugins drops it when there is none)
             exports: list = [PluginSpec(None, {}, "export[0]")]
         else:
-            export_raw = data["export"]
-            if export_raw is None:
-                export_raw = []
-            if isinstance(export_raw, (str, Mapping)):
-                export_raw = [export_raw]
-            if not isinstance(export_raw, list):
-                raise ConfigError("export", f"must be a list of exporters, got {short_repr(export_raw)}")
-            exports = [_plugin_spec(f"export[{i}]", item, False) for i, item in enumerate(export_raw)]
-        for i, spec in enumerate(exports):
-            if spec is None:
-                raise ConfigError(f"export[{i}]", "must name an exporter (e.g. `- name: adapter`), got null")
+            exports = _plugin_list(data["export"], "export", "exporters", "an exporter (e.g. `- name: adapter`)")
         track = _track_specs(data.get("track"))
         if train.enabled and specs["data"] is None:
             raise ConfigError("data", "is required when train.enabled is true")
@@ -444,20 +457,26 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     )
 
 
-def _eval_specs(raw: Any) -> list[PluginSpec]:
-    """The ``eval`` section: a list of evaluators (``- name: perplexity``), one mapping or a
-    name; omitted or null: none."""
+def _plugin_list(raw: Any, section: str, plural: str, one: str, example: str = "") -> list[PluginSpec]:
+    """A section that lists plugins (``export``, ``eval``, ``track``): a list of names or
+    mappings, or one of them; null: none. ``plural`` and ``one`` word the errors."""
     if raw is None:
         return []
     if isinstance(raw, (str, Mapping)):
         raw = [raw]
     if not isinstance(raw, list):
-        raise ConfigError("eval", f"must be a list of evaluators, got {short_repr(raw)}")
-    specs = [_plugin_spec(f"eval[{i}]", item, False) for i, item in enumerate(raw)]
+        raise ConfigError(section, f"must be a list of {plural}{example}, got {short_repr(raw)}")
+    specs = [_plugin_spec(f"{section}[{i}]", item, False) for i, item in enumerate(raw)]
     for i, spec in enumerate(specs):
         if spec is None:
-            raise ConfigError(f"eval[{i}]", "must name an evaluator (e.g. `- name: perplexity`), got null")
-    return [spec for spec in specs if spec is not None]
+            raise ConfigError(f"{section}[{i}]", f"must name {one}, got null")
+    return specs  # type: ignore[return-value]
+
+
+def _eval_specs(raw: Any) -> list[PluginSpec]:
+    """The ``eval`` section: a list of evaluators (``- name: perplexity``), one mapping or a
+    name; omitted or null: none."""
+    return _plugin_list(raw, "eval", "evaluators", "an evaluator (e.g. `- name: perplexity`)")
 
 
 # --- trackers (issue 14) ---------------------------------------------------------------------
@@ -465,22 +484,13 @@ def _eval_specs(raw: Any) -> list[PluginSpec]:
 
 def _track_specs(raw: Any) -> list[PluginSpec]:
     """The ``track`` section: a tracker name, a mapping, or a list of them (null: none listed)."""
-    if raw is None:
-        return []
-    if isinstance(raw, (str, Mapping)):
-        raw = [raw]
-    if not isinstance(raw, list):
-        raise ConfigError("track", f"must be a list of trackers (e.g. [jsonl, tensorboard]), got {short_repr(raw)}")
-    specs = [_plugin_spec(f"track[{i}]", item, False) for i, item in enumerate(raw)]
-    for i, spec in enumerate(specs):
-        if spec is None:
-            raise ConfigError(f"track[{i}]", "must name a tracker (e.g. `- name: tensorboard`), got null")
+    specs = _plugin_list(raw, "track", "trackers", "a tracker (e.g. `- name: tensorboard`)", " (e.g. [jsonl, tensorboard])")
     seen: set[str] = set()
     for spec in specs:
         if spec.name in seen:
             raise ConfigError(f"{spec.path}.name", f"duplicate tracker '{spec.name}'")
         seen.add(spec.name)
-    return specs  # type: ignore[return-value]
+    return specs
 
 
 def _resolve_trackers(config: Config, registry: Any, make: Any) -> list[Plugin]:

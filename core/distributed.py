@@ -202,13 +202,7 @@ class DistributedTrainLoop(TrainLoop):
                 loss.backward()
         summed_all = torch.tensor([local_sum], dtype=torch.float64)
         dist.all_reduce(summed_all)
-        grad_norm = None
-        if cfg.max_grad_norm is not None and total:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
+        grad_norm = self._update(params, total)
         return (summed_all.item() / total if total else None), total_tokens, int(total), grad_norm
 
 

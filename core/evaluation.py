@@ -17,17 +17,13 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 from qlora_plugins.core.errors import EvaluationError, PluginError, QloraError
 from qlora_plugins.core.interfaces import EvalContext
+from qlora_plugins.core.loading import _first_line, plugin_check
 
 Log = Callable[[str], None]
 
 #: Labels of the models, in the order they are evaluated and shown.
 LABELS = ("base", "fine_tuned", "model")
 _SHOWN = {"base": "base", "fine_tuned": "fine-tuned", "model": "model"}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_evaluators(evaluators: Sequence[Any], task: str, base_dir: Path, registry: Any, paths: Sequence[str]) -> None:
@@ -37,15 +33,8 @@ def check_evaluators(evaluators: Sequence[Any], task: str, base_dir: Path, regis
     for evaluator, where in zip(evaluators, paths):
         if task not in evaluator.tasks:
             raise ConfigError(where, f"evaluator '{evaluator.name}' supports task(s) {', '.join(evaluator.tasks)}, not {task}")
-        try:
+        with plugin_check(registry, evaluator, where):
             evaluator.check(Path(base_dir), where)
-        except QloraError:
-            raise
-        except Exception as exc:
-            source = registry.registration("evaluator", evaluator.name).source.describe()
-            raise PluginError(
-                f"{where}: evaluator '{evaluator.name}' ({source}) failed its check: {type(exc).__name__}: {_first_line(exc)}"
-            ) from exc
 
 
 def _figures(value: Any, evaluator: Any, source: str) -> dict:

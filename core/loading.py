@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from qlora_plugins.core import modeling
 from qlora_plugins.core.config import Config, ResolvedPlugins
@@ -37,6 +38,21 @@ def _first_line(exc: BaseException) -> str:
     # (a QloraError keeps its option marks, so that a message wrapping it is spelled by its reader)
     text = (Exception.__str__(exc) if isinstance(exc, QloraError) else str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def plugin_check(registry: Any, plugin: Any, where: str) -> Iterator[None]:
+    """Around a plugin's ``check``: an input error passes as it is; anything else is a fault of
+    the plugin, reported in one line that names it, where it came from and ``where``."""
+    try:
+        yield
+    except QloraError:
+        raise
+    except Exception as exc:
+        source = registry.registration(plugin.kind, plugin.name).source.describe()
+        raise PluginError(
+            f"{where}: {plugin.kind} '{plugin.name}' ({source}) failed its check: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
 
 
 def _raised_by_transformers(exc: BaseException) -> bool:

@@ -32,7 +32,7 @@ from qlora_plugins.core.checkpointing import (
     save_training_checkpoint,
 )
 from qlora_plugins.core.config import Config, ResolvedPlugins, load_yaml, resolve_plugins, resolved_dict
-from qlora_plugins.core.errors import ConfigError, PluginError, QloraError, Terminated, TrainingError
+from qlora_plugins.core.errors import ConfigError, QloraError, Terminated, TrainingError
 from qlora_plugins.core.exporting import run_exports
 from qlora_plugins.core.hub import HubModel, check_revision, is_hub_id, repo_cache_dir
 from qlora_plugins.core.hub import resolve as resolve_hub
@@ -42,6 +42,7 @@ from qlora_plugins.core.loading import (  # noqa: F401  (re-exported: the pipeli
     load_base,
     model_request,
     parameter_report,
+    plugin_check,
     plugin_report,
     versions,
 )
@@ -155,15 +156,8 @@ def check_exporters(exporters: list, context: ExportCheck, registry: Any, paths:
     an input error is a fault of the exporter and names it."""
     for i, exporter in enumerate(exporters):
         where = paths[i] if paths else f"export[{i}]"
-        try:
+        with plugin_check(registry, exporter, where):
             exporter.check(attrs.evolve(context, config_path=where))
-        except QloraError:
-            raise
-        except Exception as exc:
-            source = registry.registration("exporter", exporter.name).source.describe()
-            raise PluginError(
-                f"{where}: exporter '{exporter.name}' ({source}) failed its check: {type(exc).__name__}: {_first_line(exc)}"
-            ) from exc
 
 
 def _scheduler(name: str, optimizer: Any, warmup: int, total: int) -> Any:

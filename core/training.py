@@ -320,11 +320,19 @@ class TrainLoop:
                 )
             loss.backward()
             loss_total = (loss_total or 0.0) + loss.item()
+        return loss_total, tokens, total, self._update(params, total)
+
+    def _update(self, params: list, trained: float) -> float | None:
+        """The end of an optimizer step whose gradients are in: clip (when configured and the
+        step trained anything), step the optimizer and the scheduler, clear the gradients, count
+        the step. Returns the gradient norm before clipping, or None."""
+        import torch
+
         grad_norm = None
-        if cfg.max_grad_norm is not None and total:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        if self.cfg.max_grad_norm is not None and trained:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return loss_total, tokens, total, grad_norm
+        return grad_norm

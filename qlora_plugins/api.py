@@ -18,6 +18,7 @@ from qlora_plugins.core.config import (
     load_yaml,
     parse_config,
     read_config_file,
+    recorded_plugin_options,
     resolve_plugins,
     resolved_dict,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "TrainState",
     "TrainingFigures",
     "apply_overrides",
+    "recorded_plugin_options",
     "atomic_write_json",
     "cache_home",
     "check",

@@ -142,6 +142,27 @@ def assert_user_error(result: Any, *fragments: str) -> str:
     return errors[0]
 
 
+def pip_install_to(source: Path, site: Path) -> Path:
+    """``pip install`` the package directory ``source`` into ``site`` (``--target``: no
+    dependencies, no index, no build isolation), as a user installs a plugin; returns ``site``."""
+    import subprocess
+
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "--target", str(site)]
+    out = subprocess.run([*pip, str(source)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return site
+
+
+def install_example(package: Path, root: Path) -> Path:
+    """Install the example package ``package`` (a directory under examples/plugins) from a copy
+    in ``root`` (pip writes build/ and *.egg-info next to the sources) into ``root/site``."""
+    import shutil
+
+    source = root / "src"
+    shutil.copytree(package, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    return pip_install_to(source, root / "site")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

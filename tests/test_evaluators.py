@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HELDOUT, LM_EVAL_TASK, REPO
+from conftest import HELDOUT, LM_EVAL_TASK, REPO, install_example
 
 from qlora_plugins import EvalContext, Evaluator, hookimpl
 from qlora_plugins.api import RunReport
@@ -212,28 +212,7 @@ def test_lm_eval_on_a_local_multiple_choice_task(trained_run):
 
 @pytest.fixture(scope="module")
 def exact_match_site(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("exact-match")
-    source = root / "src"
-    shutil.copytree(
-        REPO / "examples" / "plugins" / "qlora-exact-match", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    )
-    site = root / "site"
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-deps",
-        "--no-build-isolation",
-        "--no-index",
-        "-q",
-        "--target",
-        str(site),
-        str(source),
-    ]
-    out = subprocess.run(pip, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return site
+    return install_example(REPO / "examples" / "plugins" / "qlora-exact-match", tmp_path_factory.mktemp("exact-match"))
 
 
 @pytest.mark.slow

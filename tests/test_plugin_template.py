@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, base_config
+from conftest import REPO, base_config, pip_install_to
 
 TEMPLATE = REPO / "examples" / "plugins" / "qlora-plugin-template"
 NEW = "acme-tools"  # -> distribution qlora-acme-tools, package qlora_acme_tools, plugins acme_tools_*
@@ -66,10 +66,7 @@ def test_rename_replaces_every_spelling(tmp_path):
 def template_site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("template")
     src = renamed_copy(root / "src")
-    site = root / "site"
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "--target", str(site), str(src)]
-    out = subprocess.run(pip, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    site = pip_install_to(src, root / "site")
     (info,) = site.glob("qlora_acme_tools-*.dist-info")
     assert "acme_tools = qlora_acme_tools" in (info / "entry_points.txt").read_text()
     return site

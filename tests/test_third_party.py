@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, base_config
+from conftest import REPO, base_config, install_example
 
 PACKAGE = REPO / "examples" / "plugins" / "qlora-lion"
 
@@ -27,25 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def lion_site(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lion")
-    source = root / "src"  # build from a copy: pip writes build/ and *.egg-info next to the sources
-    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = root / "site"
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-deps",
-        "--no-build-isolation",
-        "--no-index",
-        "-q",
-        "--target",
-        str(site),
-        str(source),
-    ]
-    out = subprocess.run(pip, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    site = install_example(PACKAGE, tmp_path_factory.mktemp("lion"))
     infos = list(site.glob("qlora_lion-*.dist-info"))
     assert infos and "lion = qlora_lion" in (infos[0] / "entry_points.txt").read_text()
     return site

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, assert_user_error, base_config, invoke, read_jsonl
+from conftest import REPO, assert_user_error, base_config, install_example, invoke, read_jsonl
 
 from qlora_plugins import Tracker, TrackerContext, hookimpl
 from qlora_plugins.testing import make_registry, run_cli
@@ -263,26 +261,7 @@ def _has(module: str) -> bool:
 
 @pytest.fixture(scope="module")
 def example_site(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tracker-example")
-    source = root / "src"
-    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = root / "site"
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-deps",
-        "--no-build-isolation",
-        "--no-index",
-        "-q",
-        "--target",
-        str(site),
-        str(source),
-    ]
-    done = subprocess.run(pip, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return site
+    return install_example(PACKAGE, tmp_path_factory.mktemp("tracker-example"))
 
 
 @pytest.mark.slow

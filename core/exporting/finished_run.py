@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from qlora_plugins.core.config import recorded_plugin_options
 from qlora_plugins.core.errors import ExportError, ModelError, OutputExistsError, QloraError, UnsafeOutputError, short_text
 from qlora_plugins.core.exporting.fidelity import PROBE_MAX_EXAMPLES
 from qlora_plugins.core.exporting.paths import check_export_target, export_directory
@@ -196,30 +197,6 @@ def load_saved_adapter(run_config: dict, adapter_dir: Path, registry: Any, log: 
     return FinishedRun(config, registry, adapter_dir, copy.deepcopy(run_config), adapter_dir, log).context()
 
 
-def _exporter_options(run_config: dict, name: str, overrides: Sequence[str], names: Sequence[str] = ()) -> dict:
-    """The options of exporter ``name`` recorded in the run's config (first entry of that name),
-    with ``KEY=VALUE`` overrides applied: ``NAME.KEY=VALUE`` (NAME one of ``names``) applies to
-    that exporter only, a plain ``KEY=VALUE`` to every exporter."""
-    from qlora_plugins.core.config import apply_overrides
-
-    options: dict = {}
-    for entry in run_config.get("export") or []:
-        if isinstance(entry, dict) and entry.get("name") == name:
-            options = {k: v for k, v in entry.items() if k != "name"}
-            break
-    mine = []
-    for item in overrides:
-        first, dot, rest = item.partition(".")
-        if dot and first in names and "=" not in first:
-            if first == name:
-                mine.append(rest)
-        else:
-            mine.append(item)
-    if mine:
-        options = apply_overrides(options, mine)
-    return options
-
-
 def export_run(
     run_dir: Path,
     names: Sequence[str],
@@ -246,7 +223,9 @@ def export_run(
     for name in names:
         registry.get("exporter", name, option("exporter"))
         exporters.append(
-            registry.create("exporter", name, _exporter_options(run_config, name, options, names), f"{option('exporter')} {name}")
+            registry.create(
+                "exporter", name, recorded_plugin_options(run_config, "export", name, options, names), f"{option('exporter')} {name}"
+            )
         )
     if output is None:
         outputs = [export_directory(e, run_dir / "exports") for e in exporters]
