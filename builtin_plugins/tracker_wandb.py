@@ -6,6 +6,7 @@ is a new W&B run whose config records ``qlora.resumed_step``."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -38,6 +39,7 @@ class WandbTracker(Tracker):
         super().__init__(options)
         self._run: Any = None
         self._directory: Optional[Path] = None
+        self._hooks: Optional[tuple] = None
 
     def open(self, context: TrackerContext) -> None:
         try:
@@ -49,25 +51,40 @@ class WandbTracker(Tracker):
         config = dict(context.config)
         if context.resumed_step is not None:
             config["qlora.resumed_step"] = context.resumed_step
-        self._run = wandb.init(
-            project=self.options.project,
-            name=self.options.name or context.run_name,
-            dir=str(context.directory),
-            mode=mode,
-            config=config,
-            settings=wandb.Settings(silent=True, console="off", symlink=False),
-        )
+        # wandb.init replaces sys.exit and sys.excepthook and never puts them back: a process
+        # that goes on after the run (the Python API, a notebook) must get its own back at close
+        self._hooks = (sys.exit, sys.excepthook)
+        try:
+            self._run = wandb.init(
+                project=self.options.project,
+                name=self.options.name or context.run_name,
+                dir=str(context.directory),
+                mode=mode,
+                config=config,
+                settings=wandb.Settings(silent=True, console="off", symlink=False),
+            )
+        except BaseException:
+            self._restore_hooks()
+            raise
         self._directory = context.directory
 
     def log(self, record: dict) -> None:
         self._run.log(numeric_metrics(record), step=int(record.get("step", 0)))
 
     def close(self, status: str) -> None:
-        if self._run is not None:
-            self._run.finish(exit_code=EXIT_CODES.get(status, 1))
-            self._run = None
+        try:
+            if self._run is not None:
+                self._run.finish(exit_code=EXIT_CODES.get(status, 1))
+                self._run = None
+        finally:
+            self._restore_hooks()
         if self._directory is not None:
             remove_links(self._directory)
+
+    def _restore_hooks(self) -> None:
+        if self._hooks is not None:
+            sys.exit, sys.excepthook = self._hooks
+            self._hooks = None
 
 
 def remove_links(directory: Path) -> None:

@@ -205,9 +205,12 @@ def test_builtin_trackers_read_back(tmp_path, monkeypatch):
         monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     path = config_file(tmp_path, track=available)
+    hooks = (sys.exit, sys.excepthook)
     result = invoke("run", path, "-o", out, "--no-progress")
     assert result.exit_code == 0, (result.output, result.exception)
     assert "Warning: tracker" not in result.output
+    # no tracker leaves the process patched (wandb.init replaces sys.exit and sys.excepthook)
+    assert (sys.exit, sys.excepthook) == hooks
     records = read_jsonl(out / "metrics.jsonl")
     # metrics.jsonl is what the run wrote before trackers were plugins: one dumps() a line
     text = (out / "metrics.jsonl").read_text(encoding="utf-8")
