@@ -18,6 +18,7 @@ from typing import Any
 
 from qlora_plugins.core.errors import QloraError, TrainingError
 from qlora_plugins.core.rundir import dumps
+from qlora_plugins.core.safety import TEMP_SUFFIX, is_temporary
 from qlora_plugins.core.training import TrainState
 from qlora_plugins.core.wording import option
 
@@ -110,9 +111,30 @@ def save_training_checkpoint(run_dir: Path, model: Any, optimizer: Any, schedule
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep)
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and the temporaries that a kill
+    left behind (a checkpoint half written, or half deleted).
+
+    Each old checkpoint is renamed to a temporary name before it is deleted: a kill in the middle
+    of the deletion leaves a temporary that the next prune removes, never a ``step-*`` directory
+    without its trainer_state.json that no prune would recognise again. Called by the one process
+    that writes the run directory, after its own checkpoint is complete, so no temporary here
+    belongs to a write in progress."""
+    root = run_dir / CHECKPOINTS
+    for stale in root.iterdir():
+        if is_temporary(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        doomed = root / f".{old.name}.{os.getpid()}.pruned{TEMP_SUFFIX}"
+        try:
+            os.replace(old, doomed)
+        except OSError:
+            continue  # deleted by someone else, or not ours to move: leave it
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

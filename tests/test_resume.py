@@ -162,3 +162,35 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_llama_dir, t
 
     assert latest_checkpoint(run_dir) is not None
     assert json.loads((run_dir / "run.json").read_text())["status"].startswith("failed")
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """A SIGKILL in the middle of deleting an old checkpoint used to leave a ``step-*`` directory
+    without its trainer_state.json, which no later prune recognised (a run ended with 3
+    checkpoints where keep_checkpoints is 2). Old checkpoints are renamed to a temporary first;
+    the next prune removes temporaries a kill left behind, half-written ones too."""
+    import shutil
+
+    from qlora_plugins.core import checkpointing
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / "trainer_state.json").write_text("{}")
+        (root / f"step-{step:08d}" / "adapter.safetensors").write_bytes(b"x" * 10)
+    (root / ".step-00000004.abcd.tmp").mkdir()  # a save that a kill interrupted
+    real_rmtree = shutil.rmtree
+
+    def killed_mid_delete(path, *args, **kwargs):
+        if ".pruned" in str(path):
+            (Path(path) / "trainer_state.json").unlink()  # deletion had begun ...
+            raise KeyboardInterrupt  # ... when the process stopped
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == ["step-00000002", "step-00000003"]
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
+    checkpointing.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]
